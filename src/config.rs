@@ -1,0 +1,336 @@
+//! Configuration: read the file → parse the YAML (`file`) → validate → one immutable snapshot
+//! (`runtime::Config`). Every error names the file, the line and column, and what was expected.
+
+pub mod file;
+pub mod runtime;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde_saphyr::{Location, Spanned};
+
+pub use runtime::{Backend, Config, Limits, ListenerConfig, Routing, Timeouts};
+
+/// The configuration used when `imapgate run` gets no `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"# imapgate's embedded default: one plaintext listener, one local backend.
+listeners:
+  - { name: imap, bind: "127.0.0.1:1143" }
+backends:
+  - { name: local, address: "127.0.0.1:143" }
+"#;
+
+/// A configuration that cannot be used, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source_name: String,
+    /// 1-based; 0 when the problem has no single place (e.g. the file cannot be read).
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.source_name, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.source_name, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source_name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: source_name.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the file: {e}"),
+    })?;
+    parse(&text, &source_name)
+}
+
+/// The embedded default, already validated by a unit test.
+pub fn embedded_default() -> Result<Config, ConfigError> {
+    parse(EMBEDDED_DEFAULT, "<embedded default>")
+}
+
+/// Parses and validates YAML text; `source_name` is used in error messages.
+pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
+    let raw: file::ConfigFile = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        ConfigError {
+            source_name: source_name.to_string(),
+            line,
+            column,
+            message: first_line(&e.to_string()),
+        }
+    })?;
+    validate(raw, source_name)
+}
+
+/// serde-saphyr's message can carry a rendered snippet; the first line is the message itself,
+/// and the location is printed by `ConfigError`.
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or("invalid configuration").to_string()
+}
+
+struct Validator<'a> {
+    source_name: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(&self, at: &Location, message: String) -> ConfigError {
+        ConfigError {
+            source_name: self.source_name.to_string(),
+            line: at.line(),
+            column: at.column(),
+            message,
+        }
+    }
+
+    fn unplaced(&self, message: &str) -> ConfigError {
+        ConfigError {
+            source_name: self.source_name.to_string(),
+            line: 0,
+            column: 0,
+            message: message.to_string(),
+        }
+    }
+}
+
+fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigError> {
+    let v = Validator { source_name };
+
+    if raw.listeners.is_empty() {
+        return Err(v.unplaced("listeners: at least one listener is needed"));
+    }
+    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut listener_names = HashSet::new();
+    for l in &raw.listeners {
+        check_name(&v, "listeners[].name", &l.name)?;
+        if !listener_names.insert(l.name.value.clone()) {
+            return Err(v.err(
+                &l.name.referenced,
+                format!("listeners[].name: {:?} is used twice", l.name.value),
+            ));
+        }
+        let bind: SocketAddr = l.bind.value.parse().map_err(|_| {
+            v.err(
+                &l.bind.referenced,
+                format!(
+                    "listeners[].bind: {:?} is not an IP address and port (e.g. \"0.0.0.0:143\")",
+                    l.bind.value
+                ),
+            )
+        })?;
+        listeners.push(ListenerConfig {
+            name: l.name.value.clone(),
+            bind,
+        });
+    }
+
+    if raw.backends.is_empty() {
+        return Err(v.unplaced("backends: at least one backend is needed"));
+    }
+    let mut backends = Vec::with_capacity(raw.backends.len());
+    let mut backend_index = HashMap::new();
+    for b in &raw.backends {
+        check_name(&v, "backends[].name", &b.name)?;
+        if backend_index
+            .insert(b.name.value.clone(), backends.len())
+            .is_some()
+        {
+            return Err(v.err(
+                &b.name.referenced,
+                format!("backends[].name: {:?} is used twice", b.name.value),
+            ));
+        }
+        check_host_port(&v, &b.address)?;
+        backends.push(Backend {
+            name: b.name.value.clone(),
+            address: b.address.value.clone(),
+            weight: b.weight,
+        });
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(v.unplaced(
+            "backends[].weight: every backend has weight 0, so no user could be hashed to one",
+        ));
+    }
+
+    let normalize = &raw.routing.normalize;
+    let mut routing = Routing {
+        lowercase: normalize.lowercase,
+        default_domain: normalize.default_domain.clone(),
+        static_map: HashMap::new(),
+        failover: raw.routing.failover,
+    };
+    for (user, backend) in &raw.routing.static_map {
+        let Some(&index) = backend_index.get(&backend.value) else {
+            return Err(v.err(
+                &backend.referenced,
+                format!(
+                    "routing.static: user {user:?} maps to backend {:?}, which is not in backends",
+                    backend.value
+                ),
+            ));
+        };
+        // Keys are normalised like the users they will be compared with.
+        let key = routing.normalize(user);
+        routing.static_map.insert(key, index);
+    }
+
+    let l = &raw.limits;
+    let limits = Limits {
+        max_connections: positive(&v, "limits.max_connections", l.max_connections)? as usize,
+        per_ip: positive(&v, "limits.per_ip", l.per_ip)? as usize,
+        line_max: at_least(&v, "limits.line_max", l.line_max, 1024)? as usize,
+        literal_max: at_least(&v, "limits.literal_max", l.literal_max, 256)? as usize,
+        login_attempts: positive(&v, "limits.login_attempts", l.login_attempts)?,
+    };
+
+    let t = &raw.timeouts;
+    for (name, d) in [
+        ("timeouts.prelogin", t.prelogin),
+        ("timeouts.backend_connect", t.backend_connect),
+        ("timeouts.backend_login", t.backend_login),
+        ("timeouts.half_close", t.half_close),
+    ] {
+        if d.is_zero() {
+            return Err(v.unplaced(&format!("{name}: must be longer than 0")));
+        }
+    }
+    let timeouts = Timeouts {
+        prelogin: t.prelogin,
+        backend_connect: t.backend_connect,
+        backend_login: t.backend_login,
+        half_close: t.half_close,
+        shutdown_grace: t.shutdown_grace,
+    };
+
+    if raw.greeting.contains(['\r', '\n']) {
+        return Err(v.unplaced("greeting: must be one line"));
+    }
+
+    Ok(Config {
+        source: source_name.to_string(),
+        listeners,
+        backends,
+        routing,
+        limits,
+        timeouts,
+        greeting: raw.greeting,
+    })
+}
+
+/// Names become log fields and (later) metric labels: keep them short and plain.
+fn check_name(v: &Validator, field: &str, name: &Spanned<String>) -> Result<(), ConfigError> {
+    let ok = !name.value.is_empty()
+        && name.value.len() <= 64
+        && name
+            .value
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(v.err(
+            &name.referenced,
+            format!(
+                "{field}: {:?} must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
+                name.value
+            ),
+        ))
+    }
+}
+
+fn check_host_port(v: &Validator, address: &Spanned<String>) -> Result<(), ConfigError> {
+    let bad = || {
+        v.err(
+            &address.referenced,
+            format!(
+                "backends[].address: {:?} is not host:port (e.g. \"10.0.0.11:143\" or \"mail1.internal:143\")",
+                address.value
+            ),
+        )
+    };
+    if address.value.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = address.value.rsplit_once(':').ok_or_else(bad)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'));
+    if port_ok && host_ok { Ok(()) } else { Err(bad()) }
+}
+
+fn positive(v: &Validator, field: &str, value: u32) -> Result<u32, ConfigError> {
+    at_least(v, field, value, 1)
+}
+
+fn at_least(v: &Validator, field: &str, value: u32, min: u32) -> Result<u32, ConfigError> {
+    if value >= min {
+        Ok(value)
+    } else {
+        Err(v.unplaced(&format!("{field}: {value} is too small, the least is {min}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = embedded_default().expect("embedded default must validate");
+        assert_eq!(c.listeners[0].bind, "127.0.0.1:1143".parse().unwrap());
+        assert_eq!(c.backends[0].address, "127.0.0.1:143");
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let e = parse(
+            "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\nlimits:\n  line_maxx: 5\n",
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("line_maxx"), "{e}");
+    }
+
+    #[test]
+    fn static_to_unknown_backend_is_placed() {
+        let e = parse(
+            "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\nrouting:\n  static:\n    bob: b\n",
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("routing.static"), "{e}");
+    }
+
+    #[test]
+    fn static_keys_are_normalised() {
+        let c = parse(
+            "backends:\n  - { name: a, address: \"h:1\" }\nrouting:\n  normalize: { default_domain: example.net }\n  static:\n    Bob: a\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.routing.static_map.get("bob@example.net"), Some(&0));
+    }
+}

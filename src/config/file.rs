@@ -1,0 +1,207 @@
+//! The YAML as the operator writes it. Every struct rejects unknown fields, so a typo is an error
+//! with a line and column instead of a silently ignored setting. Values that are checked after
+//! parsing (addresses, backend names) are `Spanned`, so that `validate` can point at them too.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerFile>,
+    pub backends: Vec<BackendFile>,
+    #[serde(default)]
+    pub routing: RoutingFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+    /// Text after `* OK [CAPABILITY ...]` in the greeting.
+    #[serde(default = "default_greeting")]
+    pub greeting: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: Spanned<String>,
+    pub bind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub name: Spanned<String>,
+    /// `host:port`; the host may be a DNS name, resolved at each dial.
+    pub address: Spanned<String>,
+    /// Share of hashed users, relative to the other backends. 0 takes no hashed users (drained);
+    /// users mapped to it statically still go there.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingFile {
+    #[serde(default)]
+    pub normalize: NormalizeFile,
+    /// Normalised user name → backend name.
+    #[serde(default, rename = "static")]
+    pub static_map: BTreeMap<String, Spanned<String>>,
+    /// When a user's first backend cannot be reached, try the next one in the user's order.
+    /// Off by default: with mailboxes on local disks, another backend does not have the mail.
+    #[serde(default)]
+    pub failover: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormalizeFile {
+    #[serde(default = "yes")]
+    pub lowercase: bool,
+    #[serde(default)]
+    pub default_domain: Option<String>,
+}
+
+impl Default for NormalizeFile {
+    fn default() -> Self {
+        NormalizeFile {
+            lowercase: true,
+            default_domain: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    pub max_connections: u32,
+    pub per_ip: u32,
+    pub line_max: u32,
+    pub literal_max: u32,
+    pub login_attempts: u32,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_connections: 200_000,
+            per_ip: 100,
+            line_max: 8192,
+            literal_max: 8192,
+            login_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsFile {
+    #[serde(with = "duration")]
+    pub prelogin: Duration,
+    #[serde(with = "duration")]
+    pub backend_connect: Duration,
+    /// Greeting, capability and login exchange with the backend, after the TCP connect.
+    #[serde(with = "duration")]
+    pub backend_login: Duration,
+    /// After the client closed its sending side: how long the backend may take to finish.
+    #[serde(with = "duration")]
+    pub half_close: Duration,
+    /// On SIGTERM: how long logged-in sessions may go on before they are cut.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for TimeoutsFile {
+    fn default() -> Self {
+        TimeoutsFile {
+            prelogin: Duration::from_secs(60),
+            backend_connect: Duration::from_secs(5),
+            backend_login: Duration::from_secs(30),
+            half_close: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+fn default_listeners() -> Vec<ListenerFile> {
+    vec![ListenerFile {
+        name: unspanned("imap".to_string()),
+        bind: unspanned("127.0.0.1:1143".to_string()),
+    }]
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+fn default_greeting() -> String {
+    "imapgate ready.".to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Durations as `500ms`, `60s`, `5m`, `1h`, or a bare number of seconds.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse(&t).ok_or_else(|| {
+                D::Error::custom(format!(
+                    "invalid duration {t:?}: expected a number with ms, s, m or h (e.g. 30s)"
+                ))
+            }),
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Duration> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit())?;
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number.parse().ok()?;
+        match unit.trim() {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+            "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn units() {
+            assert_eq!(parse("500ms"), Some(Duration::from_millis(500)));
+            assert_eq!(parse("60s"), Some(Duration::from_secs(60)));
+            assert_eq!(parse("5m"), Some(Duration::from_secs(300)));
+            assert_eq!(parse("1h"), Some(Duration::from_secs(3600)));
+            assert_eq!(parse("5"), None);
+            assert_eq!(parse("5 days"), None);
+            assert_eq!(parse("s"), None);
+        }
+    }
+}

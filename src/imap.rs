@@ -1,0 +1,6 @@
+//! IMAP pieces shared by the phases: the pre-login command reader, SASL, responses, secrets.
+
+pub mod command;
+pub mod response;
+pub mod sasl;
+pub mod secret;

@@ -1,0 +1,476 @@
+//! Pre-login command reader: bytes from the client in, whole commands out.
+//!
+//! imap-codec parses; this module frames and bounds. The reader keeps one buffer that holds at
+//! most `line_max` octets of line parts plus `literal_max` octets of literals per command, and
+//! tells the caller what to do next through `Step`:
+//!
+//! ```text
+//!   feed(bytes) ──► step() ──► NeedMore          read more from the client
+//!                          ├─► SendContinuation  write "+ ..." (synchronizing literal), read more
+//!                          ├─► Command(parsed)   one command, removed from the buffer
+//!                          ├─► Bad{tag}          syntax error: answer BAD, that line is dropped
+//!                          ├─► LiteralRefused    a {n} over the cap: answer BAD, the client sends no octets
+//!                          └─► TooLong           cannot resynchronise: answer BYE and close
+//! ```
+//!
+//! Bytes behind a complete command stay in the buffer: after a successful login they belong to
+//! the backend (`into_buffered`). Parsing is re-run only when a new line end has arrived, so a
+//! client dripping one byte at a time does not cost a parse per byte.
+
+use std::io;
+
+use imap_codec::CommandCodec;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use imap_codec::decode::{CommandDecodeError, Decoder};
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::{AString, IString, LiteralMode};
+
+use super::secret::Secret;
+
+const READ_CHUNK: usize = 4096;
+
+/// A command imapgate handles before login, with its arguments owned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PreloginCommand {
+    Capability,
+    Noop,
+    Logout,
+    StartTls,
+    /// `ID NIL` is `None`; values of NIL are `None`.
+    Id(Option<Vec<(String, Option<String>)>>),
+    Login {
+        user: Vec<u8>,
+        password: Secret<Vec<u8>>,
+    },
+    Authenticate {
+        /// Upper case, e.g. `PLAIN`.
+        mechanism: String,
+        /// Decoded SASL-IR octets (`=` is an empty response).
+        initial_response: Option<Secret<Vec<u8>>>,
+    },
+    /// A valid IMAP command that needs a logged-in session.
+    NeedsLogin { name: &'static str },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub tag: String,
+    pub command: PreloginCommand,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    NeedMore,
+    SendContinuation,
+    Command(Parsed),
+    Bad { tag: Option<String> },
+    LiteralRefused { tag: String },
+    TooLong,
+}
+
+pub struct CommandReader {
+    buf: Vec<u8>,
+    line_max: usize,
+    literal_max: usize,
+    /// Literal octets announced in the command being read (they do not count against line_max).
+    literal_octets: usize,
+    /// `buf[..quiet_upto]` was parsed as incomplete; nothing changes until a new line end.
+    quiet_upto: usize,
+}
+
+impl CommandReader {
+    pub fn new(line_max: usize, literal_max: usize) -> Self {
+        CommandReader {
+            buf: Vec::new(),
+            line_max,
+            literal_max,
+            literal_octets: 0,
+            quiet_upto: 0,
+        }
+    }
+
+    /// How many more octets the buffer may take before the command is over its caps.
+    pub fn room(&self) -> usize {
+        (self.line_max + self.literal_octets + 2).saturating_sub(self.buf.len())
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Reads what the client has sent, at most `room()` and 4 KiB, straight into the buffer.
+    /// Returns 0 at end of stream.
+    pub async fn read_from<R: AsyncRead + Unpin>(&mut self, source: &mut R) -> io::Result<usize> {
+        let want = self.room().clamp(1, READ_CHUNK);
+        self.buf.reserve(want);
+        source.take(want as u64).read_buf(&mut self.buf).await
+    }
+
+    /// Whether the client sent nothing yet that is not consumed.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The bytes the client sent behind the last consumed command.
+    pub fn into_buffered(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// Drops everything buffered (after STARTTLS, plaintext sent early must not survive).
+    pub fn discard_buffered(&mut self) {
+        self.reset_command();
+        self.buf.clear();
+    }
+
+    fn reset_command(&mut self) {
+        self.literal_octets = 0;
+        self.quiet_upto = 0;
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.buf.drain(..n);
+        self.reset_command();
+    }
+
+    pub fn step(&mut self) -> Step {
+        let cap = self.line_max + self.literal_octets;
+        let from = self.quiet_upto.min(self.buf.len());
+        match memchr::memchr(b'\n', &self.buf[from..]) {
+            None if self.buf.len() > cap => return Step::TooLong,
+            None => return Step::NeedMore,
+            // The command cannot end before this line end, and it is already over the cap.
+            Some(i) if from + i > cap => return Step::TooLong,
+            Some(_) => {}
+        }
+        let decoded = CommandCodec::default().decode(&self.buf);
+        match decoded {
+            Ok((rest, command)) => {
+                let used = self.buf.len() - rest.len();
+                let parsed = Parsed {
+                    tag: command.tag.inner().to_string(),
+                    command: prelogin_command(command.body),
+                };
+                self.consume(used);
+                Step::Command(parsed)
+            }
+            Err(CommandDecodeError::Incomplete) => {
+                self.quiet_upto = self.buf.len();
+                if self.buf.len() > self.line_max + self.literal_octets {
+                    Step::TooLong
+                } else {
+                    Step::NeedMore
+                }
+            }
+            Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
+                let length = length as usize;
+                self.quiet_upto = self.buf.len();
+                if self.literal_octets + length > self.literal_max {
+                    return match mode {
+                        // The client waits for our "+": refusing the command is enough.
+                        LiteralMode::Sync => {
+                            let tag = tag.inner().to_string();
+                            let all = self.buf.len();
+                            self.consume(all);
+                            Step::LiteralRefused { tag }
+                        }
+                        // The octets are already on their way: we cannot find the next command.
+                        LiteralMode::NonSync => Step::TooLong,
+                    };
+                }
+                self.literal_octets += length;
+                match mode {
+                    LiteralMode::Sync => Step::SendContinuation,
+                    LiteralMode::NonSync => Step::NeedMore,
+                }
+            }
+            Err(CommandDecodeError::Failed) => {
+                let tag = tag_of(&self.buf);
+                // Without literals the bad command ends at the first line end. With literals we
+                // cannot tell where it ends, so everything buffered goes.
+                let end = if self.literal_octets == 0 {
+                    memchr::memchr(b'\n', &self.buf).map_or(self.buf.len(), |i| i + 1)
+                } else {
+                    self.buf.len()
+                };
+                self.consume(end);
+                Step::Bad { tag }
+            }
+        }
+    }
+
+    /// One line for an AUTHENTICATE exchange, without its line end. `Err` when it is too long.
+    pub fn take_line(&mut self) -> Result<Option<Vec<u8>>, ()> {
+        match memchr::memchr(b'\n', &self.buf) {
+            Some(i) => {
+                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.reset_command();
+                Ok(Some(line))
+            }
+            None if self.buf.len() > self.line_max => Err(()),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The tag of a line we could not parse, if it starts with something tag-shaped, so the BAD
+/// goes to the right command.
+fn tag_of(buf: &[u8]) -> Option<String> {
+    let end = buf.iter().position(|&c| c == b' ' || c == b'\r' || c == b'\n')?;
+    let tag = &buf[..end];
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && tag.iter().all(|&c| {
+            c.is_ascii_graphic() && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
+        });
+    ok.then(|| String::from_utf8_lossy(tag).into_owned())
+}
+
+fn astring_bytes(value: &AString<'_>) -> Vec<u8> {
+    match value {
+        AString::Atom(atom) => atom.inner().as_bytes().to_vec(),
+        AString::String(string) => istring_bytes(string).to_vec(),
+    }
+}
+
+fn istring_bytes<'a>(value: &'a IString<'_>) -> &'a [u8] {
+    value.as_ref()
+}
+
+fn prelogin_command(body: CommandBody<'_>) -> PreloginCommand {
+    match body {
+        CommandBody::Capability => PreloginCommand::Capability,
+        CommandBody::Noop => PreloginCommand::Noop,
+        CommandBody::Logout => PreloginCommand::Logout,
+        CommandBody::StartTLS => PreloginCommand::StartTls,
+        CommandBody::Id { parameters } => PreloginCommand::Id(parameters.map(|params| {
+            params
+                .iter()
+                .map(|(key, value)| {
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    (
+                        text(istring_bytes(key)),
+                        value.0.as_ref().map(|v| text(istring_bytes(v))),
+                    )
+                })
+                .collect()
+        })),
+        CommandBody::Login { username, password } => PreloginCommand::Login {
+            user: astring_bytes(&username),
+            password: Secret::new(astring_bytes(password.declassify())),
+        },
+        CommandBody::Authenticate {
+            mechanism,
+            initial_response,
+        } => PreloginCommand::Authenticate {
+            mechanism: mechanism.as_ref().to_ascii_uppercase(),
+            initial_response: initial_response.map(|ir| Secret::new(ir.declassify().to_vec())),
+        },
+        other => PreloginCommand::NeedsLogin { name: other.name() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader() -> CommandReader {
+        CommandReader::new(1024, 600)
+    }
+
+    /// Feeds `input` in pieces of `chunk` bytes, as a client would: it stops after each
+    /// synchronizing `{n}` line end until it gets the continuation. Returns every step that is
+    /// not NeedMore, and checks that continuations come exactly where the client waits.
+    fn run(input: &[u8], chunk: usize) -> Vec<Step> {
+        let mut segments: Vec<&[u8]> = Vec::new();
+        let mut rest = input;
+        while let Some(i) = memchr::memmem::find(rest, b"}\r\n") {
+            let sync = i > 0 && rest[i - 1] != b'+';
+            segments.push(&rest[..i + 3]);
+            rest = &rest[i + 3..];
+            if sync {
+                segments.push(b"<wait>");
+            }
+        }
+        segments.push(rest);
+        let mut r = reader();
+        let mut steps = Vec::new();
+        for segment in segments {
+            if segment == b"<wait>" {
+                assert_eq!(steps.last(), Some(&Step::SendContinuation), "{input:?} chunk {chunk}");
+                continue;
+            }
+            for piece in segment.chunks(chunk.max(1)) {
+                r.feed(piece);
+                loop {
+                    match r.step() {
+                        Step::NeedMore => break,
+                        Step::TooLong => {
+                            steps.push(Step::TooLong);
+                            return steps;
+                        }
+                        s => steps.push(s),
+                    }
+                }
+            }
+        }
+        steps
+    }
+
+    fn login(tag: &str, user: &[u8], password: &[u8]) -> Step {
+        Step::Command(Parsed {
+            tag: tag.to_string(),
+            command: PreloginCommand::Login {
+                user: user.to_vec(),
+                password: Secret::new(password.to_vec()),
+            },
+        })
+    }
+
+    #[test]
+    fn every_login_form() {
+        let cases: &[(&[u8], &[u8], &[u8], usize)] = &[
+            (b"a1 LOGIN alice secret\r\n", b"alice", b"secret", 0),
+            (b"a1 login \"alice\" \"s p\\\"q\\\\\"\r\n", b"alice", b"s p\"q\\", 0),
+            (b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n", b"alice", b"secret", 2),
+            (b"a1 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n", b"alice", b"secret", 0),
+            (b"a1 LOGIN alice {0}\r\n\r\n", b"alice", b"", 1),
+            (b"a1 LOGIN alice {4}\r\na\r\nb\r\n", b"alice", b"a\r\nb", 1),
+            (b"a1 LOGIN alice \"p\xc3\xa4ss\"\r\n", b"alice", "päss".as_bytes(), 0),
+            (b"a1 LOGIN alice secret\n", b"alice", b"secret", 0),
+        ];
+        for &(input, user, password, continuations) in cases {
+            // Every split position: whole, byte by byte, and everything in between.
+            for chunk in 1..=input.len() {
+                let steps = run(input, chunk);
+                let sent = steps
+                    .iter()
+                    .filter(|s| **s == Step::SendContinuation)
+                    .count();
+                assert_eq!(sent, continuations, "{input:?} chunk {chunk}");
+                assert_eq!(
+                    steps.last(),
+                    Some(&login("a1", user, password)),
+                    "{input:?} chunk {chunk}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pipelined_bytes_stay_buffered() {
+        let mut r = reader();
+        r.feed(b"a LOGIN u p\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
+        assert_eq!(r.step(), login("a", b"u", b"p"));
+        assert_eq!(r.into_buffered(), b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
+    }
+
+    #[test]
+    fn authenticate_with_and_without_ir() {
+        let mut r = reader();
+        r.feed(b"x AUTHENTICATE plain AGEAYg==\r\ny AUTHENTICATE PLAIN\r\nz AUTHENTICATE PLAIN =\r\n");
+        let auth = |tag: &str, ir: Option<&[u8]>| {
+            Step::Command(Parsed {
+                tag: tag.into(),
+                command: PreloginCommand::Authenticate {
+                    mechanism: "PLAIN".into(),
+                    initial_response: ir.map(|b| Secret::new(b.to_vec())),
+                },
+            })
+        };
+        assert_eq!(r.step(), auth("x", Some(b"\0a\0b")));
+        assert_eq!(r.step(), auth("y", None));
+        assert_eq!(r.step(), auth("z", Some(b"")));
+    }
+
+    #[test]
+    fn simple_commands_and_login_required() {
+        let mut r = reader();
+        r.feed(b"1 CAPABILITY\r\n2 noop\r\n3 ID (\"name\" \"mutt\" \"version\" NIL)\r\n4 SELECT INBOX\r\n5 LOGOUT\r\n");
+        let cmd = |tag: &str, command| Step::Command(Parsed { tag: tag.into(), command });
+        assert_eq!(r.step(), cmd("1", PreloginCommand::Capability));
+        assert_eq!(r.step(), cmd("2", PreloginCommand::Noop));
+        assert_eq!(
+            r.step(),
+            cmd(
+                "3",
+                PreloginCommand::Id(Some(vec![
+                    ("name".into(), Some("mutt".into())),
+                    ("version".into(), None)
+                ]))
+            )
+        );
+        assert_eq!(r.step(), cmd("4", PreloginCommand::NeedsLogin { name: "SELECT" }));
+        assert_eq!(r.step(), cmd("5", PreloginCommand::Logout));
+        assert_eq!(r.step(), Step::NeedMore);
+    }
+
+    #[test]
+    fn garbage_gets_bad_with_its_tag_and_reading_goes_on() {
+        let mut r = reader();
+        r.feed(b"t1 FROB\r\n\x01\x02garbage\r\nt2 NOOP\r\n");
+        assert_eq!(r.step(), Step::Bad { tag: Some("t1".into()) });
+        assert_eq!(r.step(), Step::Bad { tag: None });
+        assert!(matches!(r.step(), Step::Command(Parsed { tag, .. }) if tag == "t2"));
+    }
+
+    #[test]
+    fn nul_in_a_literal_is_refused() {
+        let steps = run(b"a LOGIN {3}\r\na\0b pass\r\n", 64);
+        assert!(matches!(steps.last(), Some(Step::Bad { .. })), "{steps:?}");
+    }
+
+    #[test]
+    fn oversized_line_is_too_long_even_without_a_line_end() {
+        let mut r = reader();
+        r.feed(&vec![b'a'; 1100]);
+        assert_eq!(r.step(), Step::TooLong);
+        let mut r = reader();
+        let mut line = b"a LOGIN ".to_vec();
+        line.extend(vec![b'x'; 1100]);
+        line.extend(b" p\r\n");
+        r.feed(&line);
+        assert_eq!(r.step(), Step::TooLong);
+    }
+
+    #[test]
+    fn oversized_literals() {
+        let mut r = reader();
+        r.feed(b"a LOGIN {601}\r\n");
+        assert_eq!(r.step(), Step::LiteralRefused { tag: "a".into() });
+        assert!(r.is_empty());
+        let mut r = reader();
+        r.feed(b"a LOGIN {601+}\r\n");
+        assert_eq!(r.step(), Step::TooLong);
+        // Two literals that fit alone but not together.
+        let mut r = reader();
+        r.feed(b"a LOGIN {400}\r\n");
+        assert_eq!(r.step(), Step::SendContinuation);
+        r.feed(&[b'u'; 400]);
+        r.feed(b" {400}\r\n");
+        assert_eq!(r.step(), Step::LiteralRefused { tag: "a".into() });
+    }
+
+    #[test]
+    fn room_shrinks_and_grows_with_literals() {
+        let mut r = reader();
+        assert_eq!(r.room(), 1026);
+        r.feed(b"a LOGIN {500}\r\n");
+        assert_eq!(r.step(), Step::SendContinuation);
+        assert_eq!(r.room(), 1026 + 500 - 15);
+    }
+
+    #[test]
+    fn sasl_lines() {
+        let mut r = reader();
+        r.feed(b"dXNlcg==\r\n*\n");
+        assert_eq!(r.take_line(), Ok(Some(b"dXNlcg==".to_vec())));
+        assert_eq!(r.take_line(), Ok(Some(b"*".to_vec())));
+        assert_eq!(r.take_line(), Ok(None));
+        r.feed(&vec![b'A'; 1100]);
+        assert_eq!(r.take_line(), Err(()));
+    }
+}

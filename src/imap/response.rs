@@ -1,0 +1,71 @@
+//! What imapgate itself says to clients: greeting, tagged and untagged status, continuations.
+//! Response codes are RFC 5530's where one fits.
+
+/// Capabilities imapgate offers before login. After login the backend's list (sent in the
+/// tagged OK's `[CAPABILITY ...]` code) replaces it.
+pub const PRELOGIN_CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID ENABLE AUTH=PLAIN AUTH=LOGIN";
+
+pub fn greeting(text: &str) -> Vec<u8> {
+    format!("* OK [CAPABILITY {PRELOGIN_CAPABILITIES}] {text}\r\n").into_bytes()
+}
+
+pub fn capability(tag: &str) -> Vec<u8> {
+    format!("* CAPABILITY {PRELOGIN_CAPABILITIES}\r\n{tag} OK Capability completed.\r\n").into_bytes()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    No,
+    Bad,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::No => "NO",
+            Status::Bad => "BAD",
+        }
+    }
+}
+
+/// `tag STATUS [CODE] text`; `code` is `""` for none.
+pub fn tagged(tag: &str, status: Status, code: &str, text: &str) -> Vec<u8> {
+    let code = if code.is_empty() {
+        String::new()
+    } else {
+        format!("[{code}] ")
+    };
+    format!("{tag} {} {code}{text}\r\n", status.word()).into_bytes()
+}
+
+/// `* BYE [CODE] text`: the connection closes after it.
+pub fn bye(code: &str, text: &str) -> Vec<u8> {
+    if code.is_empty() {
+        format!("* BYE {text}\r\n").into_bytes()
+    } else {
+        format!("* BYE [{code}] {text}\r\n").into_bytes()
+    }
+}
+
+/// `+ text`: a continuation request (go on with the literal, or the next SASL step).
+pub fn continuation(text: &str) -> Vec<u8> {
+    format!("+ {text}\r\n").into_bytes()
+}
+
+/// Quotes `value` as an IMAP quoted string when it fits one, for ID answers.
+pub fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        if c != '\r' && c != '\n' {
+            out.push(c);
+        }
+    }
+    out.push('"');
+    out
+}

@@ -1,0 +1,155 @@
+//! The command line: `run` (the default), `check-config`, `route`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+
+use imapgate::config::{self, Config};
+use imapgate::shutdown::{self, Shutdown};
+
+/// sysexits.h EX_CONFIG-ish: a config that cannot be used.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(version, about = "A transparent IMAP proxy and load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default). Without --config, runs on the embedded default.
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file; prints the error and exits 64 if it is unusable.
+    CheckConfig { file: PathBuf },
+    /// Print the backends USER would be sent to, in the order they would be tried.
+    Route {
+        user: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match cli.command.unwrap_or(Command::Run { config: None }) {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { file } => match config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Route { user, config } => match config::load(&config) {
+            Ok(c) => {
+                for (n, i) in imapgate::route::backends_for(&c, &user).into_iter().enumerate() {
+                    let b = &c.backends[i];
+                    println!("{}\t{}\t{}", n + 1, b.name, b.address);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+    }
+}
+
+fn run(path: Option<PathBuf>) -> ExitCode {
+    let loaded = match &path {
+        Some(p) => config::load(p),
+        None => config::embedded_default(),
+    };
+    let config: Config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if path.is_none() {
+        info!("no --config given: running on the embedded default (listen 127.0.0.1:1143, backend 127.0.0.1:143)");
+    } else {
+        info!(config = %config.source, "configuration loaded");
+    }
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listeners = match imapgate::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = Shutdown::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown::signal().await;
+            info!("shutdown requested");
+            on_signal.begin();
+        });
+        imapgate::run(listeners, Arc::new(config), shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Each proxied session holds two descriptors: take the hard limit, not the soft default.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IMAPGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,130 @@
+//! User → ordered list of backends.
+//!
+//! 1. A user in `routing.static` goes to that backend.
+//! 2. Everyone else is placed by weighted rendezvous (highest-random-weight) hashing: each
+//!    backend scores `weight / -ln(u)` where `u` in (0, 1) comes from xxh3 of the backend's
+//!    *name* and the user; the highest score wins. xxh3 is a specified hash, so every replica
+//!    with the same backend list agrees, with no shared state. Adding or removing a backend moves
+//!    only the users whose top score it gains or loses; renaming it moves its users, changing its
+//!    address does not.
+//!
+//! The order after the first backend is what failover tries next, when it is enabled.
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::Config;
+
+/// Indices into `config.backends`, best first. Without failover only the first is used.
+pub fn backends_for(config: &Config, user: &str) -> Vec<usize> {
+    let key = config.routing.normalize(user);
+    let mut order = rendezvous_order(config, &key);
+    if let Some(&pinned) = config.routing.static_map.get(&key) {
+        order.retain(|&i| i != pinned);
+        order.insert(0, pinned);
+    }
+    if !config.routing.failover {
+        order.truncate(1);
+    }
+    order
+}
+
+/// Every backend with a weight above 0, by descending score for `key`.
+fn rendezvous_order(config: &Config, key: &str) -> Vec<usize> {
+    let mut scored: Vec<(f64, usize)> = config
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.weight > 0)
+        .map(|(i, b)| (score(&b.name, b.weight, key), i))
+        .collect();
+    // Ties (practically impossible) fall back to config order, so the result stays deterministic.
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().map(|(_, i)| i).collect()
+}
+
+/// Weighted rendezvous score. Exposed for the golden test that pins the hash.
+pub fn score(backend_name: &str, weight: u32, key: &str) -> f64 {
+    let mut input = Vec::with_capacity(backend_name.len() + 1 + key.len());
+    input.extend_from_slice(backend_name.as_bytes());
+    input.push(0);
+    input.extend_from_slice(key.as_bytes());
+    let hash = xxh3_64(&input);
+    // 53 high bits → a uniform float strictly inside (0, 1).
+    let unit = ((hash >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(weight) / -unit.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn config(backends: &str, extra: &str) -> Config {
+        parse(&format!("backends:\n{backends}{extra}"), "test").unwrap()
+    }
+
+    const THREE: &str = "  - { name: mail1, address: \"h:1\" }\n  - { name: mail2, address: \"h:2\" }\n  - { name: mail3, address: \"h:3\" }\n";
+
+    /// Pins the hash: if this changes, every deployed replica would move users on upgrade.
+    /// The orders were computed independently with Python's xxhash package and the same formula.
+    #[test]
+    fn golden_values() {
+        let c = config(THREE, "routing: { failover: true }\n");
+        let names = |user: &str| -> Vec<String> {
+            backends_for(&c, user)
+                .into_iter()
+                .map(|i| c.backends[i].name.clone())
+                .collect()
+        };
+        // The value Python's `xxhash.xxh3_64_intdigest(b"mail1\0alice")` gives.
+        assert_eq!(xxh3_64(b"mail1\0alice"), 0x73d1_1e83_0e26_042b_u64, "xxh3 changed");
+        let golden = [
+            ("alice", ["mail3", "mail2", "mail1"]),
+            ("bob", ["mail1", "mail3", "mail2"]),
+            ("carol@example.net", ["mail3", "mail1", "mail2"]),
+        ];
+        for (user, expected) in golden {
+            assert_eq!(names(user), expected, "order for {user}");
+        }
+    }
+
+    #[test]
+    fn static_first_and_no_failover_means_one() {
+        let c = config(THREE, "routing:\n  static: { Alice: mail2 }\n");
+        assert_eq!(backends_for(&c, "ALICE"), vec![1]);
+        assert_eq!(backends_for(&c, "dave").len(), 1);
+    }
+
+    #[test]
+    fn removing_a_backend_moves_only_its_users() {
+        let before = config(THREE, "routing: { failover: true }\n");
+        let two = "  - { name: mail1, address: \"h:1\" }\n  - { name: mail2, address: \"h:2\" }\n";
+        let after = config(two, "routing: { failover: true }\n");
+        for n in 0..2000 {
+            let user = format!("user{n}");
+            let b = &before.backends[backends_for(&before, &user)[0]].name;
+            let a = &after.backends[backends_for(&after, &user)[0]].name;
+            if b != "mail3" {
+                assert_eq!(a, b, "{user} moved although its backend stayed");
+            }
+        }
+    }
+
+    #[test]
+    fn weights_shape_the_share() {
+        let c = config(
+            "  - { name: big, address: \"h:1\", weight: 300 }\n  - { name: small, address: \"h:2\", weight: 100 }\n  - { name: off, address: \"h:3\", weight: 0 }\n",
+            "",
+        );
+        let mut big = 0;
+        for n in 0..10_000 {
+            match c.backends[backends_for(&c, &format!("u{n}"))[0]].name.as_str() {
+                "big" => big += 1,
+                "small" => {}
+                other => panic!("weight 0 backend {other} got a user"),
+            }
+        }
+        // Expected 7,500 of 10,000; the bound is ±5 standard deviations.
+        assert!((7283..=7717).contains(&big), "big got {big}");
+    }
+}

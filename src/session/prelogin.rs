@@ -1,0 +1,364 @@
+//! Pre-login: the only place where imapgate speaks IMAP as a server.
+//!
+//! ```text
+//!           ┌──────────── CAPABILITY, NOOP, ID, BAD syntax, NO wrong state ───────┐
+//!           ▼                                                                     │
+//!  greet ─► reading a command ─► LOGIN / AUTHENTICATE ─► route ─► dial each ──────┤ backend NO:
+//!           │                     (SASL "+" exchange)              │              │ attempts left
+//!           │                                                      ▼              │
+//!           │                                           backend OK: tagged OK ─► relay
+//!           ├─► LOGOUT: BYE + OK, close      no backend: NO [UNAVAILABLE] ────────┘
+//!           └─► too long / timeout / too many failures / shutdown: BYE, close
+//! ```
+//!
+//! The whole phase runs under one deadline (`timeouts.prelogin`), so a client that drips bytes
+//! cannot hold a connection longer than that. Raw input is never logged: it holds passwords.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use super::Session;
+use super::dial::{self, LoginOutcome};
+use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
+use crate::imap::response::{self, Status};
+use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
+use crate::imap::secret::Secret;
+use crate::route;
+
+/// A login the backend accepted: what the relay needs.
+#[derive(Debug)]
+pub struct Authenticated {
+    pub backend: dial::LoggedIn,
+    pub backend_name: String,
+    /// Bytes the client sent behind its login command; they go to the backend first.
+    pub client_buffered: Vec<u8>,
+}
+
+/// How pre-login ended without a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// The client went away or said LOGOUT.
+    ByClient,
+    /// imapgate sent BYE: a limit, a timeout, or shutdown.
+    Bye(&'static str),
+}
+
+/// What a login attempt came to, for the pre-login loop.
+enum Attempt {
+    LoggedIn(Box<Authenticated>),
+    /// The answer has been sent; the client may try again.
+    Failed,
+    /// The answer has been sent; nothing to count.
+    Answered,
+}
+
+pub async fn run<S>(client: &mut S, session: &Session) -> io::Result<Result<Authenticated, Closed>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = &session.config;
+    client
+        .write_all(&response::greeting(&config.greeting))
+        .await?;
+    let mut reader = CommandReader::new(config.limits.line_max, config.limits.literal_max);
+    let mut failures = 0u32;
+    loop {
+        let parsed = match reader.step() {
+            Step::Command(parsed) => parsed,
+            Step::NeedMore => {
+                if reader.read_from(client).await? == 0 {
+                    return Ok(Err(Closed::ByClient));
+                }
+                continue;
+            }
+            Step::SendContinuation => {
+                client.write_all(&response::continuation("Ready for literal data")).await?;
+                continue;
+            }
+            Step::Bad { tag } => {
+                let tag = tag.as_deref().unwrap_or("*");
+                client
+                    .write_all(&response::tagged(tag, Status::Bad, "", "Syntax error in command."))
+                    .await?;
+                continue;
+            }
+            Step::LiteralRefused { tag } => {
+                client
+                    .write_all(&response::tagged(&tag, Status::Bad, "LIMIT", "Literal too large."))
+                    .await?;
+                continue;
+            }
+            Step::TooLong => {
+                return bye(client, "LIMIT", "Command line too long.", "line_too_long").await;
+            }
+        };
+
+        match handle(client, session, &mut reader, parsed).await? {
+            Ok(Attempt::LoggedIn(authenticated)) => {
+                let mut authenticated = *authenticated;
+                authenticated.client_buffered = reader.into_buffered();
+                return Ok(Ok(authenticated));
+            }
+            Ok(Attempt::Failed) => {
+                failures += 1;
+                if failures >= config.limits.login_attempts {
+                    return bye(client, "", "Too many failed logins.", "login_attempts").await;
+                }
+            }
+            Ok(Attempt::Answered) => {}
+            Err(closed) => return Ok(Err(closed)),
+        }
+    }
+}
+
+/// Answers one command.
+async fn handle<S>(
+    client: &mut S,
+    session: &Session,
+    reader: &mut CommandReader,
+    Parsed { tag, command }: Parsed,
+) -> io::Result<Result<Attempt, Closed>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let answer = |status, code, text| response::tagged(&tag, status, code, text);
+    let credentials = match command {
+        PreloginCommand::Capability => {
+            client.write_all(&response::capability(&tag)).await?;
+            return Ok(Ok(Attempt::Answered));
+        }
+        PreloginCommand::Noop => {
+            client.write_all(&answer(Status::Ok, "", "NOOP completed.")).await?;
+            return Ok(Ok(Attempt::Answered));
+        }
+        PreloginCommand::Logout => {
+            let mut out = response::bye("", "Logging out.");
+            out.extend(answer(Status::Ok, "", "LOGOUT completed."));
+            client.write_all(&out).await?;
+            return Ok(Err(Closed::ByClient));
+        }
+        PreloginCommand::Id(fields) => {
+            if let Some(name) = fields
+                .iter()
+                .flatten()
+                .find(|(k, _)| k.eq_ignore_ascii_case("name"))
+                .and_then(|(_, v)| v.as_deref())
+            {
+                debug!(session = %session.id, client_name = %name.escape_default(), "client ID");
+            }
+            let mut out = format!("* ID ({} {})\r\n", response::quoted("name"), response::quoted("imapgate"))
+                .into_bytes();
+            out.extend(answer(Status::Ok, "", "ID completed."));
+            client.write_all(&out).await?;
+            return Ok(Ok(Attempt::Answered));
+        }
+        PreloginCommand::StartTls => {
+            client
+                .write_all(&answer(Status::Bad, "", "STARTTLS is not offered on this listener."))
+                .await?;
+            return Ok(Ok(Attempt::Answered));
+        }
+        PreloginCommand::NeedsLogin { name } => {
+            debug!(session = %session.id, command = name, "command before login");
+            client
+                .write_all(&answer(Status::Bad, "", "Log in first."))
+                .await?;
+            return Ok(Ok(Attempt::Answered));
+        }
+        PreloginCommand::Login { user, password } => {
+            Credentials::from_login(Mechanism::Login, user, password)
+        }
+        PreloginCommand::Authenticate {
+            mechanism,
+            initial_response,
+        } => match sasl_exchange(client, reader, &mechanism, initial_response).await? {
+            Sasl::Credentials(result) => result,
+            Sasl::Cancelled => {
+                client
+                    .write_all(&answer(Status::Bad, "", "Authentication cancelled."))
+                    .await?;
+                return Ok(Ok(Attempt::Failed));
+            }
+            Sasl::Unsupported => {
+                client
+                    .write_all(&answer(Status::No, "", "Unsupported authentication mechanism."))
+                    .await?;
+                return Ok(Ok(Attempt::Answered));
+            }
+            Sasl::TooLong => {
+                return bye(client, "LIMIT", "SASL response too long.", "line_too_long").await;
+            }
+            Sasl::ClientGone => return Ok(Err(Closed::ByClient)),
+        },
+    };
+    let credentials = match credentials {
+        Ok(c) => c,
+        Err(why) => {
+            client.write_all(&answer(Status::Bad, "CLIENTBUG", why)).await?;
+            return Ok(Ok(Attempt::Failed));
+        }
+    };
+    login(client, session, &tag, &credentials).await.map(Ok)
+}
+
+/// Sends `* BYE` and ends pre-login.
+async fn bye<S, T>(
+    client: &mut S,
+    code: &str,
+    text: &str,
+    reason: &'static str,
+) -> io::Result<Result<T, Closed>>
+where
+    S: AsyncWrite + Unpin,
+{
+    client.write_all(&response::bye(code, text)).await?;
+    client.flush().await?;
+    Ok(Err(Closed::Bye(reason)))
+}
+
+enum Sasl {
+    Credentials(Result<Credentials, &'static str>),
+    Cancelled,
+    Unsupported,
+    TooLong,
+    ClientGone,
+}
+
+/// Runs the AUTHENTICATE exchange for PLAIN and LOGIN.
+async fn sasl_exchange<S>(
+    client: &mut S,
+    reader: &mut CommandReader,
+    mechanism: &str,
+    initial_response: Option<Secret<Vec<u8>>>,
+) -> io::Result<Sasl>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match mechanism {
+        "PLAIN" => {
+            let message = match initial_response {
+                Some(ir) => ir,
+                None => match sasl_step(client, reader, "").await? {
+                    Ok(message) => message,
+                    Err(end) => return Ok(end),
+                },
+            };
+            Ok(Sasl::Credentials(Credentials::from_plain(&message)))
+        }
+        "LOGIN" => {
+            // "Username:" and "Password:", base64 as the mechanism's draft has them.
+            let user = match initial_response {
+                Some(ir) => ir,
+                None => match sasl_step(client, reader, "VXNlcm5hbWU6").await? {
+                    Ok(user) => user,
+                    Err(end) => return Ok(end),
+                },
+            };
+            let password = match sasl_step(client, reader, "UGFzc3dvcmQ6").await? {
+                Ok(password) => password,
+                Err(end) => return Ok(end),
+            };
+            Ok(Sasl::Credentials(Credentials::from_login(
+                Mechanism::SaslLogin,
+                user.expose().clone(),
+                password,
+            )))
+        }
+        _ => Ok(Sasl::Unsupported),
+    }
+}
+
+/// Sends `+ challenge` and reads one response line.
+async fn sasl_step<S>(
+    client: &mut S,
+    reader: &mut CommandReader,
+    challenge: &str,
+) -> io::Result<Result<Secret<Vec<u8>>, Sasl>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    client.write_all(&response::continuation(challenge)).await?;
+    loop {
+        match reader.take_line() {
+            Ok(Some(line)) => {
+                return Ok(match sasl::decode_line(&line) {
+                    Ok(SaslLine::Response(bytes)) => Ok(bytes),
+                    Ok(SaslLine::Cancel) => Err(Sasl::Cancelled),
+                    Err(why) => Err(Sasl::Credentials(Err(why))),
+                });
+            }
+            Ok(None) => {
+                if reader.read_from(client).await? == 0 {
+                    return Ok(Err(Sasl::ClientGone));
+                }
+            }
+            Err(()) => return Ok(Err(Sasl::TooLong)),
+        }
+    }
+}
+
+/// Routes the user, tries its backends in order, and answers the client with its own tag.
+async fn login<S>(
+    client: &mut S,
+    session: &Session,
+    tag: &str,
+    credentials: &Credentials,
+) -> io::Result<Attempt>
+where
+    S: AsyncWrite + Unpin,
+{
+    let config = &session.config;
+    let user = credentials.routing_user();
+    let mechanism = credentials.mechanism.as_str();
+    for index in route::backends_for(config, user) {
+        let backend = &config.backends[index];
+        let started = std::time::Instant::now();
+        let outcome = dial::login(
+            backend,
+            credentials,
+            config.timeouts.backend_connect,
+            config.timeouts.backend_login,
+        )
+        .await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
+                // Untagged responses first, then the tagged OK with the client's tag; the
+                // backend's [CAPABILITY ...] code in it tells the client what it has now.
+                let mut out = std::mem::take(&mut logged_in.untagged);
+                out.extend_from_slice(tag.as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(&logged_in.tagged_rest);
+                client.write_all(&out).await?;
+                return Ok(Attempt::LoggedIn(Box::new(Authenticated {
+                    backend: logged_in,
+                    backend_name: backend.name.clone(),
+                    client_buffered: Vec::new(),
+                })));
+            }
+            Ok(LoginOutcome::Rejected { tagged_rest }) => {
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, "login");
+                let mut out = tag.as_bytes().to_vec();
+                out.push(b' ');
+                out.extend_from_slice(&tagged_rest);
+                client.write_all(&out).await?;
+                return Ok(Attempt::Failed);
+            }
+            Err(error) => {
+                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = "unavailable", elapsed_ms, %error, "login");
+            }
+        }
+    }
+    client
+        .write_all(&response::tagged(
+            tag,
+            Status::No,
+            "UNAVAILABLE",
+            "Backend for this user is not available.",
+        ))
+        .await?;
+    Ok(Attempt::Answered)
+}
