@@ -71,20 +71,45 @@ pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
+        let message = first_line(&e.to_string());
+        // Type errors name the type, not the key: add the key written at that place.
+        let message = match key_at(text, line, column) {
+            Some(key) if !message.contains(&key) => format!("{key}: {message}"),
+            _ => message,
+        };
         ConfigError {
             source_name: source_name.to_string(),
             line,
             column,
-            message: first_line(&e.to_string()),
+            message,
         }
     })?;
     validate(raw, source_name)
 }
 
-/// serde-saphyr's message can carry a rendered snippet; the first line is the message itself,
-/// and the location is printed by `ConfigError`.
+/// serde-saphyr's message can carry a rendered snippet and repeats the location; keep the
+/// message itself (the location is printed by `ConfigError`).
 fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or("invalid configuration").to_string()
+    let line = message.lines().next().unwrap_or("invalid configuration");
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+        Some((place, rest)) if place.contains(" column ") => rest.to_string(),
+        _ => line.to_string(),
+    }
+}
+
+/// The mapping key nearest before `line:column` in `text` (1-based), e.g. `weight` for the
+/// value in `weight: heavy`.
+fn key_at(text: &str, line: u64, column: u64) -> Option<String> {
+    let row = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let upto: String = row.chars().take(usize::try_from(column).ok()?.saturating_sub(1)).collect();
+    let before_colon = upto.trim_end().strip_suffix(':')?;
+    let key: String = before_colon
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    (!key.is_empty()).then(|| key.chars().rev().collect())
 }
 
 struct Validator<'a> {
@@ -195,30 +220,21 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
 
     let l = &raw.limits;
     let limits = Limits {
-        max_connections: positive(&v, "limits.max_connections", l.max_connections)? as usize,
-        per_ip: positive(&v, "limits.per_ip", l.per_ip)? as usize,
-        line_max: at_least(&v, "limits.line_max", l.line_max, 1024)? as usize,
-        literal_max: at_least(&v, "limits.literal_max", l.literal_max, 256)? as usize,
-        login_attempts: positive(&v, "limits.login_attempts", l.login_attempts)?,
+        max_connections: at_least(&v, "limits.max_connections", &l.max_connections, 1)? as usize,
+        per_ip: at_least(&v, "limits.per_ip", &l.per_ip, 1)? as usize,
+        line_max: at_least(&v, "limits.line_max", &l.line_max, 1024)? as usize,
+        literal_max: at_least(&v, "limits.literal_max", &l.literal_max, 256)? as usize,
+        login_attempts: at_least(&v, "limits.login_attempts", &l.login_attempts, 1)?,
     };
 
     let t = &raw.timeouts;
-    for (name, d) in [
-        ("timeouts.prelogin", t.prelogin),
-        ("timeouts.backend_connect", t.backend_connect),
-        ("timeouts.backend_login", t.backend_login),
-        ("timeouts.half_close", t.half_close),
-    ] {
-        if d.is_zero() {
-            return Err(v.unplaced(&format!("{name}: must be longer than 0")));
-        }
-    }
     let timeouts = Timeouts {
-        prelogin: t.prelogin,
-        backend_connect: t.backend_connect,
-        backend_login: t.backend_login,
-        half_close: t.half_close,
-        shutdown_grace: t.shutdown_grace,
+        prelogin: nonzero(&v, "timeouts.prelogin", &t.prelogin)?,
+        backend_connect: nonzero(&v, "timeouts.backend_connect", &t.backend_connect)?,
+        backend_login: nonzero(&v, "timeouts.backend_login", &t.backend_login)?,
+        half_close: nonzero(&v, "timeouts.half_close", &t.half_close)?,
+        // 0 is allowed: cut logged-in sessions at once.
+        shutdown_grace: t.shutdown_grace.value.0,
     };
 
     if raw.greeting.contains(['\r', '\n']) {
@@ -279,15 +295,26 @@ fn check_host_port(v: &Validator, address: &Spanned<String>) -> Result<(), Confi
     if port_ok && host_ok { Ok(()) } else { Err(bad()) }
 }
 
-fn positive(v: &Validator, field: &str, value: u32) -> Result<u32, ConfigError> {
-    at_least(v, field, value, 1)
+fn at_least(v: &Validator, field: &str, value: &Spanned<u32>, min: u32) -> Result<u32, ConfigError> {
+    if value.value >= min {
+        Ok(value.value)
+    } else {
+        Err(v.err(
+            &value.referenced,
+            format!("{field}: {} is too small, the least is {min}", value.value),
+        ))
+    }
 }
 
-fn at_least(v: &Validator, field: &str, value: u32, min: u32) -> Result<u32, ConfigError> {
-    if value >= min {
-        Ok(value)
+fn nonzero(
+    v: &Validator,
+    field: &str,
+    value: &Spanned<file::ConfigDuration>,
+) -> Result<std::time::Duration, ConfigError> {
+    if value.value.0.is_zero() {
+        Err(v.err(&value.referenced, format!("{field}: must be longer than 0")))
     } else {
-        Err(v.unplaced(&format!("{field}: {value} is too small, the least is {min}")))
+        Ok(value.value.0)
     }
 }
 

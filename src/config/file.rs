@@ -79,21 +79,21 @@ impl Default for NormalizeFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsFile {
-    pub max_connections: u32,
-    pub per_ip: u32,
-    pub line_max: u32,
-    pub literal_max: u32,
-    pub login_attempts: u32,
+    pub max_connections: Spanned<u32>,
+    pub per_ip: Spanned<u32>,
+    pub line_max: Spanned<u32>,
+    pub literal_max: Spanned<u32>,
+    pub login_attempts: Spanned<u32>,
 }
 
 impl Default for LimitsFile {
     fn default() -> Self {
         LimitsFile {
-            max_connections: 200_000,
-            per_ip: 100,
-            line_max: 8192,
-            literal_max: 8192,
-            login_attempts: 3,
+            max_connections: unspanned(200_000),
+            per_ip: unspanned(100),
+            line_max: unspanned(8192),
+            literal_max: unspanned(8192),
+            login_attempts: unspanned(3),
         }
     }
 }
@@ -101,32 +101,32 @@ impl Default for LimitsFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsFile {
-    #[serde(with = "duration")]
-    pub prelogin: Duration,
-    #[serde(with = "duration")]
-    pub backend_connect: Duration,
+    pub prelogin: Spanned<ConfigDuration>,
+    pub backend_connect: Spanned<ConfigDuration>,
     /// Greeting, capability and login exchange with the backend, after the TCP connect.
-    #[serde(with = "duration")]
-    pub backend_login: Duration,
+    pub backend_login: Spanned<ConfigDuration>,
     /// After the client closed its sending side: how long the backend may take to finish.
-    #[serde(with = "duration")]
-    pub half_close: Duration,
+    pub half_close: Spanned<ConfigDuration>,
     /// On SIGTERM: how long logged-in sessions may go on before they are cut.
-    #[serde(with = "duration")]
-    pub shutdown_grace: Duration,
+    pub shutdown_grace: Spanned<ConfigDuration>,
 }
 
 impl Default for TimeoutsFile {
     fn default() -> Self {
+        let secs = |s| unspanned(ConfigDuration(Duration::from_secs(s)));
         TimeoutsFile {
-            prelogin: Duration::from_secs(60),
-            backend_connect: Duration::from_secs(5),
-            backend_login: Duration::from_secs(30),
-            half_close: Duration::from_secs(60),
-            shutdown_grace: Duration::from_secs(30),
+            prelogin: secs(60),
+            backend_connect: secs(5),
+            backend_login: secs(30),
+            half_close: secs(60),
+            shutdown_grace: secs(30),
         }
     }
 }
+
+/// A duration as written in the config (see `duration::parse`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ConfigDuration(#[serde(deserialize_with = "duration::deserialize")] pub Duration);
 
 fn default_listeners() -> Vec<ListenerFile> {
     vec![ListenerFile {

@@ -1,0 +1,9 @@
+//! One integration-test binary (faster to build than many). Tests that need Dovecot return early
+//! with a loud message when it is missing, and fail when `CI` is set.
+
+mod clients;
+mod config_corpus;
+mod login;
+mod prelogin;
+mod relay;
+mod support;

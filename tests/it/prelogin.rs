@@ -1,0 +1,114 @@
+//! What imapgate answers by itself before login, and how it refuses bad input.
+
+use crate::support::dovecot::{self, Dovecot};
+use crate::support::{Proxy, config};
+
+/// No backend is needed for these: an address nobody listens on.
+fn nowhere() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn capability_noop_id_logout() {
+    let proxy = Proxy::start(&config(&[("b1", nowhere())], "greeting: Hello there.\n")).await;
+    let mut c = proxy.connect().await;
+    let greeting = c.line().await.unwrap();
+    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1 ") && greeting.ends_with("Hello there.\r\n"), "{greeting}");
+    assert!(greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"), "{greeting}");
+    c.send("1 capability\r\n2 NOOP\r\n3 ID (\"name\" \"test\")\r\n4 SELECT INBOX\r\n5 LOGOUT\r\n").await;
+    let (untagged, answer) = c.until_tagged("1").await;
+    assert!(untagged[0].starts_with("* CAPABILITY IMAP4rev1"), "{untagged:?}");
+    assert!(answer.starts_with("1 OK"));
+    assert!(c.until_tagged("2").await.1.starts_with("2 OK"));
+    let (untagged, answer) = c.until_tagged("3").await;
+    assert!(untagged[0].starts_with("* ID ("), "{untagged:?}");
+    assert!(answer.starts_with("3 OK"));
+    assert!(c.until_tagged("4").await.1.starts_with("4 BAD"));
+    let (untagged, answer) = c.until_tagged("5").await;
+    assert!(untagged[0].starts_with("* BYE"));
+    assert!(answer.starts_with("5 OK"));
+    assert_eq!(c.rest().await, "", "closed after LOGOUT");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_gets_bad_and_oversized_input_gets_bye_while_others_are_served() {
+    let Some(b1) = dovecot::available().then(|| Dovecot::start("b1")) else { return };
+    let proxy = Proxy::start(&config(&[("b1", b1.address())], "limits: { line_max: 1024, literal_max: 512 }\n")).await;
+
+    let mut garbage = proxy.connect().await;
+    garbage.line().await.unwrap();
+    garbage.send(b"\x00\x01\x02\xff\xfe\r\nt1 FROBNICATE\r\n").await;
+    assert!(garbage.line().await.unwrap().starts_with("* BAD"));
+    assert!(garbage.line().await.unwrap().starts_with("t1 BAD"));
+
+    let mut literal = proxy.connect().await;
+    literal.line().await.unwrap();
+    literal.send("t2 LOGIN {100000}\r\n").await;
+    let answer = literal.line().await.unwrap();
+    assert!(answer.starts_with("t2 BAD [LIMIT]"), "a sync literal over the cap is refused: {answer}");
+
+    let mut long = proxy.connect().await;
+    long.line().await.unwrap();
+    long.send(vec![b'a'; 5000]).await;
+    let rest = long.rest().await;
+    assert!(rest.starts_with("* BYE [LIMIT]"), "{rest:?}");
+
+    let mut nonsync = proxy.connect().await;
+    nonsync.line().await.unwrap();
+    nonsync.send("t3 LOGIN {100000+}\r\n").await;
+    let rest = nonsync.rest().await;
+    assert!(rest.starts_with("* BYE [LIMIT]"), "{rest:?}");
+
+    // The garbage client can still log in, and so can a new one.
+    garbage.send("t4 LOGIN alice alice-secret\r\n").await;
+    assert!(garbage.until_tagged("t4").await.1.starts_with("t4 OK"));
+    let mut fresh = proxy.connect().await;
+    fresh.login("bob", "bob-secret").await;
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn prelogin_timeout_says_bye() {
+    let proxy = Proxy::start(&config(&[("b1", nowhere())], "timeouts: { prelogin: 300ms }\n")).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    let rest = c.rest().await;
+    assert!(rest.starts_with("* BYE"), "{rest:?}");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn per_ip_cap_refuses_with_bye_limit() {
+    let proxy = Proxy::start(&config(&[("b1", nowhere())], "limits: { per_ip: 2 }\n")).await;
+    let mut a = proxy.connect().await;
+    let mut b = proxy.connect().await;
+    a.line().await.unwrap();
+    b.line().await.unwrap();
+    let mut c = proxy.connect().await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("* BYE [LIMIT]"), "{rest:?}");
+    drop(a);
+    // The place is given back when a session ends: wait for that by retrying until admitted.
+    let deadline = tokio::time::Instant::now() + crate::support::DEADLINE;
+    loop {
+        let mut d = proxy.connect().await;
+        if d.line().await.unwrap_or_default().starts_with("* OK") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the place was never given back");
+        tokio::task::yield_now().await;
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_says_bye_to_prelogin_sessions() {
+    let proxy = Proxy::start(&config(&[("b1", nowhere())], "")).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    proxy.stop().await;
+    let rest = c.rest().await;
+    assert!(rest.starts_with("* BYE [UNAVAILABLE]"), "{rest:?}");
+}

@@ -1,0 +1,194 @@
+//! Test support: Dovecot instances, imapgate in-process on port 0, a scripted raw client.
+
+pub mod dovecot;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use imapgate::shutdown::Shutdown;
+use imapgate::BoundListener;
+
+/// Every wait in a test has this deadline, so a hang fails instead of blocking CI.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// imapgate running in this test's runtime on 127.0.0.1:<port 0>.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub config: Arc<imapgate::config::Config>,
+    shutdown: Shutdown,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// `yaml` is a whole config; its listeners are ignored (the test binds its own).
+    pub async fn start(yaml: &str) -> Proxy {
+        init_logs();
+        let config = Arc::new(imapgate::config::parse(yaml, "test config").expect("valid test config"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(imapgate::run(
+            vec![BoundListener {
+                name: "test".into(),
+                listener,
+            }],
+            config.clone(),
+            shutdown.clone(),
+        ));
+        Proxy {
+            addr,
+            config,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.begin();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("imapgate stops within the deadline")
+                .expect("run() does not panic");
+        }
+    }
+
+    pub async fn connect(&self) -> Raw {
+        Raw::connect(self.addr).await
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.begin();
+        self.shutdown.cut.cancel();
+    }
+}
+
+/// A config with the given backends (name, address) and extra YAML.
+pub fn config(backends: &[(&str, String)], extra: &str) -> String {
+    let mut yaml = String::from("backends:\n");
+    for (name, address) in backends {
+        yaml.push_str(&format!("  - {{ name: {name}, address: \"{address}\" }}\n"));
+    }
+    yaml.push_str(extra);
+    yaml
+}
+
+fn init_logs() {
+    if std::env::var_os("IMAPGATE_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A scripted client: writes exact bytes, reads lines, every read under `DEADLINE`.
+pub struct Raw {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+            .await
+            .expect("connect deadline")
+            .expect("connect");
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        self.stream.write_all(bytes.as_ref()).await.expect("write");
+    }
+
+    /// Next line with its CRLF, or `None` at end of stream.
+    pub async fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&c| c == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line).into_owned());
+            }
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
+                .await
+                .expect("read deadline: the peer said nothing")
+                .unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Exactly `n` bytes (a literal's octets).
+    pub async fn bytes(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let mut chunk = vec![0u8; 1 << 20];
+            let got = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
+                .await
+                .expect("read deadline")
+                .expect("read");
+            assert!(got > 0, "stream ended inside a literal");
+            self.buf.extend_from_slice(&chunk[..got]);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// Lines up to and including the one tagged `tag`; returns (untagged lines, tagged line).
+    pub async fn until_tagged(&mut self, tag: &str) -> (Vec<String>, String) {
+        let mut untagged = Vec::new();
+        let prefix = format!("{tag} ");
+        loop {
+            let line = self
+                .line()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before {tag}'s answer; got {untagged:?}"));
+            if line.starts_with(&prefix) {
+                return (untagged, line);
+            }
+            untagged.push(line);
+        }
+    }
+
+    /// Reads the greeting and logs in with LOGIN; panics unless the answer is OK.
+    pub async fn login(&mut self, user: &str, password: &str) {
+        let greeting = self.line().await.expect("greeting");
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        self.send(format!("l1 LOGIN {user} \"{password}\"\r\n")).await;
+        let (_, answer) = self.until_tagged("l1").await;
+        assert!(answer.starts_with("l1 OK"), "{answer}");
+    }
+
+    /// The `Backend-*` mailbox the session can see: the backend it is on.
+    pub async fn backend(&mut self) -> String {
+        self.send("lb LIST \"\" \"Backend-*\"\r\n").await;
+        let (untagged, answer) = self.until_tagged("lb").await;
+        assert!(answer.starts_with("lb OK"), "{answer}");
+        let names: Vec<&str> = untagged
+            .iter()
+            .filter_map(|l| l.trim_end().rsplit(' ').next())
+            .map(|n| n.trim_matches('"'))
+            .filter_map(|n| n.strip_prefix("Backend-"))
+            .collect();
+        assert_eq!(names.len(), 1, "exactly one Backend-* mailbox: {untagged:?}");
+        names[0].to_string()
+    }
+
+    /// Reads until the peer closes; returns what came.
+    pub async fn rest(&mut self) -> String {
+        let mut all = std::mem::take(&mut self.buf);
+        let _ = tokio::time::timeout(DEADLINE, self.stream.read_to_end(&mut all))
+            .await
+            .expect("the peer closes within the deadline");
+        String::from_utf8_lossy(&all).into_owned()
+    }
+}

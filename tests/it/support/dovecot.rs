@@ -1,0 +1,200 @@
+//! Private Dovecot instances for tests: own config, base_dir, passwd file and maildirs in a temp
+//! dir, on a loopback port picked by the OS, stopped on drop.
+//!
+//! Every instance has the same users (`USERS`), like backends behind one passdb, and every user
+//! has one mailbox named `Backend-<instance name>`: a LIST through the proxy shows on which
+//! backend a session really landed.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use std::io::Read;
+
+pub const USERS: &[(&str, &str)] = &[
+    ("alice", "alice-secret"),
+    ("bob", "bob-secret"),
+    ("carol", "carol-secret"),
+    ("dave", "dave-secret"),
+    ("erin", "erin-secret"),
+    // Every awkward byte a password can hold in a quoted string or a literal.
+    ("quoter", "sp ace \"quote\" back\\slash"),
+    ("unicode", "pässwörd-日本"),
+];
+
+/// A password of 500 characters for the `longpw` user.
+pub fn long_password() -> String {
+    "x!y \"z\\".repeat(72)[..500].to_string()
+}
+
+const TEMPLATE: &str = include_str!("dovecot.conf");
+/// The Debian user that owns mail (Dovecot refuses mail access as root).
+const MAIL_UID: u32 = 8;
+
+pub struct Dovecot {
+    pub name: String,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// Returns `None` (after a loud message) when Dovecot is not installed, and panics instead when
+/// `CI` is set: CI must run every Dovecot test.
+pub fn available() -> bool {
+    let found = Path::new("/usr/sbin/dovecot").exists();
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("Dovecot is not installed but CI is set: install dovecot-imapd");
+        }
+        eprintln!("\n!!!!! SKIPPED: Dovecot (dovecot-imapd) is not installed; this test did not run !!!!!\n");
+    }
+    found
+}
+
+impl Dovecot {
+    /// Starts an instance; panics with Dovecot's log if it does not come up.
+    pub fn start(name: &str) -> Dovecot {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match Self::try_start(name) {
+                Ok(d) => return d,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("Dovecot {name} did not start: {last_error}");
+    }
+
+    fn try_start(name: &str) -> Result<Dovecot, String> {
+        // Short path: base_dir holds UNIX sockets (108-byte path limit).
+        let dir = tempfile::Builder::new()
+            .prefix("dv.")
+            .tempdir_in("/tmp")
+            .map_err(|e| e.to_string())?;
+        let root = dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let conf = TEMPLATE
+            .replace("@DIR@", &root.display().to_string())
+            .replace("@PORT@", &port.to_string());
+        std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
+        let mut passwd = String::new();
+        let long = long_password();
+        let users = USERS.iter().copied().chain([("longpw", long.as_str())]);
+        for (user, password) in users {
+            passwd.push_str(&format!("{user}:{{PLAIN}}{password}::::::\n"));
+            make_maildir(&root.join("mail").join(user), name).map_err(|e| e.to_string())?;
+        }
+        std::fs::write(root.join("passwd"), passwd).map_err(|e| e.to_string())?;
+        chown_tree(&root.join("mail")).map_err(|e| e.to_string())?;
+
+        let child = Command::new("/usr/sbin/dovecot")
+            .arg("-F")
+            .arg("-c")
+            .arg(root.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run dovecot: {e}"))?;
+        let mut d = Dovecot {
+            name: name.to_string(),
+            port,
+            dir,
+            child,
+        };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Dovecot's info log: logins appear there with the address it believes (`rip=`).
+    pub fn info_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot-info.log")).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// Waits until the port answers with a greeting: the master forks its listeners after it
+    /// has started, so there is no other event to wait for. Gives up after 20 s.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!("exited with {status}: {err} {}", self.log()));
+            }
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no greeting within 20 s: {}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the instance (the port then refuses connections).
+    pub fn stop(&mut self) {
+        // SIGTERM lets the master stop its children; SIGKILL if it does not within 10 s.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn make_maildir(home: &Path, backend: &str) -> std::io::Result<()> {
+    let maildir = home.join("Maildir");
+    for d in [
+        maildir.clone(),
+        maildir.join(format!(".Backend-{backend}")),
+    ] {
+        for sub in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(d.join(sub))?;
+        }
+    }
+    Ok(())
+}
+
+fn chown_tree(path: &PathBuf) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(MAIL_UID), Some(MAIL_UID))?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
