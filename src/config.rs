@@ -92,7 +92,10 @@ pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
 fn first_line(message: &str) -> String {
     let line = message.lines().next().unwrap_or("invalid configuration");
     let line = line.strip_prefix("error: ").unwrap_or(line);
-    match line.strip_prefix("line ").and_then(|rest| rest.split_once(": ")) {
+    match line
+        .strip_prefix("line ")
+        .and_then(|rest| rest.split_once(": "))
+    {
         Some((place, rest)) if place.contains(" column ") => rest.to_string(),
         _ => line.to_string(),
     }
@@ -101,8 +104,13 @@ fn first_line(message: &str) -> String {
 /// The mapping key nearest before `line:column` in `text` (1-based), e.g. `weight` for the
 /// value in `weight: heavy`.
 fn key_at(text: &str, line: u64, column: u64) -> Option<String> {
-    let row = text.lines().nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
-    let upto: String = row.chars().take(usize::try_from(column).ok()?.saturating_sub(1)).collect();
+    let row = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let upto: String = row
+        .chars()
+        .take(usize::try_from(column).ok()?.saturating_sub(1))
+        .collect();
     let before_colon = upto.trim_end().strip_suffix(':')?;
     let key: String = before_colon
         .chars()
@@ -292,10 +300,19 @@ fn check_host_port(v: &Validator, address: &Spanned<String>) -> Result<(), Confi
         && host
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'));
-    if port_ok && host_ok { Ok(()) } else { Err(bad()) }
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
-fn at_least(v: &Validator, field: &str, value: &Spanned<u32>, min: u32) -> Result<u32, ConfigError> {
+fn at_least(
+    v: &Validator,
+    field: &str,
+    value: &Spanned<u32>,
+    min: u32,
+) -> Result<u32, ConfigError> {
     if value.value >= min {
         Ok(value.value)
     } else {

@@ -31,7 +31,10 @@ pub async fn bind(config: &Config) -> std::io::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let listener = TcpListener::bind(l.bind).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot bind listener {} to {}: {e}", l.name, l.bind))
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot bind listener {} to {}: {e}", l.name, l.bind),
+            )
         })?;
         bound.push(BoundListener {
             name: l.name.clone(),
@@ -70,7 +73,10 @@ pub async fn run(listeners: Vec<BoundListener>, config: Arc<Config>, shutdown: S
         .await
         .is_err()
     {
-        warn!(open = caps.open(), "grace period over; closing the remaining sessions");
+        warn!(
+            open = caps.open(),
+            "grace period over; closing the remaining sessions"
+        );
         shutdown.cut.cancel();
         tracker.wait().await;
     }

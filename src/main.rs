@@ -63,7 +63,10 @@ fn main() -> ExitCode {
         },
         Command::Route { user, config } => match config::load(&config) {
             Ok(c) => {
-                for (n, i) in imapgate::route::backends_for(&c, &user).into_iter().enumerate() {
+                for (n, i) in imapgate::route::backends_for(&c, &user)
+                    .into_iter()
+                    .enumerate()
+                {
                     let b = &c.backends[i];
                     println!("{}\t{}\t{}", n + 1, b.name, b.address);
                 }
@@ -90,7 +93,9 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     if path.is_none() {
-        info!("no --config given: running on the embedded default (listen 127.0.0.1:1143, backend 127.0.0.1:143)");
+        info!(
+            "no --config given: running on the embedded default (listen 127.0.0.1:1143, backend 127.0.0.1:143)"
+        );
     } else {
         info!(config = %config.source, "configuration loaded");
     }
@@ -130,7 +135,8 @@ fn raise_fd_limit() {
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             let wanted = libc::rlimit {
                 rlim_cur: limit.rlim_max,
                 rlim_max: limit.rlim_max,

@@ -77,7 +77,11 @@ mod tests {
                 .collect()
         };
         // The value Python's `xxhash.xxh3_64_intdigest(b"mail1\0alice")` gives.
-        assert_eq!(xxh3_64(b"mail1\0alice"), 0x73d1_1e83_0e26_042b_u64, "xxh3 changed");
+        assert_eq!(
+            xxh3_64(b"mail1\0alice"),
+            0x73d1_1e83_0e26_042b_u64,
+            "xxh3 changed"
+        );
         let golden = [
             ("alice", ["mail3", "mail2", "mail1"]),
             ("bob", ["mail1", "mail3", "mail2"]),
@@ -118,7 +122,10 @@ mod tests {
         );
         let mut big = 0;
         for n in 0..10_000 {
-            match c.backends[backends_for(&c, &format!("u{n}"))[0]].name.as_str() {
+            match c.backends[backends_for(&c, &format!("u{n}"))[0]]
+                .name
+                .as_str()
+            {
                 "big" => big += 1,
                 "small" => {}
                 other => panic!("weight 0 backend {other} got a user"),

@@ -72,7 +72,11 @@ pub async fn serve(mut client: TcpStream, session: Session) {
     };
     let authenticated = match prelogin {
         Err(_elapsed) => {
-            last_word(&mut client, &response::bye("", "Autologout; idle for too long.")).await;
+            last_word(
+                &mut client,
+                &response::bye("", "Autologout; idle for too long."),
+            )
+            .await;
             return end_before_login(&session, started, "prelogin_timeout");
         }
         Ok(Err(error)) => {

@@ -20,10 +20,10 @@
 use std::io;
 
 use imap_codec::CommandCodec;
-use tokio::io::{AsyncRead, AsyncReadExt};
 use imap_codec::decode::{CommandDecodeError, Decoder};
 use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::{AString, IString, LiteralMode};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::secret::Secret;
 
@@ -49,7 +49,9 @@ pub enum PreloginCommand {
         initial_response: Option<Secret<Vec<u8>>>,
     },
     /// A valid IMAP command that needs a logged-in session.
-    NeedsLogin { name: &'static str },
+    NeedsLogin {
+        name: &'static str,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -219,12 +221,15 @@ impl CommandReader {
 /// The tag of a line we could not parse, if it starts with something tag-shaped, so the BAD
 /// goes to the right command.
 fn tag_of(buf: &[u8]) -> Option<String> {
-    let end = buf.iter().position(|&c| c == b' ' || c == b'\r' || c == b'\n')?;
+    let end = buf
+        .iter()
+        .position(|&c| c == b' ' || c == b'\r' || c == b'\n')?;
     let tag = &buf[..end];
     let ok = !tag.is_empty()
         && tag.len() <= 64
         && tag.iter().all(|&c| {
-            c.is_ascii_graphic() && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
+            c.is_ascii_graphic()
+                && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
         });
     ok.then(|| String::from_utf8_lossy(tag).into_owned())
 }
@@ -300,7 +305,11 @@ mod tests {
         let mut steps = Vec::new();
         for segment in segments {
             if segment == b"<wait>" {
-                assert_eq!(steps.last(), Some(&Step::SendContinuation), "{input:?} chunk {chunk}");
+                assert_eq!(
+                    steps.last(),
+                    Some(&Step::SendContinuation),
+                    "{input:?} chunk {chunk}"
+                );
                 continue;
             }
             for piece in segment.chunks(chunk.max(1)) {
@@ -334,12 +343,32 @@ mod tests {
     fn every_login_form() {
         let cases: &[(&[u8], &[u8], &[u8], usize)] = &[
             (b"a1 LOGIN alice secret\r\n", b"alice", b"secret", 0),
-            (b"a1 login \"alice\" \"s p\\\"q\\\\\"\r\n", b"alice", b"s p\"q\\", 0),
-            (b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n", b"alice", b"secret", 2),
-            (b"a1 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n", b"alice", b"secret", 0),
+            (
+                b"a1 login \"alice\" \"s p\\\"q\\\\\"\r\n",
+                b"alice",
+                b"s p\"q\\",
+                0,
+            ),
+            (
+                b"a1 LOGIN {5}\r\nalice {6}\r\nsecret\r\n",
+                b"alice",
+                b"secret",
+                2,
+            ),
+            (
+                b"a1 LOGIN {5+}\r\nalice {6+}\r\nsecret\r\n",
+                b"alice",
+                b"secret",
+                0,
+            ),
             (b"a1 LOGIN alice {0}\r\n\r\n", b"alice", b"", 1),
             (b"a1 LOGIN alice {4}\r\na\r\nb\r\n", b"alice", b"a\r\nb", 1),
-            (b"a1 LOGIN alice \"p\xc3\xa4ss\"\r\n", b"alice", "päss".as_bytes(), 0),
+            (
+                b"a1 LOGIN alice \"p\xc3\xa4ss\"\r\n",
+                b"alice",
+                "päss".as_bytes(),
+                0,
+            ),
             (b"a1 LOGIN alice secret\n", b"alice", b"secret", 0),
         ];
         for &(input, user, password, continuations) in cases {
@@ -371,7 +400,9 @@ mod tests {
     #[test]
     fn authenticate_with_and_without_ir() {
         let mut r = reader();
-        r.feed(b"x AUTHENTICATE plain AGEAYg==\r\ny AUTHENTICATE PLAIN\r\nz AUTHENTICATE PLAIN =\r\n");
+        r.feed(
+            b"x AUTHENTICATE plain AGEAYg==\r\ny AUTHENTICATE PLAIN\r\nz AUTHENTICATE PLAIN =\r\n",
+        );
         let auth = |tag: &str, ir: Option<&[u8]>| {
             Step::Command(Parsed {
                 tag: tag.into(),
@@ -390,7 +421,12 @@ mod tests {
     fn simple_commands_and_login_required() {
         let mut r = reader();
         r.feed(b"1 CAPABILITY\r\n2 noop\r\n3 ID (\"name\" \"mutt\" \"version\" NIL)\r\n4 SELECT INBOX\r\n5 LOGOUT\r\n");
-        let cmd = |tag: &str, command| Step::Command(Parsed { tag: tag.into(), command });
+        let cmd = |tag: &str, command| {
+            Step::Command(Parsed {
+                tag: tag.into(),
+                command,
+            })
+        };
         assert_eq!(r.step(), cmd("1", PreloginCommand::Capability));
         assert_eq!(r.step(), cmd("2", PreloginCommand::Noop));
         assert_eq!(
@@ -403,7 +439,10 @@ mod tests {
                 ]))
             )
         );
-        assert_eq!(r.step(), cmd("4", PreloginCommand::NeedsLogin { name: "SELECT" }));
+        assert_eq!(
+            r.step(),
+            cmd("4", PreloginCommand::NeedsLogin { name: "SELECT" })
+        );
         assert_eq!(r.step(), cmd("5", PreloginCommand::Logout));
         assert_eq!(r.step(), Step::NeedMore);
     }
@@ -412,7 +451,12 @@ mod tests {
     fn garbage_gets_bad_with_its_tag_and_reading_goes_on() {
         let mut r = reader();
         r.feed(b"t1 FROB\r\n\x01\x02garbage\r\nt2 NOOP\r\n");
-        assert_eq!(r.step(), Step::Bad { tag: Some("t1".into()) });
+        assert_eq!(
+            r.step(),
+            Step::Bad {
+                tag: Some("t1".into())
+            }
+        );
         assert_eq!(r.step(), Step::Bad { tag: None });
         assert!(matches!(r.step(), Step::Command(Parsed { tag, .. }) if tag == "t2"));
     }

@@ -157,19 +157,37 @@ mod tests {
 
     #[test]
     fn login_refuses_nul() {
-        let ok = Credentials::from_login(Mechanism::Login, b"u".to_vec(), Secret::new(b"p w".to_vec()));
+        let ok = Credentials::from_login(
+            Mechanism::Login,
+            b"u".to_vec(),
+            Secret::new(b"p w".to_vec()),
+        );
         assert!(ok.is_ok());
-        let nul = Credentials::from_login(Mechanism::Login, b"u".to_vec(), Secret::new(b"p\0w".to_vec()));
+        let nul = Credentials::from_login(
+            Mechanism::Login,
+            b"u".to_vec(),
+            Secret::new(b"p\0w".to_vec()),
+        );
         assert!(nul.is_err());
-        let nul = Credentials::from_login(Mechanism::Login, b"u\0x".to_vec(), Secret::new(b"p".to_vec()));
+        let nul = Credentials::from_login(
+            Mechanism::Login,
+            b"u\0x".to_vec(),
+            Secret::new(b"p".to_vec()),
+        );
         assert!(nul.is_err());
     }
 
     #[test]
     fn lines() {
         assert_eq!(decode_line(b"*"), Ok(SaslLine::Cancel));
-        assert_eq!(decode_line(b"dXNlcg=="), Ok(SaslLine::Response(Secret::new(b"user".to_vec()))));
-        assert_eq!(decode_line(b"="), Ok(SaslLine::Response(Secret::new(vec![]))));
+        assert_eq!(
+            decode_line(b"dXNlcg=="),
+            Ok(SaslLine::Response(Secret::new(b"user".to_vec())))
+        );
+        assert_eq!(
+            decode_line(b"="),
+            Ok(SaslLine::Response(Secret::new(vec![])))
+        );
         assert!(decode_line(b"not base64!").is_err());
     }
 }

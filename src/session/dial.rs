@@ -41,7 +41,9 @@ pub struct LoggedIn {
 pub enum LoginOutcome {
     LoggedIn(LoggedIn),
     /// The backend said NO or BAD; `tagged_rest` is its answer without the tag.
-    Rejected { tagged_rest: Vec<u8> },
+    Rejected {
+        tagged_rest: Vec<u8>,
+    },
 }
 
 /// Why a backend could not be used. Never carries credentials.
@@ -106,9 +108,11 @@ async fn greet_and_login(
     let mut untagged = Vec::new();
     let parts = match credentials.mechanism {
         Mechanism::Plain => plain_command(credentials, has("SASL-IR")),
-        Mechanism::Login | Mechanism::SaslLogin => {
-            login_command(credentials.user.as_bytes(), credentials.password.expose(), has("LITERAL+"))
-        }
+        Mechanism::Login | Mechanism::SaslLogin => login_command(
+            credentials.user.as_bytes(),
+            credentials.password.expose(),
+            has("LITERAL+"),
+        ),
     };
     // Each part but the last ends where the backend must say "+" before we go on.
     let last = parts.len() - 1;
@@ -117,12 +121,18 @@ async fn greet_and_login(
         if i == last {
             break;
         }
-        match conn.read_until_tagged_or_continuation(&mut untagged).await? {
+        match conn
+            .read_until_tagged_or_continuation(&mut untagged)
+            .await?
+        {
             Answer::Continuation => {}
             Answer::Tagged(rest) => return Ok(LoginOutcome::Rejected { tagged_rest: rest }),
         }
     }
-    match conn.read_until_tagged_or_continuation(&mut untagged).await? {
+    match conn
+        .read_until_tagged_or_continuation(&mut untagged)
+        .await?
+    {
         Answer::Tagged(rest) if rest.starts_with(b"OK") => Ok(LoginOutcome::LoggedIn(LoggedIn {
             stream: conn.stream,
             untagged,
@@ -155,7 +165,9 @@ impl BackendConn {
                 return Ok(self.buf.drain(..=i).collect());
             }
             if self.buf.len() > LINE_MAX {
-                return Err(DialError::Protocol(format!("line longer than {LINE_MAX} octets")));
+                return Err(DialError::Protocol(format!(
+                    "line longer than {LINE_MAX} octets"
+                )));
             }
             let mut chunk = [0u8; 4096];
             let n = self.stream.read(&mut chunk).await?;
@@ -175,14 +187,19 @@ impl BackendConn {
             if line.starts_with(b"+") {
                 return Ok(Answer::Continuation);
             }
-            if let Some(rest) = line.strip_prefix(TAG.as_bytes()).and_then(|r| r.strip_prefix(b" ")) {
+            if let Some(rest) = line
+                .strip_prefix(TAG.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            {
                 return Ok(Answer::Tagged(rest.to_vec()));
             }
             if line.starts_with(b"* BYE") {
                 return Err(DialError::Refused(printable(&line)));
             }
             if untagged.len() + line.len() > LINE_MAX {
-                return Err(DialError::Protocol("too many untagged responses during login".into()));
+                return Err(DialError::Protocol(
+                    "too many untagged responses during login".into(),
+                ));
             }
             untagged.extend_from_slice(&line);
         }
@@ -268,7 +285,11 @@ fn quotable(value: &[u8]) -> bool {
 /// A backend line for a log message: control characters escaped, cut at 200 characters.
 fn printable(line: &[u8]) -> String {
     let text = String::from_utf8_lossy(line);
-    text.trim_end().chars().take(200).flat_map(char::escape_default).collect()
+    text.trim_end()
+        .chars()
+        .take(200)
+        .flat_map(char::escape_default)
+        .collect()
 }
 
 #[cfg(test)]
@@ -302,7 +323,14 @@ mod tests {
     #[test]
     fn capabilities_from_greeting() {
         let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+] ready\r\n");
-        assert_eq!(caps, Some(vec!["IMAP4rev1".into(), "SASL-IR".into(), "LITERAL+".into()]));
+        assert_eq!(
+            caps,
+            Some(vec![
+                "IMAP4rev1".into(),
+                "SASL-IR".into(),
+                "LITERAL+".into()
+            ])
+        );
         assert_eq!(capabilities_in(b"* OK ready\r\n"), None);
     }
 }

@@ -74,19 +74,31 @@ where
                 continue;
             }
             Step::SendContinuation => {
-                client.write_all(&response::continuation("Ready for literal data")).await?;
+                client
+                    .write_all(&response::continuation("Ready for literal data"))
+                    .await?;
                 continue;
             }
             Step::Bad { tag } => {
                 let tag = tag.as_deref().unwrap_or("*");
                 client
-                    .write_all(&response::tagged(tag, Status::Bad, "", "Syntax error in command."))
+                    .write_all(&response::tagged(
+                        tag,
+                        Status::Bad,
+                        "",
+                        "Syntax error in command.",
+                    ))
                     .await?;
                 continue;
             }
             Step::LiteralRefused { tag } => {
                 client
-                    .write_all(&response::tagged(&tag, Status::Bad, "LIMIT", "Literal too large."))
+                    .write_all(&response::tagged(
+                        &tag,
+                        Status::Bad,
+                        "LIMIT",
+                        "Literal too large.",
+                    ))
                     .await?;
                 continue;
             }
@@ -130,7 +142,9 @@ where
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Noop => {
-            client.write_all(&answer(Status::Ok, "", "NOOP completed.")).await?;
+            client
+                .write_all(&answer(Status::Ok, "", "NOOP completed."))
+                .await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Logout => {
@@ -148,15 +162,23 @@ where
             {
                 debug!(session = %session.id, client_name = %name.escape_default(), "client ID");
             }
-            let mut out = format!("* ID ({} {})\r\n", response::quoted("name"), response::quoted("imapgate"))
-                .into_bytes();
+            let mut out = format!(
+                "* ID ({} {})\r\n",
+                response::quoted("name"),
+                response::quoted("imapgate")
+            )
+            .into_bytes();
             out.extend(answer(Status::Ok, "", "ID completed."));
             client.write_all(&out).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::StartTls => {
             client
-                .write_all(&answer(Status::Bad, "", "STARTTLS is not offered on this listener."))
+                .write_all(&answer(
+                    Status::Bad,
+                    "",
+                    "STARTTLS is not offered on this listener.",
+                ))
                 .await?;
             return Ok(Ok(Attempt::Answered));
         }
@@ -183,7 +205,11 @@ where
             }
             Sasl::Unsupported => {
                 client
-                    .write_all(&answer(Status::No, "", "Unsupported authentication mechanism."))
+                    .write_all(&answer(
+                        Status::No,
+                        "",
+                        "Unsupported authentication mechanism.",
+                    ))
                     .await?;
                 return Ok(Ok(Attempt::Answered));
             }
@@ -196,7 +222,9 @@ where
     let credentials = match credentials {
         Ok(c) => c,
         Err(why) => {
-            client.write_all(&answer(Status::Bad, "CLIENTBUG", why)).await?;
+            client
+                .write_all(&answer(Status::Bad, "CLIENTBUG", why))
+                .await?;
             return Ok(Ok(Attempt::Failed));
         }
     };

@@ -15,14 +15,19 @@ async fn proxy_with_message(user: &str, password: &str, subject: &str) -> Option
     let message = format!("From: t@example.net\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n");
     let mut c = proxy.connect().await;
     c.login(user, password).await;
-    c.send(format!("a APPEND INBOX {{{}+}}\r\n{message}\r\n", message.len())).await;
+    c.send(format!(
+        "a APPEND INBOX {{{}+}}\r\n{message}\r\n",
+        message.len()
+    ))
+    .await;
     assert!(c.until_tagged("a").await.1.starts_with("a OK"));
     Some((b1, proxy))
 }
 
 #[tokio::test]
 async fn async_imap_client() {
-    let Some((_b1, proxy)) = proxy_with_message("alice", "alice-secret", "from-async-imap").await else {
+    let Some((_b1, proxy)) = proxy_with_message("alice", "alice-secret", "from-async-imap").await
+    else {
         return;
     };
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -64,18 +69,36 @@ async fn curl_fetches_through_imapgate() {
     };
     let port = proxy.addr.port();
     // The README's command: list the mailbox.
-    let out = run(Command::new("curl").args(["-sS", "-v", &format!("imap://bob:bob-secret@127.0.0.1:{port}/INBOX")])).await;
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Command::new("curl").args([
+        "-sS",
+        "-v",
+        &format!("imap://bob:bob-secret@127.0.0.1:{port}/INBOX"),
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // And fetch the message itself.
-    let out = run(Command::new("curl").args(["-sS", &format!("imap://bob:bob-secret@127.0.0.1:{port}/INBOX;UID=1")])).await;
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(Command::new("curl").args([
+        "-sS",
+        &format!("imap://bob:bob-secret@127.0.0.1:{port}/INBOX;UID=1"),
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Subject: from-curl"));
     proxy.stop().await;
 }
 
 #[tokio::test]
 async fn python_imaplib_through_imapgate() {
-    let Some((_b1, proxy)) = proxy_with_message("carol", "carol-secret", "from-python").await else {
+    let Some((_b1, proxy)) = proxy_with_message("carol", "carol-secret", "from-python").await
+    else {
         return;
     };
     let script = r#"
@@ -89,8 +112,13 @@ assert typ == "OK", typ
 sys.stdout.write(data[0][1].decode())
 m.logout()
 "#;
-    let out = run(Command::new("python3").args(["-c", script, &proxy.addr.port().to_string()])).await;
-    assert!(out.status.success(), "python: {}", String::from_utf8_lossy(&out.stderr));
+    let out =
+        run(Command::new("python3").args(["-c", script, &proxy.addr.port().to_string()])).await;
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Subject: from-python"));
     proxy.stop().await;
 }

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 fn files(dir: &str) -> Vec<std::path::PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs").join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/configs")
+        .join(dir);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -32,7 +34,12 @@ fn invalid_configs_name_line_and_field() {
             .lines()
             .next()
             .and_then(|l| l.strip_prefix("# expect: "))
-            .unwrap_or_else(|| panic!("{}: first line must be '# expect: LINE FIELD'", file.display()));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: first line must be '# expect: LINE FIELD'",
+                    file.display()
+                )
+            });
         let (line, field) = expect.split_once(' ').unwrap();
         let error = match imapgate::config::load(&file) {
             Ok(_) => panic!("{} should be invalid", file.display()),
@@ -44,6 +51,10 @@ fn invalid_configs_name_line_and_field() {
             "{}: expected line {line} in {shown:?}",
             file.display()
         );
-        assert!(shown.contains(field), "{}: expected {field:?} in {shown:?}", file.display());
+        assert!(
+            shown.contains(field),
+            "{}: expected {field:?} in {shown:?}",
+            file.display()
+        );
     }
 }

@@ -14,11 +14,22 @@ async fn capability_noop_id_logout() {
     let proxy = Proxy::start(&config(&[("b1", nowhere())], "greeting: Hello there.\n")).await;
     let mut c = proxy.connect().await;
     let greeting = c.line().await.unwrap();
-    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1 ") && greeting.ends_with("Hello there.\r\n"), "{greeting}");
-    assert!(greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"), "{greeting}");
-    c.send("1 capability\r\n2 NOOP\r\n3 ID (\"name\" \"test\")\r\n4 SELECT INBOX\r\n5 LOGOUT\r\n").await;
+    assert!(
+        greeting.starts_with("* OK [CAPABILITY IMAP4rev1 ")
+            && greeting.ends_with("Hello there.\r\n"),
+        "{greeting}"
+    );
+    assert!(
+        greeting.contains("AUTH=PLAIN") && greeting.contains("SASL-IR"),
+        "{greeting}"
+    );
+    c.send("1 capability\r\n2 NOOP\r\n3 ID (\"name\" \"test\")\r\n4 SELECT INBOX\r\n5 LOGOUT\r\n")
+        .await;
     let (untagged, answer) = c.until_tagged("1").await;
-    assert!(untagged[0].starts_with("* CAPABILITY IMAP4rev1"), "{untagged:?}");
+    assert!(
+        untagged[0].starts_with("* CAPABILITY IMAP4rev1"),
+        "{untagged:?}"
+    );
     assert!(answer.starts_with("1 OK"));
     assert!(c.until_tagged("2").await.1.starts_with("2 OK"));
     let (untagged, answer) = c.until_tagged("3").await;
@@ -34,12 +45,20 @@ async fn capability_noop_id_logout() {
 
 #[tokio::test]
 async fn garbage_gets_bad_and_oversized_input_gets_bye_while_others_are_served() {
-    let Some(b1) = dovecot::available().then(|| Dovecot::start("b1")) else { return };
-    let proxy = Proxy::start(&config(&[("b1", b1.address())], "limits: { line_max: 1024, literal_max: 512 }\n")).await;
+    let Some(b1) = dovecot::available().then(|| Dovecot::start("b1")) else {
+        return;
+    };
+    let proxy = Proxy::start(&config(
+        &[("b1", b1.address())],
+        "limits: { line_max: 1024, literal_max: 512 }\n",
+    ))
+    .await;
 
     let mut garbage = proxy.connect().await;
     garbage.line().await.unwrap();
-    garbage.send(b"\x00\x01\x02\xff\xfe\r\nt1 FROBNICATE\r\n").await;
+    garbage
+        .send(b"\x00\x01\x02\xff\xfe\r\nt1 FROBNICATE\r\n")
+        .await;
     assert!(garbage.line().await.unwrap().starts_with("* BAD"));
     assert!(garbage.line().await.unwrap().starts_with("t1 BAD"));
 
@@ -47,7 +66,10 @@ async fn garbage_gets_bad_and_oversized_input_gets_bye_while_others_are_served()
     literal.line().await.unwrap();
     literal.send("t2 LOGIN {100000}\r\n").await;
     let answer = literal.line().await.unwrap();
-    assert!(answer.starts_with("t2 BAD [LIMIT]"), "a sync literal over the cap is refused: {answer}");
+    assert!(
+        answer.starts_with("t2 BAD [LIMIT]"),
+        "a sync literal over the cap is refused: {answer}"
+    );
 
     let mut long = proxy.connect().await;
     long.line().await.unwrap();
@@ -71,7 +93,11 @@ async fn garbage_gets_bad_and_oversized_input_gets_bye_while_others_are_served()
 
 #[tokio::test]
 async fn prelogin_timeout_says_bye() {
-    let proxy = Proxy::start(&config(&[("b1", nowhere())], "timeouts: { prelogin: 300ms }\n")).await;
+    let proxy = Proxy::start(&config(
+        &[("b1", nowhere())],
+        "timeouts: { prelogin: 300ms }\n",
+    ))
+    .await;
     let mut c = proxy.connect().await;
     c.line().await.unwrap();
     let rest = c.rest().await;
@@ -97,7 +123,10 @@ async fn per_ip_cap_refuses_with_bye_limit() {
         if d.line().await.unwrap_or_default().starts_with("* OK") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the place was never given back");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never given back"
+        );
         tokio::task::yield_now().await;
     }
     proxy.stop().await;

@@ -16,7 +16,8 @@ async fn pipelined_login_select_fetch() {
     // Put one message in erin's INBOX first.
     let mut c = proxy.connect().await;
     c.login("erin", "erin-secret").await;
-    c.send("a APPEND INBOX {19}\r\nSubject: pipe\r\n\r\nhi\r\n").await;
+    c.send("a APPEND INBOX {19}\r\nSubject: pipe\r\n\r\nhi\r\n")
+        .await;
     assert!(c.line().await.unwrap().starts_with("+"));
     assert!(c.until_tagged("a").await.1.starts_with("a OK"));
 
@@ -27,10 +28,16 @@ async fn pipelined_login_select_fetch() {
     assert!(c.until_tagged("1").await.1.starts_with("1 OK"));
     let (untagged, answer) = c.until_tagged("2").await;
     assert!(answer.starts_with("2 OK [READ-WRITE]"), "{answer}");
-    assert!(untagged.iter().any(|l| l.contains("EXISTS")), "{untagged:?}");
+    assert!(
+        untagged.iter().any(|l| l.contains("EXISTS")),
+        "{untagged:?}"
+    );
     let (untagged, answer) = c.until_tagged("3").await;
     assert!(answer.starts_with("3 OK"), "{answer}");
-    assert!(untagged.iter().any(|l| l.contains("Subject: pipe")), "{untagged:?}");
+    assert!(
+        untagged.iter().any(|l| l.contains("Subject: pipe")),
+        "{untagged:?}"
+    );
     let rest = c.rest().await;
     assert!(rest.contains("4 OK"), "{rest:?}");
     proxy.stop().await;
@@ -46,12 +53,16 @@ async fn ten_mib_append_and_fetch_are_byte_exact() {
     while message.len() < 10 * 1024 * 1024 {
         // Printable pseudo-random lines, with IMAP-looking text inside, to tempt any parser.
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        let line = format!("{x:08x} a1 OK {{5}} * BYE {}\r\n", "z".repeat((x % 60) as usize));
+        let line = format!(
+            "{x:08x} a1 OK {{5}} * BYE {}\r\n",
+            "z".repeat((x % 60) as usize)
+        );
         message.extend_from_slice(line.as_bytes());
     }
     let mut c = proxy.connect().await;
     c.login("dave", "dave-secret").await;
-    c.send(format!("a APPEND INBOX {{{}}}\r\n", message.len())).await;
+    c.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()))
+        .await;
     assert!(c.line().await.unwrap().starts_with("+"));
     c.send(&message).await;
     c.send("\r\n").await;
@@ -60,9 +71,15 @@ async fn ten_mib_append_and_fetch_are_byte_exact() {
     assert!(c.until_tagged("s").await.1.starts_with("s OK"));
     let header = c.line().await.unwrap();
     let size = format!("{{{}}}\r\n", message.len());
-    assert!(header.starts_with("* 1 FETCH") && header.ends_with(&size), "{header:?}");
+    assert!(
+        header.starts_with("* 1 FETCH") && header.ends_with(&size),
+        "{header:?}"
+    );
     let body = c.bytes(message.len()).await;
-    assert!(body == message, "the fetched body differs from the appended one");
+    assert!(
+        body == message,
+        "the fetched body differs from the appended one"
+    );
     assert!(c.until_tagged("f").await.1.starts_with("f OK"));
     proxy.stop().await;
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use imapgate::shutdown::Shutdown;
 use imapgate::BoundListener;
+use imapgate::shutdown::Shutdown;
 
 /// Every wait in a test has this deadline, so a hang fails instead of blocking CI.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -27,7 +27,10 @@ impl Proxy {
     /// `yaml` is a whole config; its listeners are ignored (the test binds its own).
     pub async fn start(yaml: &str) -> Proxy {
         init_logs();
-        let config = Arc::new(imapgate::config::parse(yaml, "test config").expect("valid test config"));
+        let mut config = imapgate::config::parse(yaml, "test config").expect("valid test config");
+        // Tests stop the proxy while their clients are still logged in.
+        config.timeouts.shutdown_grace = Duration::from_millis(200);
+        let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = Shutdown::new();
@@ -163,7 +166,8 @@ impl Raw {
     pub async fn login(&mut self, user: &str, password: &str) {
         let greeting = self.line().await.expect("greeting");
         assert!(greeting.starts_with("* OK"), "{greeting}");
-        self.send(format!("l1 LOGIN {user} \"{password}\"\r\n")).await;
+        self.send(format!("l1 LOGIN {user} \"{password}\"\r\n"))
+            .await;
         let (_, answer) = self.until_tagged("l1").await;
         assert!(answer.starts_with("l1 OK"), "{answer}");
     }
@@ -179,7 +183,11 @@ impl Raw {
             .map(|n| n.trim_matches('"'))
             .filter_map(|n| n.strip_prefix("Backend-"))
             .collect();
-        assert_eq!(names.len(), 1, "exactly one Backend-* mailbox: {untagged:?}");
+        assert_eq!(
+            names.len(),
+            1,
+            "exactly one Backend-* mailbox: {untagged:?}"
+        );
         names[0].to_string()
     }
 

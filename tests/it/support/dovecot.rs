@@ -48,7 +48,9 @@ pub fn available() -> bool {
         if std::env::var_os("CI").is_some() {
             panic!("Dovecot is not installed but CI is set: install dovecot-imapd");
         }
-        eprintln!("\n!!!!! SKIPPED: Dovecot (dovecot-imapd) is not installed; this test did not run !!!!!\n");
+        eprintln!(
+            "\n!!!!! SKIPPED: Dovecot (dovecot-imapd) is not installed; this test did not run !!!!!\n"
+        );
     }
     found
 }
@@ -73,7 +75,8 @@ impl Dovecot {
             .tempdir_in("/tmp")
             .map_err(|e| e.to_string())?;
         let root = dir.path();
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
         let port = free_port();
         let conf = TEMPLATE
             .replace("@DIR@", &root.display().to_string())
@@ -178,10 +181,7 @@ fn free_port() -> u16 {
 
 fn make_maildir(home: &Path, backend: &str) -> std::io::Result<()> {
     let maildir = home.join("Maildir");
-    for d in [
-        maildir.clone(),
-        maildir.join(format!(".Backend-{backend}")),
-    ] {
+    for d in [maildir.clone(), maildir.join(format!(".Backend-{backend}"))] {
         for sub in ["cur", "new", "tmp"] {
             std::fs::create_dir_all(d.join(sub))?;
         }
