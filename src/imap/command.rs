@@ -70,6 +70,10 @@ pub enum Step {
     TooLong,
 }
 
+/// A SASL response line over `line_max`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LineTooLong;
+
 pub struct CommandReader {
     buf: Vec<u8>,
     line_max: usize,
@@ -200,8 +204,8 @@ impl CommandReader {
         }
     }
 
-    /// One line for an AUTHENTICATE exchange, without its line end. `Err` when it is too long.
-    pub fn take_line(&mut self) -> Result<Option<Vec<u8>>, ()> {
+    /// One line for an AUTHENTICATE exchange, without its line end.
+    pub fn take_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
         match memchr::memchr(b'\n', &self.buf) {
             Some(i) => {
                 let mut line: Vec<u8> = self.buf.drain(..=i).collect();
@@ -212,7 +216,7 @@ impl CommandReader {
                 self.reset_command();
                 Ok(Some(line))
             }
-            None if self.buf.len() > self.line_max => Err(()),
+            None if self.buf.len() > self.line_max => Err(LineTooLong),
             None => Ok(None),
         }
     }
@@ -341,7 +345,9 @@ mod tests {
 
     #[test]
     fn every_login_form() {
-        let cases: &[(&[u8], &[u8], &[u8], usize)] = &[
+        // (input, user, password, continuations the client waits for)
+        type Case = (&'static [u8], &'static [u8], &'static [u8], usize);
+        let cases: &[Case] = &[
             (b"a1 LOGIN alice secret\r\n", b"alice", b"secret", 0),
             (
                 b"a1 login \"alice\" \"s p\\\"q\\\\\"\r\n",
@@ -515,6 +521,6 @@ mod tests {
         assert_eq!(r.take_line(), Ok(Some(b"*".to_vec())));
         assert_eq!(r.take_line(), Ok(None));
         r.feed(&vec![b'A'; 1100]);
-        assert_eq!(r.take_line(), Err(()));
+        assert_eq!(r.take_line(), Err(LineTooLong));
     }
 }

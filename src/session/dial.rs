@@ -250,12 +250,12 @@ fn plain_command(credentials: &Credentials, sasl_ir: bool) -> Vec<Vec<u8>> {
 
 /// `ig1 LOGIN user password`, split after every synchronizing literal.
 pub fn login_command(user: &[u8], password: &[u8], literal_plus: bool) -> Vec<Vec<u8>> {
-    let mut parts = vec![format!("{TAG} LOGIN ").into_bytes()];
+    let mut parts = Vec::new();
+    let mut current = format!("{TAG} LOGIN ").into_bytes();
     for (i, value) in [user, password].into_iter().enumerate() {
         if i == 1 {
-            parts.last_mut().map(|p| p.push(b' '));
+            current.push(b' ');
         }
-        let current = parts.last_mut().expect("parts is never empty");
         if quotable(value) {
             current.push(b'"');
             for &c in value {
@@ -270,10 +270,12 @@ pub fn login_command(user: &[u8], password: &[u8], literal_plus: bool) -> Vec<Ve
             current.extend_from_slice(value);
         } else {
             current.extend_from_slice(format!("{{{}}}\r\n", value.len()).as_bytes());
-            parts.push(value.to_vec());
+            parts.push(std::mem::take(&mut current));
+            current.extend_from_slice(value);
         }
     }
-    parts.last_mut().map(|p| p.extend_from_slice(b"\r\n"));
+    current.extend_from_slice(b"\r\n");
+    parts.push(current);
     parts
 }
 

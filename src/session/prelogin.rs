@@ -322,7 +322,7 @@ where
                     return Ok(Err(Sasl::ClientGone));
                 }
             }
-            Err(()) => return Ok(Err(Sasl::TooLong)),
+            Err(_too_long) => return Ok(Err(Sasl::TooLong)),
         }
     }
 }

@@ -34,14 +34,13 @@ const TEMPLATE: &str = include_str!("dovecot.conf");
 const MAIL_UID: u32 = 8;
 
 pub struct Dovecot {
-    pub name: String,
     pub port: u16,
     dir: tempfile::TempDir,
     child: Child,
 }
 
-/// Returns `None` (after a loud message) when Dovecot is not installed, and panics instead when
-/// `CI` is set: CI must run every Dovecot test.
+/// Whether Dovecot is installed. When it is not: a loud message and `false` (the test returns
+/// early), or a panic when `CI` is set, since CI must run every Dovecot test.
 pub fn available() -> bool {
     let found = Path::new("/usr/sbin/dovecot").exists();
     if !found {
@@ -101,12 +100,7 @@ impl Dovecot {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run dovecot: {e}"))?;
-        let mut d = Dovecot {
-            name: name.to_string(),
-            port,
-            dir,
-            child,
-        };
+        let mut d = Dovecot { port, dir, child };
         d.wait_ready()?;
         Ok(d)
     }
