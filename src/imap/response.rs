@@ -3,8 +3,7 @@
 
 /// Capabilities imapgate offers before login. After login the backend's list (sent in the
 /// tagged OK's `[CAPABILITY ...]` code) replaces it.
-pub const PRELOGIN_CAPABILITIES: &str =
-    "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
+pub const PRELOGIN_CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
 
 pub fn greeting(text: &str) -> Vec<u8> {
     format!("* OK [CAPABILITY {PRELOGIN_CAPABILITIES}] {text}\r\n").into_bytes()
