@@ -524,3 +524,45 @@ mod tests {
         assert_eq!(r.take_line(), Err(LineTooLong));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn imapish() -> impl Strategy<Value = Vec<u8>> {
+        // Random bytes, salted with the pieces that steer the parser.
+        let piece = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..20),
+            Just(b"a LOGIN ".to_vec()),
+            Just(b"{5}\r\n".to_vec()),
+            Just(b"{3+}\r\n".to_vec()),
+            Just(b"{99999}\r\n".to_vec()),
+            Just(b"\"q\\\"\" ".to_vec()),
+            Just(b"\r\n".to_vec()),
+            Just(b"b AUTHENTICATE PLAIN ".to_vec()),
+            Just(b"c ID (\"k\" NIL)\r\n".to_vec()),
+        ];
+        proptest::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        /// Whatever a client sends, in whatever pieces: no panic, and the buffer never holds
+        /// more than the caps allow.
+        #[test]
+        fn any_input_is_bounded_and_never_panics(input in imapish(), chunk in 1usize..64) {
+            let mut r = CommandReader::new(1024, 600);
+            for piece in input.chunks(chunk) {
+                r.feed(piece);
+                loop {
+                    prop_assert!(r.buf.len() <= 1024 + 600 + 2 + chunk);
+                    match r.step() {
+                        Step::NeedMore | Step::SendContinuation => break,
+                        Step::TooLong => return Ok(()),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
