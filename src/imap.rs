@@ -3,4 +3,5 @@
 pub mod command;
 pub mod response;
 pub mod sasl;
+pub mod scan;
 pub mod secret;

@@ -1,0 +1,671 @@
+//! The relay's observer: reads the line parts of both directions as they pass, and reports each
+//! command's name and how it completed. It never copies, changes or delays a byte, and it never
+//! looks inside a literal: literal octets are skipped by count.
+//!
+//! ```text
+//!            client → backend                           backend → client
+//!  "t1 UID FETCH 1:* (BODY[])" CRLF   ─► in flight ─►  "* 1 FETCH (BODY[] {52841}" CRLF <52841 octets> ")" CRLF
+//!                                        [t1, UID FETCH] "t1 OK done" CRLF ─► completed(UID FETCH, ok, latency)
+//! ```
+//!
+//! Framing is the same in both directions: a *logical line* (a command, a response) is physical
+//! lines joined by literals. A physical line that ends in `{n}`, `{n+}` or `~{n}` is followed by
+//! n octets, then the logical line goes on. Only the head of a logical line (its first
+//! `HEAD_MAX` octets) is kept, in a fixed array; the rest is passed over with memchr.
+//!
+//! What the two directions share (`Shared`), with why:
+//! - a client's synchronizing `{n}` is followed by octets only after the backend's `+`; if the
+//!   backend answers the command with NO/BAD instead, no octets come. The client side counts the
+//!   backend's continuations to tell which happened. (The client cannot send before it has the
+//!   `+`, and the backend side sees the `+` before the client does, so the count is up to date.)
+//! - lines the client sends inside AUTHENTICATE or after IDLE (`DONE`) are not commands;
+//! - COMPRESS=DEFLATE: after the backend's OK both directions are DEFLATE streams. imapgate does
+//!   not inflate; from then on it counts bytes only (see the README).
+//! - the in-flight table: tag → command, bounded at `IN_FLIGHT_MAX` (a client that pipelines
+//!   without reading cannot grow it; the oldest entries are dropped as `unfinished`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::session::relay::Tap;
+
+/// Octets of a logical line's start that are kept: enough for a tag and `UID FETCH`.
+const HEAD_MAX: usize = 64;
+/// Octets kept from the end of an unfinished physical line, to find `{n}` across reads.
+const TAIL_MAX: usize = 24;
+/// Commands in flight per session before the oldest are given up.
+pub const IN_FLIGHT_MAX: usize = 128;
+/// Longest tag tracked; a longer one is still relayed, but its command is not timed.
+const TAG_MAX: usize = 32;
+
+/// Command names with a metric of their own: RFC 9051 and RFC 3501 plus common extensions.
+/// Anything else is `other`. Index 0 is `other`.
+pub const COMMAND_NAMES: &[&str] = &[
+    "other",
+    "APPEND",
+    "AUTHENTICATE",
+    "CAPABILITY",
+    "CHECK",
+    "CLOSE",
+    "COMPRESS",
+    "COPY",
+    "CREATE",
+    "DELETE",
+    "DELETEACL",
+    "ENABLE",
+    "EXAMINE",
+    "EXPUNGE",
+    "FETCH",
+    "GETACL",
+    "GETMETADATA",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "ID",
+    "IDLE",
+    "LIST",
+    "LISTRIGHTS",
+    "LOGIN",
+    "LOGOUT",
+    "LSUB",
+    "MOVE",
+    "MYRIGHTS",
+    "NAMESPACE",
+    "NOOP",
+    "NOTIFY",
+    "RENAME",
+    "SEARCH",
+    "SELECT",
+    "SETACL",
+    "SETMETADATA",
+    "SETQUOTA",
+    "SORT",
+    "STARTTLS",
+    "STATUS",
+    "STORE",
+    "SUBSCRIBE",
+    "THREAD",
+    "UID COPY",
+    "UID EXPUNGE",
+    "UID FETCH",
+    "UID MOVE",
+    "UID SEARCH",
+    "UID SORT",
+    "UID STORE",
+    "UID THREAD",
+    "UNSELECT",
+    "UNSUBSCRIBE",
+    "XLIST",
+];
+
+/// An index into `COMMAND_NAMES`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CommandId(pub u8);
+
+impl CommandId {
+    pub const OTHER: CommandId = CommandId(0);
+
+    pub fn name(self) -> &'static str {
+        COMMAND_NAMES[self.0 as usize]
+    }
+
+    /// Looks up a command name (`first` and, for UID, `second` word), case-insensitively.
+    pub fn lookup(first: &[u8], second: &[u8]) -> CommandId {
+        let mut name = [0u8; 24];
+        let mut len = 0;
+        let mut push = |word: &[u8]| {
+            for &c in word {
+                if len == name.len() {
+                    return false;
+                }
+                name[len] = c.to_ascii_uppercase();
+                len += 1;
+            }
+            true
+        };
+        let fits = if first.eq_ignore_ascii_case(b"UID") {
+            push(first) && push(b" ") && push(second)
+        } else {
+            push(first)
+        };
+        if !fits {
+            return CommandId::OTHER;
+        }
+        let wanted = &name[..len];
+        COMMAND_NAMES
+            .iter()
+            .position(|n| n.as_bytes() == wanted)
+            .map_or(CommandId::OTHER, |i| CommandId(i as u8))
+    }
+
+    fn is(self, name: &str) -> bool {
+        self.name() == name
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Completion {
+    Ok,
+    No,
+    Bad,
+    /// The backend said BYE and closed before completing it.
+    Bye,
+    /// The session ended (or the in-flight table overflowed) before a completion came.
+    Unfinished,
+}
+
+impl Completion {
+    pub const ALL: [Completion; 5] = [
+        Completion::Ok,
+        Completion::No,
+        Completion::Bad,
+        Completion::Bye,
+        Completion::Unfinished,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Completion::Ok => "ok",
+            Completion::No => "no",
+            Completion::Bad => "bad",
+            Completion::Bye => "bye",
+            Completion::Unfinished => "unfinished",
+        }
+    }
+}
+
+/// Where observations go: metrics in the proxy, a list in tests.
+pub trait Sink: Send + Sync {
+    /// A command completed. `latency` is from its last octet leaving the client side to its
+    /// completion arriving; `None` for IDLE (its duration is the client's choice) and for
+    /// commands that never completed.
+    fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>);
+}
+
+#[derive(Clone, Copy)]
+struct InFlight {
+    tag: [u8; TAG_MAX],
+    tag_len: u8,
+    command: CommandId,
+    /// When the command's last octet passed; `None` while it is still being sent.
+    sent: Option<Instant>,
+}
+
+/// State the two directions share; lives as long as the relay.
+pub struct Shared<'a> {
+    sink: &'a dyn Sink,
+    /// Continuation requests (`+ ...`) the backend has sent.
+    continuations: AtomicU64,
+    /// A client AUTHENTICATE exchange is open: client lines are SASL data.
+    sasl_open: AtomicBool,
+    /// The backend accepted COMPRESS: both directions are compressed from here on.
+    compressed: AtomicBool,
+    /// The backend said `* BYE`.
+    bye: AtomicBool,
+    /// Commands sent and not yet completed. Locked once per command and per completion (never
+    /// per chunk), by the two halves of one session that run in one task: never contended.
+    in_flight: Mutex<Vec<InFlight>>,
+}
+
+impl<'a> Shared<'a> {
+    pub fn new(sink: &'a dyn Sink) -> Self {
+        Shared {
+            sink,
+            continuations: AtomicU64::new(0),
+            sasl_open: AtomicBool::new(false),
+            compressed: AtomicBool::new(false),
+            bye: AtomicBool::new(false),
+            in_flight: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.compressed.load(Ordering::Relaxed)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called when the session ends: what is still in flight did not complete.
+    pub fn finish(&self) {
+        let completion = if self.bye.load(Ordering::Relaxed) {
+            Completion::Bye
+        } else {
+            Completion::Unfinished
+        };
+        for entry in self.table().drain(..) {
+            self.sink.command(entry.command, completion, None);
+        }
+    }
+
+    fn start_command(&self, tag: &[u8], command: CommandId) {
+        if tag.len() > TAG_MAX {
+            self.sink.command(command, Completion::Unfinished, None);
+            return;
+        }
+        let mut entry = InFlight {
+            tag: [0; TAG_MAX],
+            tag_len: tag.len() as u8,
+            command,
+            sent: None,
+        };
+        entry.tag[..tag.len()].copy_from_slice(tag);
+        let mut table = self.table();
+        if table.len() >= IN_FLIGHT_MAX {
+            let oldest = table.remove(0);
+            self.sink
+                .command(oldest.command, Completion::Unfinished, None);
+        }
+        table.push(entry);
+    }
+
+    /// The last command started has been sent up to a point where the client waits: its end,
+    /// or a synchronizing literal's announcement (if the backend refuses the literal, that is
+    /// the command's last octet).
+    fn command_sent(&self, at: Instant) {
+        if let Some(last) = self.table().last_mut() {
+            last.sent = Some(at);
+        }
+    }
+
+    fn complete(&self, tag: &[u8], completion: Completion, at: Instant) -> Option<CommandId> {
+        let entry = {
+            let mut table = self.table();
+            let i = table
+                .iter()
+                .position(|e| &e.tag[..e.tag_len as usize] == tag)?;
+            table.remove(i)
+        };
+        let latency = match entry.sent {
+            Some(sent) if !entry.command.is("IDLE") => Some(at.saturating_duration_since(sent)),
+            _ => None,
+        };
+        self.sink.command(entry.command, completion, latency);
+        Some(entry.command)
+    }
+}
+
+/// Line and literal framing, the same for both directions.
+struct Framer {
+    /// Octets of literal still to pass over; 0 in line mode.
+    literal_left: u64,
+    /// In line mode: the current physical line is the first of its logical line.
+    first_physical: bool,
+    /// The current logical line's head is complete (reported).
+    head_done: bool,
+    head: [u8; HEAD_MAX],
+    head_len: usize,
+    tail: [u8; TAIL_MAX],
+    tail_len: usize,
+}
+
+/// What the framer found in a chunk, in order.
+enum Event<'h> {
+    /// The start of a logical line, up to `HEAD_MAX` octets (or its first physical line).
+    Head(&'h [u8]),
+    /// A physical line ended with a literal announcement: `(octets, synchronizing)`.
+    Literal(u64, bool),
+    /// The logical line ended.
+    End,
+}
+
+impl Framer {
+    fn new() -> Self {
+        Framer {
+            literal_left: 0,
+            first_physical: true,
+            head_done: false,
+            head: [0; HEAD_MAX],
+            head_len: 0,
+            tail: [0; TAIL_MAX],
+            tail_len: 0,
+        }
+    }
+
+    /// Walks `bytes`, calling `on` for each event. `on` returns false to stop framing (the
+    /// rest of the stream is not IMAP any more: COMPRESS); the framer then reports how many
+    /// octets it consumed.
+    fn scan(&mut self, mut bytes: &[u8], mut on: impl FnMut(Event<'_>) -> Flow) -> Option<usize> {
+        let total = bytes.len();
+        while !bytes.is_empty() {
+            if self.literal_left > 0 {
+                let skip = self.literal_left.min(bytes.len() as u64) as usize;
+                self.literal_left -= skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            // Copy the start of a logical line into `head` (without consuming: the line scan
+            // below still needs these octets for the line end and the tail).
+            if !self.head_done && self.first_physical {
+                let window = &bytes[..(HEAD_MAX - self.head_len).min(bytes.len())];
+                let line_end = memchr::memchr(b'\n', window);
+                let take = line_end.unwrap_or(window.len());
+                self.head[self.head_len..self.head_len + take].copy_from_slice(&window[..take]);
+                self.head_len += take;
+                if line_end.is_some() || self.head_len == HEAD_MAX {
+                    self.head_done = true;
+                    on(Event::Head(trim_cr(&self.head[..self.head_len])));
+                }
+            }
+            match memchr::memchr(b'\n', bytes) {
+                None => {
+                    self.keep_tail(bytes);
+                    return None;
+                }
+                Some(i) => {
+                    let line = &bytes[..i];
+                    let literal = self.literal_at_end(line);
+                    bytes = &bytes[i + 1..];
+                    self.tail_len = 0;
+                    match literal {
+                        Some((n, sync)) => {
+                            self.first_physical = false;
+                            self.literal_left = n;
+                            if on(Event::Literal(n, sync)) == Flow::Stop {
+                                return Some(total - bytes.len());
+                            }
+                        }
+                        None => {
+                            self.first_physical = true;
+                            self.head_done = false;
+                            self.head_len = 0;
+                            if on(Event::End) == Flow::Stop {
+                                return Some(total - bytes.len());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn keep_tail(&mut self, bytes: &[u8]) {
+        if bytes.len() >= TAIL_MAX {
+            self.tail.copy_from_slice(&bytes[bytes.len() - TAIL_MAX..]);
+            self.tail_len = TAIL_MAX;
+        } else {
+            let keep = (TAIL_MAX - bytes.len()).min(self.tail_len);
+            self.tail
+                .copy_within(self.tail_len - keep..self.tail_len, 0);
+            self.tail[keep..keep + bytes.len()].copy_from_slice(bytes);
+            self.tail_len = keep + bytes.len();
+        }
+    }
+
+    /// `{n}`, `{n+}` or `~{n}` right before the line end (`line` excludes the LF), looking
+    /// into the kept tail when the line began in an earlier chunk.
+    fn literal_at_end(&self, line: &[u8]) -> Option<(u64, bool)> {
+        let mut joined = [0u8; TAIL_MAX * 2];
+        let end: &[u8] = if line.len() >= TAIL_MAX || self.tail_len == 0 {
+            line
+        } else {
+            joined[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+            joined[self.tail_len..self.tail_len + line.len()].copy_from_slice(line);
+            &joined[..self.tail_len + line.len()]
+        };
+        let end = trim_cr(end);
+        let body = end.strip_suffix(b"}")?;
+        let (body, sync) = match body.strip_suffix(b"+") {
+            Some(b) => (b, false),
+            None => (body, true),
+        };
+        let open = body.iter().rposition(|&c| c == b'{')?;
+        let digits = &body[open + 1..];
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        Some((n, sync))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+fn trim_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// `tag SP word1 [SP word2]` from a head.
+fn words(head: &[u8]) -> (&[u8], &[u8], &[u8]) {
+    let mut parts = head.splitn(4, |&c| c == b' ');
+    let tag = parts.next().unwrap_or(b"");
+    let first = parts.next().unwrap_or(b"");
+    let second = parts.next().unwrap_or(b"");
+    (tag, first, second)
+}
+
+/// What the client side is in, beyond framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientMode {
+    Commands,
+    /// A synchronizing literal was announced; octets come only if the backend said `+`
+    /// (the continuation count at the announcement is kept).
+    AwaitingGoAhead {
+        octets: u64,
+        continuations: u64,
+    },
+    /// The next line is IDLE's `DONE` if the backend said `+` (the count at IDLE is kept);
+    /// if it refused IDLE instead, the next line is a command.
+    Idle {
+        continuations: u64,
+    },
+    /// COMPRESS was sent; once the backend accepted it, the stream is compressed.
+    CompressPending,
+    /// Compressed: bytes are counted, not read.
+    Off,
+}
+
+/// Observes client → backend.
+pub struct ClientScanner<'s, 'a> {
+    shared: &'s Shared<'a>,
+    framer: Framer,
+    mode: ClientMode,
+    /// The logical line being read is a command (not SASL data or DONE).
+    in_command: bool,
+    current: CommandId,
+}
+
+impl<'s, 'a> ClientScanner<'s, 'a> {
+    pub fn new(shared: &'s Shared<'a>) -> Self {
+        ClientScanner {
+            shared,
+            framer: Framer::new(),
+            mode: ClientMode::Commands,
+            in_command: false,
+            current: CommandId::OTHER,
+        }
+    }
+
+    pub fn observe(&mut self, mut bytes: &[u8]) {
+        match self.mode {
+            ClientMode::Off => return,
+            ClientMode::CompressPending if !bytes.is_empty() => {
+                if self.shared.is_compressed() {
+                    self.mode = ClientMode::Off;
+                    return;
+                }
+                self.mode = ClientMode::Commands;
+            }
+            ClientMode::AwaitingGoAhead {
+                octets,
+                continuations,
+            } if !bytes.is_empty() => {
+                if self.shared.continuations.load(Ordering::Relaxed) > continuations {
+                    self.framer.literal_left = octets;
+                } else {
+                    // Refused: the backend completed the command instead; a new one starts.
+                    self.framer = Framer::new();
+                    self.in_command = false;
+                }
+                self.mode = ClientMode::Commands;
+            }
+            _ => {}
+        }
+        let shared = self.shared;
+        let mut mode = self.mode;
+        let mut in_command = self.in_command;
+        let mut current = self.current;
+        let consumed = self.framer.scan(bytes, |event| match event {
+            Event::Head(head) => {
+                in_command = false;
+                let continuations_now = shared.continuations.load(Ordering::Relaxed);
+                let idle_done = match mode {
+                    ClientMode::Idle { continuations } => {
+                        mode = ClientMode::Commands;
+                        continuations_now > continuations
+                    }
+                    _ => false,
+                };
+                if !idle_done && !shared.sasl_open.load(Ordering::Relaxed) {
+                    let (tag, first, second) = words(head);
+                    if !tag.is_empty() && !first.is_empty() {
+                        current = CommandId::lookup(first, second);
+                        in_command = true;
+                        shared.start_command(tag, current);
+                    }
+                }
+                Flow::Go
+            }
+            Event::Literal(octets, sync) => {
+                if sync {
+                    if in_command {
+                        shared.command_sent(Instant::now());
+                    }
+                    mode = ClientMode::AwaitingGoAhead {
+                        octets,
+                        continuations: shared.continuations.load(Ordering::Relaxed),
+                    };
+                    return Flow::Stop;
+                }
+                Flow::Go
+            }
+            Event::End => {
+                if in_command {
+                    in_command = false;
+                    shared.command_sent(Instant::now());
+                    if current.is("IDLE") {
+                        mode = ClientMode::Idle {
+                            continuations: shared.continuations.load(Ordering::Relaxed),
+                        };
+                    } else if current.is("AUTHENTICATE") {
+                        shared.sasl_open.store(true, Ordering::Relaxed);
+                    } else if current.is("COMPRESS") {
+                        mode = ClientMode::CompressPending;
+                        return Flow::Stop;
+                    }
+                }
+                Flow::Go
+            }
+        });
+        self.mode = mode;
+        self.in_command = in_command;
+        self.current = current;
+        if let Some(used) = consumed {
+            // Framing stopped mid-chunk: the literal's go-ahead or COMPRESS decide the rest.
+            bytes = &bytes[used..];
+            if !bytes.is_empty() {
+                self.observe(bytes);
+            }
+        }
+    }
+}
+
+/// Observes backend → client.
+pub struct BackendScanner<'s, 'a> {
+    shared: &'s Shared<'a>,
+    framer: Framer,
+    off: bool,
+    /// The tagged response being read completed COMPRESS with OK.
+    compress_accepted: bool,
+}
+
+impl<'s, 'a> BackendScanner<'s, 'a> {
+    pub fn new(shared: &'s Shared<'a>) -> Self {
+        BackendScanner {
+            shared,
+            framer: Framer::new(),
+            off: false,
+            compress_accepted: false,
+        }
+    }
+
+    pub fn observe(&mut self, bytes: &[u8]) {
+        if self.off {
+            return;
+        }
+        let shared = self.shared;
+        let mut compress_accepted = self.compress_accepted;
+        let mut off = false;
+        self.framer.scan(bytes, |event| match event {
+            Event::Head(head) => {
+                let now = Instant::now();
+                if head.first() == Some(&b'+') {
+                    shared.continuations.fetch_add(1, Ordering::Relaxed);
+                } else if head.starts_with(b"* ") {
+                    let (_, word, _) = words(head);
+                    if word.eq_ignore_ascii_case(b"BYE") {
+                        shared.bye.store(true, Ordering::Relaxed);
+                    }
+                } else {
+                    let (tag, word, _) = words(head);
+                    let completion = if word.eq_ignore_ascii_case(b"OK") {
+                        Some(Completion::Ok)
+                    } else if word.eq_ignore_ascii_case(b"NO") {
+                        Some(Completion::No)
+                    } else if word.eq_ignore_ascii_case(b"BAD") {
+                        Some(Completion::Bad)
+                    } else {
+                        None
+                    };
+                    if let Some(completion) = completion {
+                        match shared.complete(tag, completion, now) {
+                            Some(c) if c.is("AUTHENTICATE") => {
+                                shared.sasl_open.store(false, Ordering::Relaxed)
+                            }
+                            Some(c) if c.is("COMPRESS") && completion == Completion::Ok => {
+                                compress_accepted = true;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Flow::Go
+            }
+            Event::Literal(..) => Flow::Go,
+            Event::End => {
+                if compress_accepted {
+                    // The OK line is the last plaintext; the client side learns it here.
+                    shared.compressed.store(true, Ordering::Relaxed);
+                    off = true;
+                    return Flow::Stop;
+                }
+                Flow::Go
+            }
+        });
+        self.compress_accepted = compress_accepted;
+        self.off = off;
+    }
+}
+
+impl Tap for ClientScanner<'_, '_> {
+    fn observe(&mut self, bytes: &[u8]) {
+        ClientScanner::observe(self, bytes);
+    }
+}
+
+impl Tap for BackendScanner<'_, '_> {
+    fn observe(&mut self, bytes: &[u8]) {
+        BackendScanner::observe(self, bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests;
