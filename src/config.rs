@@ -11,12 +11,13 @@ use std::path::Path;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use runtime::{Backend, Config, Limits, ListenerConfig, Routing, Timeouts};
+pub use runtime::{Backend, Config, HealthChecks, Limits, ListenerConfig, Routing, Timeouts};
 
 /// The configuration used when `imapgate run` gets no `--config`.
 pub const EMBEDDED_DEFAULT: &str = r#"# imapgate's embedded default: one plaintext listener, one local backend.
 listeners:
   - { name: imap, bind: "127.0.0.1:1143" }
+admin: { bind: "127.0.0.1:9143" }
 backends:
   - { name: local, address: "127.0.0.1:143" }
 "#;
@@ -245,6 +246,26 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         shutdown_grace: t.shutdown_grace.value.0,
     };
 
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => Some(a.bind.value.parse::<SocketAddr>().map_err(|_| {
+            v.err(
+                &a.bind.referenced,
+                format!(
+                    "admin.bind: {:?} is not an IP address and port (e.g. \"127.0.0.1:9143\")",
+                    a.bind.value
+                ),
+            )
+        })?),
+    };
+    let h = &raw.health;
+    let health = HealthChecks {
+        interval: nonzero(&v, "health.interval", &h.interval)?,
+        timeout: nonzero(&v, "health.timeout", &h.timeout)?,
+        rise: at_least(&v, "health.rise", &h.rise, 1)?,
+        fall: at_least(&v, "health.fall", &h.fall, 1)?,
+    };
+
     if raw.greeting.contains(['\r', '\n']) {
         return Err(v.unplaced("greeting: must be one line"));
     }
@@ -256,6 +277,8 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         routing,
         limits,
         timeouts,
+        admin,
+        health,
         greeting: raw.greeting,
     })
 }

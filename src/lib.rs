@@ -1,11 +1,14 @@
 //! imapgate: a transparent IMAP proxy and load balancer.
 //!
-//! `run` takes bound listeners, a validated config and a shutdown handle, so that the binary and
+//! `run` takes bound sockets, a validated config and a shutdown handle, so that the binary and
 //! the tests (which bind port 0) start it the same way.
 
+pub mod admin;
 pub mod config;
+pub mod health;
 pub mod imap;
 pub mod listener;
+pub mod metrics;
 pub mod route;
 pub mod session;
 pub mod shutdown;
@@ -17,47 +20,101 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use config::Config;
+use health::Health;
 use listener::ConnectionCaps;
+use metrics::Metrics;
+use session::table::SessionTable;
 use shutdown::Shutdown;
 
-/// A bound listener and its name from the config.
+/// A bound client listener and its name from the config.
 pub struct BoundListener {
     pub name: String,
     pub listener: TcpListener,
 }
 
-/// Binds every listener in the config.
-pub async fn bind(config: &Config) -> std::io::Result<Vec<BoundListener>> {
-    let mut bound = Vec::with_capacity(config.listeners.len());
+/// Everything `run` serves on.
+pub struct Bound {
+    pub listeners: Vec<BoundListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Binds every listener in the config, and the admin server if configured.
+pub async fn bind(config: &Config) -> std::io::Result<Bound> {
+    let named = |what: String, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("cannot bind {what}: {e}"))
+    };
+    let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.bind).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot bind listener {} to {}: {e}", l.name, l.bind),
-            )
-        })?;
-        bound.push(BoundListener {
+        let listener = TcpListener::bind(l.bind)
+            .await
+            .map_err(|e| named(format!("listener {} to {}", l.name, l.bind), e))?;
+        listeners.push(BoundListener {
             name: l.name.clone(),
             listener,
         });
     }
-    Ok(bound)
+    let admin = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| named(format!("the admin server to {addr}"), e))?,
+        ),
+        None => None,
+    };
+    Ok(Bound { listeners, admin })
+}
+
+/// The process-wide parts every session shares.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<SessionTable>,
+    pub health: Arc<Health>,
+}
+
+impl Services {
+    pub fn new(config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Services {
+            metrics: Arc::new(Metrics::new(&config)),
+            sessions: Arc::new(SessionTable::default()),
+            health: Health::new(config.backends.len()),
+            config,
+        })
+    }
 }
 
 /// Serves until `shutdown.drain` is cancelled, then lets logged-in sessions finish for
 /// `timeouts.shutdown_grace` before cutting them.
-pub async fn run(listeners: Vec<BoundListener>, config: Arc<Config>, shutdown: Shutdown) {
+pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
+    let config = &services.config;
     let tracker = TaskTracker::new();
     let caps = ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip);
+    health::spawn(
+        config.clone(),
+        services.metrics.clone(),
+        services.health.clone(),
+        shutdown.clone(),
+    );
+    if let Some(listener) = bound.admin {
+        if let Ok(addr) = listener.local_addr() {
+            info!(address = %addr, "admin server listening");
+        }
+        let admin = Arc::new(admin::Admin {
+            metrics: services.metrics.clone(),
+            health: services.health.clone(),
+            sessions: services.sessions.clone(),
+        });
+        tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
+    }
     let mut loops = Vec::new();
-    for BoundListener { name, listener } in listeners {
+    for BoundListener { name, listener } in bound.listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(listener = %name, address = %addr, "listening");
         }
         loops.push(tokio::spawn(listener::accept_loop(
             listener,
             name.into(),
-            config.clone(),
+            services.clone(),
             shutdown.clone(),
             tracker.clone(),
             caps.clone(),
@@ -80,5 +137,6 @@ pub async fn run(listeners: Vec<BoundListener>, config: Arc<Config>, shutdown: S
         shutdown.cut.cancel();
         tracker.wait().await;
     }
+    shutdown.cut.cancel();
     info!("stopped");
 }

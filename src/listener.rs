@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::Services;
 use crate::imap::response;
+use crate::metrics::Rejection;
 use crate::session::{self, Session, SessionId};
 use crate::shutdown::Shutdown;
 
@@ -23,12 +24,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
-    config: Arc<Config>,
+    services: Arc<Services>,
     shutdown: Shutdown,
     tracker: TaskTracker,
     caps: Arc<ConnectionCaps>,
 ) {
     let mut failing = false;
+    let (accepted_total, open_now) = services.metrics.listener(&name);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -52,22 +54,29 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        accepted_total.inc();
         match caps.admit(peer.ip()) {
             Ok(permit) => {
                 let session = Session {
                     id: SessionId::next(),
                     peer,
                     listener: name.clone(),
-                    config: config.clone(),
+                    config: services.config.clone(),
+                    metrics: services.metrics.clone(),
+                    table: services.sessions.clone(),
                     shutdown: shutdown.clone(),
                 };
+                let open_now = open_now.clone();
+                open_now.inc();
                 tracker.spawn(async move {
                     session::serve(stream, session).await;
+                    open_now.dec();
                     drop(permit);
                 });
             }
             Err(which) => {
                 warn!(listener = %name, client = %peer, limit = which, "connection refused by limit");
+                services.metrics.rejected(Rejection::connection_limit);
                 tracker.spawn(refuse(stream));
             }
         }

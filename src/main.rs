@@ -108,7 +108,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listeners = match imapgate::bind(&config).await {
+        let bound = match imapgate::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
                 error!("{e}");
@@ -122,7 +122,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             info!("shutdown requested");
             on_signal.begin();
         });
-        imapgate::run(listeners, Arc::new(config), shutdown).await;
+        imapgate::run(bound, imapgate::Services::new(Arc::new(config)), shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod prelogin;
 pub mod relay;
+pub mod table;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -18,9 +19,12 @@ use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::imap::response;
+use crate::imap::scan::{BackendScanner, ClientScanner, Shared};
+use crate::metrics::{Metrics, Rejection};
 use crate::shutdown::Shutdown;
 use prelogin::Closed;
-use relay::NoTap;
+use relay::Tap;
+use table::{LiveSession, SessionTable};
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
 pub struct Session {
@@ -28,11 +32,13 @@ pub struct Session {
     pub peer: SocketAddr,
     pub listener: Arc<str>,
     pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub table: Arc<SessionTable>,
     pub shutdown: Shutdown,
 }
 
 /// Unique within a process run: start time in seconds and a counter, printed as hex.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(u64);
 
 impl SessionId {
@@ -66,12 +72,14 @@ pub async fn serve(mut client: TcpStream, session: Session) {
     let prelogin = tokio::select! {
         result = tokio::time::timeout(timeouts.prelogin, prelogin::run(&mut client, &session)) => result,
         _ = session.shutdown.drain.cancelled() => {
+            session.metrics.rejected(Rejection::shutdown);
             last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
             return end_before_login(&session, started, "shutdown");
         }
     };
     let authenticated = match prelogin {
         Err(_elapsed) => {
+            session.metrics.rejected(Rejection::prelogin_timeout);
             last_word(
                 &mut client,
                 &response::bye("", "Autologout; idle for too long."),
@@ -88,40 +96,69 @@ pub async fn serve(mut client: TcpStream, session: Session) {
         Ok(Ok(Ok(authenticated))) => authenticated,
     };
 
+    let backend_metrics = session.metrics.backend(authenticated.backend_index);
+    let live = Arc::new(LiveSession {
+        id: session.id,
+        client: session.peer,
+        user: authenticated.user,
+        backend: authenticated.backend_name,
+        started: std::time::SystemTime::now(),
+        bytes: Default::default(),
+    });
+    let _registration = session.table.register(live.clone());
+    backend_metrics.sessions_active.inc();
+    let observed = Shared::new(backend_metrics);
+    let mut up_tap = Metered {
+        scanner: ClientScanner::new(&observed),
+        bytes: &backend_metrics.bytes_to_backend,
+    };
+    let mut down_tap = Metered {
+        scanner: BackendScanner::new(&observed),
+        bytes: &backend_metrics.bytes_to_client,
+    };
     let backend = authenticated.backend;
-    let (mut up_tap, mut down_tap) = (NoTap, NoTap);
     let relay = relay::relay(
         &client,
         &backend.stream,
         authenticated.client_buffered,
         backend.buffered,
         timeouts.half_close,
+        &live.bytes,
         &mut up_tap,
         &mut down_tap,
     );
-    tokio::select! {
+    let ended_by = tokio::select! {
         stats = relay => {
-            let error = stats.error.as_ref().map(|e| e.to_string());
-            info!(
-                session = %session.id,
-                backend = %authenticated.backend_name,
-                ended_by = stats.ended_by.as_str(),
-                error,
-                client_to_backend = stats.client_to_backend,
-                backend_to_client = stats.backend_to_client,
-                duration_ms = started.elapsed().as_millis() as u64,
-                "session end"
-            );
+            if let Some(error) = &stats.error {
+                debug!(session = %session.id, %error, "relay ended on an error");
+            }
+            stats.ended_by.as_str()
         }
-        _ = session.shutdown.cut.cancelled() => {
-            info!(
-                session = %session.id,
-                backend = %authenticated.backend_name,
-                ended_by = "shutdown",
-                duration_ms = started.elapsed().as_millis() as u64,
-                "session end"
-            );
-        }
+        _ = session.shutdown.cut.cancelled() => "shutdown",
+    };
+    observed.finish();
+    backend_metrics.sessions_active.dec();
+    info!(
+        session = %session.id,
+        backend = %live.backend,
+        ended_by,
+        client_to_backend = live.bytes.client_to_backend.load(std::sync::atomic::Ordering::Relaxed),
+        backend_to_client = live.bytes.backend_to_client.load(std::sync::atomic::Ordering::Relaxed),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session end"
+    );
+}
+
+/// A direction's observer plus its backend's byte counter.
+struct Metered<'m, S> {
+    scanner: S,
+    bytes: &'m prometheus_client::metrics::counter::Counter,
+}
+
+impl<S: Tap> Tap for Metered<'_, S> {
+    fn observe(&mut self, bytes: &[u8]) {
+        self.bytes.inc_by(bytes.len() as u64);
+        self.scanner.observe(bytes);
     }
 }
 

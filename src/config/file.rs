@@ -20,6 +20,10 @@ pub struct ConfigFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    #[serde(default)]
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub health: HealthFile,
     /// Text after `* OK [CAPABILITY ...]` in the greeting.
     #[serde(default = "default_greeting")]
     pub greeting: String,
@@ -30,6 +34,32 @@ pub struct ConfigFile {
 pub struct ListenerFile {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub bind: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    pub interval: Spanned<ConfigDuration>,
+    pub timeout: Spanned<ConfigDuration>,
+    pub rise: Spanned<u32>,
+    pub fall: Spanned<u32>,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        HealthFile {
+            interval: unspanned(ConfigDuration(Duration::from_secs(5))),
+            timeout: unspanned(ConfigDuration(Duration::from_secs(2))),
+            rise: unspanned(2),
+            fall: unspanned(2),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -15,7 +15,20 @@ pub struct Config {
     pub routing: Routing,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// The admin HTTP server's address, if it runs.
+    pub admin: Option<SocketAddr>,
+    pub health: HealthChecks,
     pub greeting: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthChecks {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that mark a down backend up.
+    pub rise: u32,
+    /// Failures in a row that mark an up backend down.
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone)]

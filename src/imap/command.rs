@@ -10,7 +10,8 @@
 //!                          ├─► Command(parsed)   one command, removed from the buffer
 //!                          ├─► Bad{tag}          syntax error: answer BAD, that line is dropped
 //!                          ├─► LiteralRefused    a {n} over the cap: answer BAD, the client sends no octets
-//!                          └─► TooLong           cannot resynchronise: answer BYE and close
+//!                          ├─► TooLong           a line over the cap: answer BYE and close
+//!                          └─► LiteralTooLarge   a {n+} over the cap, its octets are coming: BYE
 //! ```
 //!
 //! Bytes behind a complete command stay in the buffer: after a successful login they belong to
@@ -68,6 +69,7 @@ pub enum Step {
     Bad { tag: Option<String> },
     LiteralRefused { tag: String },
     TooLong,
+    LiteralTooLarge,
 }
 
 /// A SASL response line over `line_max`.
@@ -180,7 +182,7 @@ impl CommandReader {
                             Step::LiteralRefused { tag }
                         }
                         // The octets are already on their way: we cannot find the next command.
-                        LiteralMode::NonSync => Step::TooLong,
+                        LiteralMode::NonSync => Step::LiteralTooLarge,
                     };
                 }
                 self.literal_octets += length;
@@ -321,8 +323,8 @@ mod tests {
                 loop {
                     match r.step() {
                         Step::NeedMore => break,
-                        Step::TooLong => {
-                            steps.push(Step::TooLong);
+                        s @ (Step::TooLong | Step::LiteralTooLarge) => {
+                            steps.push(s);
                             return steps;
                         }
                         s => steps.push(s),
@@ -494,7 +496,7 @@ mod tests {
         assert!(r.is_empty());
         let mut r = reader();
         r.feed(b"a LOGIN {601+}\r\n");
-        assert_eq!(r.step(), Step::TooLong);
+        assert_eq!(r.step(), Step::LiteralTooLarge);
         // Two literals that fit alone but not together.
         let mut r = reader();
         r.feed(b"a LOGIN {400}\r\n");
@@ -558,7 +560,7 @@ mod properties {
                     prop_assert!(r.buf.len() <= 1024 + 600 + 2 + chunk);
                     match r.step() {
                         Step::NeedMore | Step::SendContinuation => break,
-                        Step::TooLong => return Ok(()),
+                        Step::TooLong | Step::LiteralTooLarge => return Ok(()),
                         _ => {}
                     }
                 }

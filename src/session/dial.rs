@@ -65,20 +65,32 @@ pub enum DialError {
     Protocol(String),
 }
 
-pub async fn login(
-    backend: &Backend,
-    credentials: &Credentials,
-    connect_timeout: Duration,
-    login_timeout: Duration,
-) -> Result<LoginOutcome, DialError> {
-    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&backend.address))
+/// TCP connect, under `timeout`.
+pub async fn connect(backend: &Backend, timeout: Duration) -> Result<TcpStream, DialError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(&backend.address))
         .await
-        .map_err(|_| DialError::ConnectTimeout(connect_timeout))?
+        .map_err(|_| DialError::ConnectTimeout(timeout))?
         .map_err(DialError::Connect)?;
     stream.set_nodelay(true)?;
-    tokio::time::timeout(login_timeout, greet_and_login(stream, credentials))
+    Ok(stream)
+}
+
+/// Greeting, capabilities and the login replay on a connected backend, under `timeout`.
+pub async fn login(
+    stream: TcpStream,
+    credentials: &Credentials,
+    timeout: Duration,
+) -> Result<LoginOutcome, DialError> {
+    tokio::time::timeout(timeout, greet_and_login(stream, credentials))
         .await
-        .map_err(|_| DialError::LoginTimeout(login_timeout))?
+        .map_err(|_| DialError::LoginTimeout(timeout))?
+}
+
+impl DialError {
+    /// Whether the backend answered, but not as an IMAP server should.
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, DialError::Protocol(_))
+    }
 }
 
 async fn greet_and_login(

@@ -25,13 +25,18 @@ use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
 use crate::imap::secret::Secret;
+use crate::metrics::{LoginResult, Rejection};
 use crate::route;
 
 /// A login the backend accepted: what the relay needs.
 #[derive(Debug)]
 pub struct Authenticated {
     pub backend: dial::LoggedIn,
+    /// Index in `Config::backends`.
+    pub backend_index: usize,
     pub backend_name: String,
+    /// The user as routed (authzid or login name), for logs and `/sessions`.
+    pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
     pub client_buffered: Vec<u8>,
 }
@@ -80,6 +85,7 @@ where
                 continue;
             }
             Step::Bad { tag } => {
+                session.metrics.rejected(Rejection::syntax);
                 let tag = tag.as_deref().unwrap_or("*");
                 client
                     .write_all(&response::tagged(
@@ -92,6 +98,7 @@ where
                 continue;
             }
             Step::LiteralRefused { tag } => {
+                session.metrics.rejected(Rejection::literal_too_large);
                 client
                     .write_all(&response::tagged(
                         &tag,
@@ -103,7 +110,12 @@ where
                 continue;
             }
             Step::TooLong => {
+                session.metrics.rejected(Rejection::line_too_long);
                 return bye(client, "LIMIT", "Command line too long.", "line_too_long").await;
+            }
+            Step::LiteralTooLarge => {
+                session.metrics.rejected(Rejection::literal_too_large);
+                return bye(client, "LIMIT", "Literal too large.", "literal_too_large").await;
             }
         };
 
@@ -116,6 +128,7 @@ where
             Ok(Attempt::Failed) => {
                 failures += 1;
                 if failures >= config.limits.login_attempts {
+                    session.metrics.rejected(Rejection::login_attempts);
                     return bye(client, "", "Too many failed logins.", "login_attempts").await;
                 }
             }
@@ -183,6 +196,7 @@ where
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::NeedsLogin { name } => {
+            session.metrics.rejected(Rejection::needs_login);
             debug!(session = %session.id, command = name, "command before login");
             client
                 .write_all(&answer(Status::Bad, "", "Log in first."))
@@ -204,6 +218,7 @@ where
                 return Ok(Ok(Attempt::Failed));
             }
             Sasl::Unsupported => {
+                session.metrics.rejected(Rejection::unsupported_mechanism);
                 client
                     .write_all(&answer(
                         Status::No,
@@ -214,6 +229,7 @@ where
                 return Ok(Ok(Attempt::Answered));
             }
             Sasl::TooLong => {
+                session.metrics.rejected(Rejection::line_too_long);
                 return bye(client, "LIMIT", "SASL response too long.", "line_too_long").await;
             }
             Sasl::ClientGone => return Ok(Err(Closed::ByClient)),
@@ -343,14 +359,26 @@ where
     for index in route::backends_for(config, user) {
         let backend = &config.backends[index];
         let started = std::time::Instant::now();
-        let outcome = dial::login(
-            backend,
-            credentials,
-            config.timeouts.backend_connect,
-            config.timeouts.backend_login,
-        )
-        .await;
-        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let outcome = match dial::connect(backend, config.timeouts.backend_connect).await {
+            Ok(stream) => {
+                session
+                    .metrics
+                    .backend_connected(&backend.name, started.elapsed());
+                dial::login(stream, credentials, config.timeouts.backend_login).await
+            }
+            Err(e) => Err(e),
+        };
+        let took = started.elapsed();
+        let elapsed_ms = took.as_millis() as u64;
+        let result = match &outcome {
+            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::ok,
+            Ok(LoginOutcome::Rejected { .. }) => LoginResult::rejected,
+            Err(e) if e.is_protocol() => LoginResult::error,
+            Err(_) => LoginResult::unavailable,
+        };
+        session
+            .metrics
+            .login(&backend.name, credentials.mechanism, result, took);
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
@@ -363,7 +391,9 @@ where
                 client.write_all(&out).await?;
                 return Ok(Attempt::LoggedIn(Box::new(Authenticated {
                     backend: logged_in,
+                    backend_index: index,
                     backend_name: backend.name.clone(),
+                    user: user.to_string(),
                     client_buffered: Vec::new(),
                 })));
             }
@@ -376,7 +406,7 @@ where
                 return Ok(Attempt::Failed);
             }
             Err(error) => {
-                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = "unavailable", elapsed_ms, %error, "login");
+                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result_name(result), elapsed_ms, %error, "login");
             }
         }
     }
@@ -389,4 +419,13 @@ where
         ))
         .await?;
     Ok(Attempt::Answered)
+}
+
+fn result_name(result: LoginResult) -> &'static str {
+    match result {
+        LoginResult::ok => "ok",
+        LoginResult::rejected => "rejected",
+        LoginResult::unavailable => "unavailable",
+        LoginResult::error => "error",
+    }
 }

@@ -68,6 +68,13 @@ impl EndedBy {
     }
 }
 
+/// Octets relayed so far each way; readable while the relay runs (the admin `/sessions` view).
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    pub client_to_backend: AtomicU64,
+    pub backend_to_client: AtomicU64,
+}
+
 /// Relays until the session ends. `to_backend` and `to_client` are bytes that arrived before the
 /// relay started (pipelined commands, responses read past the login) and go first.
 pub async fn relay(
@@ -76,15 +83,16 @@ pub async fn relay(
     to_backend: Vec<u8>,
     to_client: Vec<u8>,
     half_close: Duration,
+    counts: &ByteCounts,
     up_tap: &mut dyn Tap,
     down_tap: &mut dyn Tap,
 ) -> RelayStats {
     // The counts outlive a direction's future when select! drops it mid-flight. Relaxed atomics
-    // in this task's own memory: no contention, no lock.
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
-    let upstream = copy(client, backend, to_backend, up_tap, &up_bytes);
-    let downstream = copy(backend, client, to_client, down_tap, &down_bytes);
+    // written by this task only: no contention, no lock.
+    let up_bytes = &counts.client_to_backend;
+    let down_bytes = &counts.backend_to_client;
+    let upstream = copy(client, backend, to_backend, up_tap, up_bytes);
+    let downstream = copy(backend, client, to_client, down_tap, down_bytes);
     tokio::pin!(upstream, downstream);
     let (ended_by, result) = tokio::select! {
         result = &mut downstream => {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use imapgate::BoundListener;
 use imapgate::shutdown::Shutdown;
+use imapgate::{Bound, BoundListener, Services};
 
 /// Every wait in a test has this deadline, so a hang fails instead of blocking CI.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -18,6 +18,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// imapgate running in this test's runtime on 127.0.0.1:<port 0>.
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin server (/metrics, /sessions, ...).
+    pub admin: SocketAddr,
     pub config: Arc<imapgate::config::Config>,
     shutdown: Shutdown,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -33,17 +35,24 @@ impl Proxy {
         let config = Arc::new(config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = admin_listener.local_addr().expect("admin addr");
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(imapgate::run(
-            vec![BoundListener {
+        let bound = Bound {
+            listeners: vec![BoundListener {
                 name: "test".into(),
                 listener,
             }],
-            config.clone(),
+            admin: Some(admin_listener),
+        };
+        let task = tokio::spawn(imapgate::run(
+            bound,
+            Services::new(config.clone()),
             shutdown.clone(),
         ));
         Proxy {
             addr,
+            admin,
             config,
             shutdown,
             task: Some(task),
@@ -63,6 +72,58 @@ impl Proxy {
     pub async fn connect(&self) -> Raw {
         Raw::connect(self.addr).await
     }
+
+    /// The text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.admin, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
+        .await
+        .expect("connect deadline")
+        .expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+    let mut all = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut all))
+        .await
+        .expect("http deadline")
+        .expect("read");
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` in a metrics text, where `labels` is the exact
+/// label text as encoded (e.g. `backend="b1",command="FETCH",status="ok"`).
+pub fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 impl Drop for Proxy {

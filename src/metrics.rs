@@ -1,0 +1,454 @@
+//! Every metric family, registered in one struct (prefix `imapgate_`), plus the process
+//! collector (`process_*`). Label values come from closed sets: listener and backend names from
+//! the config, the command names of `imap::scan::COMMAND_NAMES`, and the enums below. No label
+//! ever holds a user name or anything else a client chose.
+//!
+//! The relay's per-chunk and per-command updates go through handles resolved once per backend
+//! at start (`BackendMetrics`): an array index and an atomic add, no family lookup, no lock
+//! (histograms take their own short mutex per observation).
+
+mod process;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::config::Config;
+use crate::imap::sasl::Mechanism;
+use crate::imap::scan::{COMMAND_NAMES, CommandId, Completion, Sink};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginLabels {
+    backend: String,
+    mechanism: MechanismLabel,
+    result: LoginResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    backend: String,
+    command: String,
+    status: StatusLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandDurationLabels {
+    backend: String,
+    command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    backend: String,
+    direction: DirectionLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: Rejection,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum MechanismLabel {
+    login,
+    plain,
+    sasl_login,
+}
+
+impl From<Mechanism> for MechanismLabel {
+    fn from(m: Mechanism) -> Self {
+        match m {
+            Mechanism::Login => MechanismLabel::login,
+            Mechanism::Plain => MechanismLabel::plain,
+            Mechanism::SaslLogin => MechanismLabel::sasl_login,
+        }
+    }
+}
+
+/// How a login attempt on one backend ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum LoginResult {
+    /// The backend accepted the credentials.
+    ok,
+    /// The backend said NO or BAD.
+    rejected,
+    /// The backend could not be reached (refused, timeout, BYE greeting).
+    unavailable,
+    /// The backend answered out of protocol.
+    error,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum StatusLabel {
+    ok,
+    no,
+    bad,
+    bye,
+    unfinished,
+}
+
+impl From<Completion> for StatusLabel {
+    fn from(c: Completion) -> Self {
+        match c {
+            Completion::Ok => StatusLabel::ok,
+            Completion::No => StatusLabel::no,
+            Completion::Bad => StatusLabel::bad,
+            Completion::Bye => StatusLabel::bye,
+            Completion::Unfinished => StatusLabel::unfinished,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum DirectionLabel {
+    client_to_backend,
+    backend_to_client,
+}
+
+/// Why imapgate refused or ended a connection before login.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Rejection {
+    /// A command line over `limits.line_max` (BYE).
+    line_too_long,
+    /// A literal over `limits.literal_max` (BAD, or BYE for a non-synchronizing one).
+    literal_too_large,
+    /// A command imapgate could not parse (BAD).
+    syntax,
+    /// A command that needs a login (BAD).
+    needs_login,
+    /// AUTHENTICATE with a mechanism imapgate does not offer (NO).
+    unsupported_mechanism,
+    /// Malformed credentials: PLAIN fields, NUL, a user name that is not UTF-8 (BAD).
+    bad_credentials,
+    /// `limits.login_attempts` failed logins (BYE).
+    login_attempts,
+    /// `timeouts.prelogin` passed (BYE).
+    prelogin_timeout,
+    /// `limits.max_connections` or `limits.per_ip` (BYE).
+    connection_limit,
+    /// imapgate is shutting down (BYE).
+    shutdown,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 10] = [
+        Rejection::line_too_long,
+        Rejection::literal_too_large,
+        Rejection::syntax,
+        Rejection::needs_login,
+        Rejection::unsupported_mechanism,
+        Rejection::bad_credentials,
+        Rejection::login_attempts,
+        Rejection::prelogin_timeout,
+        Rejection::connection_limit,
+        Rejection::shutdown,
+    ];
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~105 s, ×2 per bucket.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections_total: Family<ListenerLabels, Counter>,
+    connections_active: Family<ListenerLabels, Gauge>,
+    logins_total: Family<LoginLabels, Counter>,
+    login_duration: HistogramFamily<BackendLabels>,
+    backend_up: Family<BackendLabels, Gauge>,
+    backend_connect_duration: HistogramFamily<BackendLabels>,
+    prelogin_rejections: Family<ReasonLabels, Counter>,
+    /// Indexed like `Config::backends`.
+    backends: Vec<BackendMetrics>,
+}
+
+/// One backend's hot-path handles.
+pub struct BackendMetrics {
+    /// `[command][status]`, in `COMMAND_NAMES` and `Completion::ALL` order.
+    commands: Vec<[Counter; 5]>,
+    durations: Vec<Histogram>,
+    pub bytes_to_backend: Counter<u64, AtomicU64>,
+    pub bytes_to_client: Counter<u64, AtomicU64>,
+    pub sessions_active: Gauge,
+}
+
+impl Sink for BackendMetrics {
+    fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
+        let status = Completion::ALL
+            .iter()
+            .position(|c| *c == completion)
+            .unwrap_or(0);
+        let i = command.0 as usize;
+        self.commands[i][status].inc();
+        if let Some(latency) = latency {
+            self.durations[i].observe(latency.as_secs_f64());
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new(config: &Config) -> Self {
+        let mut registry = Registry::default();
+        process::register(&mut registry);
+        let r = registry.sub_registry_with_prefix("imapgate");
+
+        let connections_total = Family::<ListenerLabels, Counter>::default();
+        r.register(
+            "connections",
+            "Client connections accepted",
+            connections_total.clone(),
+        );
+        let connections_active = Family::<ListenerLabels, Gauge>::default();
+        r.register(
+            "connections_active",
+            "Client connections open",
+            connections_active.clone(),
+        );
+        let logins_total = Family::<LoginLabels, Counter>::default();
+        r.register(
+            "logins",
+            "Login attempts on a backend, by outcome",
+            logins_total.clone(),
+        );
+        let login_duration: HistogramFamily<BackendLabels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "login_duration_seconds",
+            "Time from the client's login command to the backend's answer, connect included",
+            login_duration.clone(),
+        );
+        let sessions_active = Family::<BackendLabels, Gauge>::default();
+        r.register(
+            "sessions_active",
+            "Logged-in sessions being relayed",
+            sessions_active.clone(),
+        );
+        let commands_total = Family::<CommandLabels, Counter>::default();
+        r.register(
+            "commands",
+            "Commands relayed after login, by completion",
+            commands_total.clone(),
+        );
+        let command_duration: HistogramFamily<CommandDurationLabels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "command_duration_seconds",
+            "From a command's last octet to its tagged completion (IDLE excluded)",
+            command_duration.clone(),
+        );
+        let bytes_total = Family::<BytesLabels, Counter>::default();
+        r.register("bytes", "Octets relayed after login", bytes_total.clone());
+        let backend_up = Family::<BackendLabels, Gauge>::default();
+        r.register(
+            "backend_up",
+            "1 when the last health checks found the backend greeting, else 0",
+            backend_up.clone(),
+        );
+        let backend_connect_duration: HistogramFamily<BackendLabels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "backend_connect_duration_seconds",
+            "TCP connect time to a backend",
+            backend_connect_duration.clone(),
+        );
+        let prelogin_rejections = Family::<ReasonLabels, Counter>::default();
+        r.register(
+            "prelogin_rejections",
+            "Commands refused and connections ended by imapgate before login, by reason",
+            prelogin_rejections.clone(),
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        r.register(
+            "build_info",
+            "Always 1; the version is in the label",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+
+        // Every series exists from the start (at 0), so dashboards and rate() have data.
+        for reason in Rejection::ALL {
+            let _ = prelogin_rejections.get_or_create(&ReasonLabels { reason });
+        }
+        for l in &config.listeners {
+            let labels = ListenerLabels {
+                listener: l.name.clone(),
+            };
+            let _ = connections_total.get_or_create(&labels);
+            let _ = connections_active.get_or_create(&labels);
+        }
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for b in &config.backends {
+            let backend = BackendLabels {
+                backend: b.name.clone(),
+            };
+            let _ = login_duration.get_or_create(&backend);
+            let _ = backend_connect_duration.get_or_create(&backend);
+            let _ = backend_up.get_or_create(&backend);
+            for mechanism in [
+                MechanismLabel::login,
+                MechanismLabel::plain,
+                MechanismLabel::sasl_login,
+            ] {
+                for result in [
+                    LoginResult::ok,
+                    LoginResult::rejected,
+                    LoginResult::unavailable,
+                    LoginResult::error,
+                ] {
+                    let _ = logins_total.get_or_create(&LoginLabels {
+                        backend: b.name.clone(),
+                        mechanism,
+                        result,
+                    });
+                }
+            }
+            let commands = COMMAND_NAMES
+                .iter()
+                .map(|name| {
+                    Completion::ALL.map(|c| {
+                        commands_total
+                            .get_or_create(&CommandLabels {
+                                backend: b.name.clone(),
+                                command: name.to_string(),
+                                status: c.into(),
+                            })
+                            .clone()
+                    })
+                })
+                .collect();
+            let durations = COMMAND_NAMES
+                .iter()
+                .map(|name| {
+                    command_duration
+                        .get_or_create(&CommandDurationLabels {
+                            backend: b.name.clone(),
+                            command: name.to_string(),
+                        })
+                        .clone()
+                })
+                .collect();
+            let bytes = |direction| {
+                bytes_total
+                    .get_or_create(&BytesLabels {
+                        backend: b.name.clone(),
+                        direction,
+                    })
+                    .clone()
+            };
+            backends.push(BackendMetrics {
+                commands,
+                durations,
+                bytes_to_backend: bytes(DirectionLabel::client_to_backend),
+                bytes_to_client: bytes(DirectionLabel::backend_to_client),
+                sessions_active: sessions_active.get_or_create(&backend).clone(),
+            });
+        }
+
+        Metrics {
+            registry,
+            connections_total,
+            connections_active,
+            logins_total,
+            login_duration,
+            backend_up,
+            backend_connect_duration,
+            prelogin_rejections,
+            backends,
+        }
+    }
+
+    pub fn backend(&self, index: usize) -> &BackendMetrics {
+        &self.backends[index]
+    }
+
+    /// The text exposition (OpenMetrics 1.0 text, which Prometheus reads).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Handles for one listener's connection counters.
+    pub fn listener(&self, name: &str) -> (Counter, Gauge) {
+        let labels = ListenerLabels {
+            listener: name.to_string(),
+        };
+        (
+            self.connections_total.get_or_create(&labels).clone(),
+            self.connections_active.get_or_create(&labels).clone(),
+        )
+    }
+
+    pub fn login(&self, backend: &str, mechanism: Mechanism, result: LoginResult, took: Duration) {
+        self.logins_total
+            .get_or_create(&LoginLabels {
+                backend: backend.to_string(),
+                mechanism: mechanism.into(),
+                result,
+            })
+            .inc();
+        if result == LoginResult::ok || result == LoginResult::rejected {
+            self.login_duration
+                .get_or_create(&BackendLabels {
+                    backend: backend.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn backend_connected(&self, backend: &str, took: Duration) {
+        self.backend_connect_duration
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn set_backend_up(&self, backend: &str, up: bool) {
+        self.backend_up
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .set(i64::from(up));
+    }
+
+    pub fn rejected(&self, reason: Rejection) {
+        self.prelogin_rejections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+}
