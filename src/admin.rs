@@ -53,13 +53,28 @@ fn answer(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => Response::builder()
-            .header(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(admin.metrics.encode())))
-            .unwrap_or_default(),
+        "/metrics" => {
+            let openmetrics = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            let (content_type, body) = if openmetrics {
+                (
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    admin.metrics.encode_openmetrics(),
+                )
+            } else {
+                (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    admin.metrics.encode_prometheus(),
+                )
+            };
+            Response::builder()
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default()
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             if admin.health.any_up() {

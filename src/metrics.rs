@@ -394,12 +394,18 @@ impl Metrics {
         &self.backends[index]
     }
 
-    /// The text exposition (OpenMetrics 1.0 text, which Prometheus reads).
-    pub fn encode(&self) -> String {
+    /// OpenMetrics 1.0 text, what Prometheus asks for.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The classic Prometheus text format (0.0.4), for everything that does not ask for
+    /// OpenMetrics (curl, promtool, older scrapers).
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
     }
 
     /// Handles for one listener's connection counters.
@@ -450,5 +456,52 @@ impl Metrics {
         self.prelogin_rejections
             .get_or_create(&ReasonLabels { reason })
             .inc();
+    }
+}
+
+/// OpenMetrics names a counter family `x` and its sample `x_total`; the classic format names
+/// both `x_total`. It also has no `# UNIT` and no `# EOF`. The samples are the same.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<&str> = None;
+    for line in text.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let name = if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            if let Some(h) = help.take() {
+                let text = h.splitn(4, ' ').nth(3).unwrap_or("");
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_with_total() {
+        let om = "# HELP imapgate_connections Client connections accepted.\n# TYPE imapgate_connections counter\nimapgate_connections_total{listener=\"imap\"} 3\n# HELP x_seconds A gauge.\n# TYPE x_seconds gauge\n# UNIT x_seconds seconds\nx_seconds 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(om),
+            "# HELP imapgate_connections_total Client connections accepted.\n# TYPE imapgate_connections_total counter\nimapgate_connections_total{listener=\"imap\"} 3\n# HELP x_seconds A gauge.\n# TYPE x_seconds gauge\nx_seconds 1\n"
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod clients;
 mod config_corpus;
 mod login;
+mod metrics;
 mod prelogin;
 mod relay;
 mod support;

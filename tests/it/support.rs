@@ -261,3 +261,18 @@ impl Raw {
         String::from_utf8_lossy(&all).into_owned()
     }
 }
+
+/// Whether `tool` is on PATH; like Dovecot, a loud skip without it, a failure under CI.
+pub fn tool_available(tool: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()));
+    if !found {
+        if std::env::var_os("CI").is_some() {
+            panic!("{tool} is not installed but CI is set: install {package}");
+        }
+        eprintln!(
+            "\n!!!!! SKIPPED: {tool} ({package}) is not installed; this test did not run !!!!!\n"
+        );
+    }
+    found
+}
