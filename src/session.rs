@@ -23,7 +23,7 @@ use crate::imap::scan::{BackendScanner, ClientScanner, Shared};
 use crate::metrics::{Metrics, Rejection};
 use crate::shutdown::Shutdown;
 use prelogin::Closed;
-use relay::Tap;
+use relay::{Leg, Tap};
 use table::{LiveSession, SessionTable};
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
@@ -120,12 +120,16 @@ pub async fn serve(mut client: TcpStream, session: Session) {
     let relay = relay::relay(
         &client,
         &backend.stream,
-        authenticated.client_buffered,
-        backend.buffered,
         timeouts.half_close,
         &live.bytes,
-        &mut up_tap,
-        &mut down_tap,
+        Leg {
+            first: authenticated.client_buffered,
+            tap: &mut up_tap,
+        },
+        Leg {
+            first: backend.buffered,
+            tap: &mut down_tap,
+        },
     );
     let ended_by = tokio::select! {
         stats = relay => {

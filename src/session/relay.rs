@@ -75,24 +75,35 @@ pub struct ByteCounts {
     pub backend_to_client: AtomicU64,
 }
 
-/// Relays until the session ends. `to_backend` and `to_client` are bytes that arrived before the
-/// relay started (pipelined commands, responses read past the login) and go first.
+/// One direction of the relay: what goes first, and who watches.
+pub struct Leg<'t> {
+    /// Bytes that arrived before the relay started (pipelined commands, responses read past
+    /// the login); they are sent first.
+    pub first: Vec<u8>,
+    pub tap: &'t mut dyn Tap,
+}
+
+/// Relays until the session ends.
 pub async fn relay(
     client: &TcpStream,
     backend: &TcpStream,
-    to_backend: Vec<u8>,
-    to_client: Vec<u8>,
     half_close: Duration,
     counts: &ByteCounts,
-    up_tap: &mut dyn Tap,
-    down_tap: &mut dyn Tap,
+    upstream: Leg<'_>,
+    downstream: Leg<'_>,
 ) -> RelayStats {
     // The counts outlive a direction's future when select! drops it mid-flight. Relaxed atomics
     // written by this task only: no contention, no lock.
     let up_bytes = &counts.client_to_backend;
     let down_bytes = &counts.backend_to_client;
-    let upstream = copy(client, backend, to_backend, up_tap, up_bytes);
-    let downstream = copy(backend, client, to_client, down_tap, down_bytes);
+    let upstream = copy(client, backend, upstream.first, upstream.tap, up_bytes);
+    let downstream = copy(
+        backend,
+        client,
+        downstream.first,
+        downstream.tap,
+        down_bytes,
+    );
     tokio::pin!(upstream, downstream);
     let (ended_by, result) = tokio::select! {
         result = &mut downstream => {

@@ -6,5 +6,6 @@ mod config_corpus;
 mod login;
 mod metrics;
 mod prelogin;
+mod prometheus;
 mod relay;
 mod support;

@@ -81,16 +81,14 @@ impl Proxy {
     }
 }
 
-/// A plain HTTP/1.1 GET; returns the status code and the body.
+/// A plain HTTP/1.0 GET (so the body comes whole, never chunked); returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
         .await
         .expect("connect deadline")
         .expect("connect");
     stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
         .await
         .expect("write");
     let mut all = Vec::new();
