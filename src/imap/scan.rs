@@ -335,45 +335,45 @@ impl Framer {
                 bytes = &bytes[skip..];
                 continue;
             }
-            // Copy the start of a logical line into `head` (without consuming: the line scan
-            // below still needs these octets for the line end and the tail).
+            let newline = memchr::memchr(b'\n', bytes);
+            let line = &bytes[..newline.unwrap_or(bytes.len())];
             if !self.head_done && self.first_physical {
-                let window = &bytes[..(HEAD_MAX - self.head_len).min(bytes.len())];
-                let line_end = memchr::memchr(b'\n', window);
-                let take = line_end.unwrap_or(window.len());
-                self.head[self.head_len..self.head_len + take].copy_from_slice(&window[..take]);
-                self.head_len += take;
-                if line_end.is_some() || self.head_len == HEAD_MAX {
+                if self.head_len == 0 && (newline.is_some() || line.len() >= HEAD_MAX) {
+                    // The whole head is in this chunk: no copy.
                     self.head_done = true;
-                    on(Event::Head(trim_cr(&self.head[..self.head_len])));
+                    on(Event::Head(trim_cr(&line[..line.len().min(HEAD_MAX)])));
+                } else {
+                    // The head spans reads: collect it.
+                    let take = (HEAD_MAX - self.head_len).min(line.len());
+                    self.head[self.head_len..self.head_len + take].copy_from_slice(&line[..take]);
+                    self.head_len += take;
+                    if newline.is_some() || self.head_len == HEAD_MAX {
+                        self.head_done = true;
+                        on(Event::Head(trim_cr(&self.head[..self.head_len])));
+                    }
                 }
             }
-            match memchr::memchr(b'\n', bytes) {
-                None => {
-                    self.keep_tail(bytes);
-                    return None;
+            let Some(i) = newline else {
+                self.keep_tail(bytes);
+                return None;
+            };
+            let literal = self.literal_at_end(line);
+            bytes = &bytes[i + 1..];
+            self.tail_len = 0;
+            match literal {
+                Some((n, sync)) => {
+                    self.first_physical = false;
+                    self.literal_left = n;
+                    if on(Event::Literal(n, sync)) == Flow::Stop {
+                        return Some(total - bytes.len());
+                    }
                 }
-                Some(i) => {
-                    let line = &bytes[..i];
-                    let literal = self.literal_at_end(line);
-                    bytes = &bytes[i + 1..];
-                    self.tail_len = 0;
-                    match literal {
-                        Some((n, sync)) => {
-                            self.first_physical = false;
-                            self.literal_left = n;
-                            if on(Event::Literal(n, sync)) == Flow::Stop {
-                                return Some(total - bytes.len());
-                            }
-                        }
-                        None => {
-                            self.first_physical = true;
-                            self.head_done = false;
-                            self.head_len = 0;
-                            if on(Event::End) == Flow::Stop {
-                                return Some(total - bytes.len());
-                            }
-                        }
+                None => {
+                    self.first_physical = true;
+                    self.head_done = false;
+                    self.head_len = 0;
+                    if on(Event::End) == Flow::Stop {
+                        return Some(total - bytes.len());
                     }
                 }
             }
@@ -397,6 +397,12 @@ impl Framer {
     /// `{n}`, `{n+}` or `~{n}` right before the line end (`line` excludes the LF), looking
     /// into the kept tail when the line began in an earlier chunk.
     fn literal_at_end(&self, line: &[u8]) -> Option<(u64, bool)> {
+        // Fast path: most lines do not end in '}'.
+        if let Some(&last) = trim_cr(line).last()
+            && last != b'}'
+        {
+            return None;
+        }
         let mut joined = [0u8; TAIL_MAX * 2];
         let end: &[u8] = if line.len() >= TAIL_MAX || self.tail_len == 0 {
             line
@@ -606,15 +612,18 @@ impl<'s, 'a> BackendScanner<'s, 'a> {
         let mut off = false;
         self.framer.scan(bytes, |event| match event {
             Event::Head(head) => {
-                let now = Instant::now();
                 if head.first() == Some(&b'+') {
                     shared.continuations.fetch_add(1, Ordering::Relaxed);
-                } else if head.starts_with(b"* ") {
-                    let (_, word, _) = words(head);
-                    if word.eq_ignore_ascii_case(b"BYE") {
+                } else if head.first() == Some(&b'*') {
+                    // Untagged: only BYE matters here. The common case costs three compares.
+                    if head.len() >= 5
+                        && head[2..5].eq_ignore_ascii_case(b"BYE")
+                        && head.get(5).is_none_or(|&c| c == b' ')
+                    {
                         shared.bye.store(true, Ordering::Relaxed);
                     }
                 } else {
+                    let now = Instant::now();
                     let (tag, word, _) = words(head);
                     let completion = if word.eq_ignore_ascii_case(b"OK") {
                         Some(Completion::Ok)
