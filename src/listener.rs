@@ -61,9 +61,7 @@ pub async fn accept_loop(
                     id: SessionId::next(),
                     peer,
                     listener: name.clone(),
-                    config: services.config.clone(),
-                    metrics: services.metrics.clone(),
-                    table: services.sessions.clone(),
+                    services: services.clone(),
                     shutdown: shutdown.clone(),
                 };
                 let open_now = open_now.clone();

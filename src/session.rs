@@ -17,23 +17,22 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::config::Config;
+use crate::Services;
 use crate::imap::response;
 use crate::imap::scan::{BackendScanner, ClientScanner, Shared};
-use crate::metrics::{Metrics, Rejection};
+use crate::metrics::Rejection;
 use crate::shutdown::Shutdown;
 use prelogin::Closed;
 use relay::{Leg, Tap};
-use table::{LiveSession, SessionTable};
+use table::LiveSession;
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
 pub struct Session {
     pub id: SessionId,
     pub peer: SocketAddr,
     pub listener: Arc<str>,
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub table: Arc<SessionTable>,
+    /// Config snapshot, metrics, session table.
+    pub services: Arc<Services>,
     pub shutdown: Shutdown,
 }
 
@@ -67,19 +66,22 @@ pub async fn serve(mut client: TcpStream, session: Session) {
     let started = Instant::now();
     info!(session = %session.id, client = %session.peer, listener = %session.listener, "session start");
     let _ = client.set_nodelay(true);
-    let timeouts = &session.config.timeouts;
+    let timeouts = &session.services.config.timeouts;
 
     let prelogin = tokio::select! {
         result = tokio::time::timeout(timeouts.prelogin, prelogin::run(&mut client, &session)) => result,
         _ = session.shutdown.drain.cancelled() => {
-            session.metrics.rejected(Rejection::shutdown);
+            session.services.metrics.rejected(Rejection::shutdown);
             last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
             return end_before_login(&session, started, "shutdown");
         }
     };
     let authenticated = match prelogin {
         Err(_elapsed) => {
-            session.metrics.rejected(Rejection::prelogin_timeout);
+            session
+                .services
+                .metrics
+                .rejected(Rejection::prelogin_timeout);
             last_word(
                 &mut client,
                 &response::bye("", "Autologout; idle for too long."),
@@ -96,7 +98,10 @@ pub async fn serve(mut client: TcpStream, session: Session) {
         Ok(Ok(Ok(authenticated))) => authenticated,
     };
 
-    let backend_metrics = session.metrics.backend(authenticated.backend_index);
+    let backend_metrics = session
+        .services
+        .metrics
+        .backend(authenticated.backend_index);
     let live = Arc::new(LiveSession {
         id: session.id,
         client: session.peer,
@@ -105,7 +110,7 @@ pub async fn serve(mut client: TcpStream, session: Session) {
         started: std::time::SystemTime::now(),
         bytes: Default::default(),
     });
-    let _registration = session.table.register(live.clone());
+    let _registration = session.services.sessions.register(live.clone());
     backend_metrics.sessions_active.inc();
     let observed = Shared::new(backend_metrics);
     let mut up_tap = Metered {

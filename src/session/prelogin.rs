@@ -63,7 +63,7 @@ pub async fn run<S>(client: &mut S, session: &Session) -> io::Result<Result<Auth
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let config = &session.config;
+    let config = &session.services.config;
     client
         .write_all(&response::greeting(&config.greeting))
         .await?;
@@ -85,7 +85,7 @@ where
                 continue;
             }
             Step::Bad { tag } => {
-                session.metrics.rejected(Rejection::syntax);
+                session.services.metrics.rejected(Rejection::syntax);
                 let tag = tag.as_deref().unwrap_or("*");
                 client
                     .write_all(&response::tagged(
@@ -98,7 +98,10 @@ where
                 continue;
             }
             Step::LiteralRefused { tag } => {
-                session.metrics.rejected(Rejection::literal_too_large);
+                session
+                    .services
+                    .metrics
+                    .rejected(Rejection::literal_too_large);
                 client
                     .write_all(&response::tagged(
                         &tag,
@@ -110,11 +113,14 @@ where
                 continue;
             }
             Step::TooLong => {
-                session.metrics.rejected(Rejection::line_too_long);
+                session.services.metrics.rejected(Rejection::line_too_long);
                 return bye(client, "LIMIT", "Command line too long.", "line_too_long").await;
             }
             Step::LiteralTooLarge => {
-                session.metrics.rejected(Rejection::literal_too_large);
+                session
+                    .services
+                    .metrics
+                    .rejected(Rejection::literal_too_large);
                 return bye(client, "LIMIT", "Literal too large.", "literal_too_large").await;
             }
         };
@@ -128,7 +134,7 @@ where
             Ok(Attempt::Failed) => {
                 failures += 1;
                 if failures >= config.limits.login_attempts {
-                    session.metrics.rejected(Rejection::login_attempts);
+                    session.services.metrics.rejected(Rejection::login_attempts);
                     return bye(client, "", "Too many failed logins.", "login_attempts").await;
                 }
             }
@@ -196,7 +202,7 @@ where
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::NeedsLogin { name } => {
-            session.metrics.rejected(Rejection::needs_login);
+            session.services.metrics.rejected(Rejection::needs_login);
             debug!(session = %session.id, command = name, "command before login");
             client
                 .write_all(&answer(Status::Bad, "", "Log in first."))
@@ -218,7 +224,10 @@ where
                 return Ok(Ok(Attempt::Failed));
             }
             Sasl::Unsupported => {
-                session.metrics.rejected(Rejection::unsupported_mechanism);
+                session
+                    .services
+                    .metrics
+                    .rejected(Rejection::unsupported_mechanism);
                 client
                     .write_all(&answer(
                         Status::No,
@@ -229,7 +238,7 @@ where
                 return Ok(Ok(Attempt::Answered));
             }
             Sasl::TooLong => {
-                session.metrics.rejected(Rejection::line_too_long);
+                session.services.metrics.rejected(Rejection::line_too_long);
                 return bye(client, "LIMIT", "SASL response too long.", "line_too_long").await;
             }
             Sasl::ClientGone => return Ok(Err(Closed::ByClient)),
@@ -353,7 +362,7 @@ async fn login<S>(
 where
     S: AsyncWrite + Unpin,
 {
-    let config = &session.config;
+    let config = &session.services.config;
     let user = credentials.routing_user();
     let mechanism = credentials.mechanism.as_str();
     for index in route::backends_for(config, user) {
@@ -362,6 +371,7 @@ where
         let outcome = match dial::connect(backend, config.timeouts.backend_connect).await {
             Ok(stream) => {
                 session
+                    .services
                     .metrics
                     .backend_connected(&backend.name, started.elapsed());
                 dial::login(stream, credentials, config.timeouts.backend_login).await
@@ -377,6 +387,7 @@ where
             Err(_) => LoginResult::unavailable,
         };
         session
+            .services
             .metrics
             .login(&backend.name, credentials.mechanism, result, took);
         match outcome {
