@@ -11,7 +11,12 @@ use std::path::Path;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use runtime::{Backend, Config, HealthChecks, Limits, ListenerConfig, Routing, Timeouts};
+pub use runtime::{
+    Backend, BackendTls, Cidr, Config, HealthChecks, Limits, ListenerConfig, ListenerTls,
+    ProxyProtocol, Routing, SendProxy, Timeouts,
+};
+
+use crate::tls::{self, CertSource, ServerTls};
 
 /// The configuration used when `imapgate run` gets no `--config`.
 pub const EMBEDDED_DEFAULT: &str = r#"# imapgate's embedded default: one plaintext listener, one local backend.
@@ -170,11 +175,65 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                 ),
             )
         })?;
+        let mut trusted_proxies = Vec::new();
+        for cidr in &l.trusted_proxies {
+            trusted_proxies.push(Cidr::parse(&cidr.value).ok_or_else(|| {
+                v.err(
+                    &cidr.referenced,
+                    format!(
+                        "listeners[].trusted_proxies: {:?} is not an address or CIDR (e.g. \"10.0.0.0/8\")",
+                        cidr.value
+                    ),
+                )
+            })?);
+        }
+        if l.proxy_protocol == ProxyProtocol::Required && trusted_proxies.is_empty() {
+            return Err(v.err(
+                &l.name.referenced,
+                format!(
+                    "listeners[].trusted_proxies: listener {:?} requires PROXY headers but trusts no peer to send them",
+                    l.name.value
+                ),
+            ));
+        }
+        if l.tls != ListenerTls::None && raw.tls.is_none() {
+            return Err(v.err(
+                &l.name.referenced,
+                format!(
+                    "listeners[].tls: listener {:?} uses TLS but there is no top-level tls: {{ cert, key }}",
+                    l.name.value
+                ),
+            ));
+        }
         listeners.push(ListenerConfig {
             name: l.name.value.clone(),
             bind,
+            tls: l.tls,
+            proxy_protocol: l.proxy_protocol,
+            trusted_proxies,
+            allow_plaintext_auth: l.allow_plaintext_auth,
         });
     }
+
+    let server_tls = match &raw.tls {
+        None => None,
+        Some(t) => {
+            let source =
+                |names: &[String], cert: &Spanned<String>, key: &Spanned<String>| CertSource {
+                    names: names.to_vec(),
+                    cert: cert.value.clone().into(),
+                    key: key.value.clone().into(),
+                };
+            let sni = t
+                .sni
+                .iter()
+                .map(|s| source(&s.names, &s.cert, &s.key))
+                .collect();
+            let loaded = ServerTls::load(source(&[], &t.cert, &t.key), sni)
+                .map_err(|e| v.err(&t.cert.referenced, format!("tls: {e}")))?;
+            Some(std::sync::Arc::new(loaded))
+        }
+    };
 
     if raw.backends.is_empty() {
         return Err(v.unplaced("backends: at least one backend is needed"));
@@ -193,10 +252,37 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
             ));
         }
         check_host_port(&v, &b.address)?;
+        let tls_client = if b.tls == BackendTls::None {
+            None
+        } else {
+            let verify = match (&b.ca, b.insecure_skip_verify) {
+                (_, true) => tls::Verify::Nothing,
+                (Some(ca), false) => tls::Verify::CaFile(ca.value.clone().into()),
+                (None, false) => tls::Verify::SystemRoots,
+            };
+            let at =
+                b.ca.as_ref()
+                    .map_or(&b.name.referenced, |ca| &ca.referenced);
+            let client =
+                tls::client_config(verify).map_err(|e| v.err(at, format!("backends[].ca: {e}")))?;
+            let name = match &b.server_name {
+                Some(n) => tls::server_name(&n.value)
+                    .map_err(|e| v.err(&n.referenced, format!("backends[].server_name: {e}")))?,
+                None => tls::server_name(host_of(&b.address.value)).map_err(|e| {
+                    v.err(&b.address.referenced, format!("backends[].address: {e}"))
+                })?,
+            };
+            Some((client, name))
+        };
         backends.push(Backend {
             name: b.name.value.clone(),
             address: b.address.value.clone(),
             weight: b.weight,
+            tls: b.tls,
+            tls_client,
+            insecure_skip_verify: b.insecure_skip_verify,
+            send_proxy: b.send_proxy,
+            forward_id: b.forward_id,
         });
     }
     if backends.iter().all(|b| b.weight == 0) {
@@ -277,6 +363,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         routing,
         limits,
         timeouts,
+        tls: server_tls,
         admin,
         health,
         greeting: raw.greeting,
@@ -302,6 +389,12 @@ fn check_name(v: &Validator, field: &str, name: &Spanned<String>) -> Result<(), 
             ),
         ))
     }
+}
+
+/// `host` of `host:port`, without the brackets of an IPv6 address.
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn check_host_port(v: &Validator, address: &Spanned<String>) -> Result<(), ConfigError> {

@@ -9,9 +9,11 @@ pub mod health;
 pub mod imap;
 pub mod listener;
 pub mod metrics;
+pub mod proxy_header;
 pub mod route;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -26,9 +28,9 @@ use metrics::Metrics;
 use session::table::SessionTable;
 use shutdown::Shutdown;
 
-/// A bound client listener and its name from the config.
+/// A bound client listener and its index in `config.listeners`.
 pub struct BoundListener {
-    pub name: String,
+    pub index: usize,
     pub listener: TcpListener,
 }
 
@@ -44,14 +46,11 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
         std::io::Error::new(e.kind(), format!("cannot bind {what}: {e}"))
     };
     let mut listeners = Vec::with_capacity(config.listeners.len());
-    for l in &config.listeners {
+    for (index, l) in config.listeners.iter().enumerate() {
         let listener = TcpListener::bind(l.bind)
             .await
             .map_err(|e| named(format!("listener {} to {}", l.name, l.bind), e))?;
-        listeners.push(BoundListener {
-            name: l.name.clone(),
-            listener,
-        });
+        listeners.push(BoundListener { index, listener });
     }
     let admin = match config.admin {
         Some(addr) => Some(
@@ -70,6 +69,7 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<SessionTable>,
     pub health: Arc<Health>,
+    pub caps: Arc<ConnectionCaps>,
 }
 
 impl Services {
@@ -78,6 +78,7 @@ impl Services {
             metrics: Arc::new(Metrics::new(&config)),
             sessions: Arc::new(SessionTable::default()),
             health: Health::new(config.backends.len()),
+            caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
             config,
         })
     }
@@ -88,7 +89,12 @@ impl Services {
 pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
     let config = &services.config;
     let tracker = TaskTracker::new();
-    let caps = ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip);
+    let caps = &services.caps;
+    for b in &config.backends {
+        if b.insecure_skip_verify {
+            warn!(backend = %b.name, "insecure_skip_verify: the backend's certificate is not checked");
+        }
+    }
     health::spawn(
         config.clone(),
         services.metrics.clone(),
@@ -107,17 +113,16 @@ pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
         tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
     }
     let mut loops = Vec::new();
-    for BoundListener { name, listener } in bound.listeners {
+    for BoundListener { index, listener } in bound.listeners {
         if let Ok(addr) = listener.local_addr() {
-            info!(listener = %name, address = %addr, "listening");
+            info!(listener = %config.listeners[index].name, address = %addr, "listening");
         }
         loops.push(tokio::spawn(listener::accept_loop(
             listener,
-            name.into(),
+            index,
             services.clone(),
             shutdown.clone(),
             tracker.clone(),
-            caps.clone(),
         )));
     }
     shutdown.drain.cancelled().await;

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::Services;
+use crate::config::ProxyProtocol;
 use crate::imap::response;
 use crate::metrics::Rejection;
 use crate::session::{self, Session, SessionId};
@@ -23,12 +24,17 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 pub async fn accept_loop(
     listener: TcpListener,
-    name: Arc<str>,
+    index: usize,
     services: Arc<Services>,
     shutdown: Shutdown,
     tracker: TaskTracker,
-    caps: Arc<ConnectionCaps>,
 ) {
+    let config = &services.config.listeners[index];
+    let name = &config.name;
+    let caps = &services.caps;
+    // Behind a PROXY balancer every connection comes from the balancer: the per-address cap
+    // is applied in the session, to the address the header carries.
+    let proxied = config.proxy_protocol == ProxyProtocol::Required;
     let mut failing = false;
     let (accepted_total, open_now) = services.metrics.listener(&name);
     loop {
@@ -55,21 +61,26 @@ pub async fn accept_loop(
             }
         };
         accepted_total.inc();
-        match caps.admit(peer.ip()) {
+        let admitted = if proxied {
+            Ok(None)
+        } else {
+            caps.admit(peer.ip()).map(Some)
+        };
+        match admitted {
             Ok(permit) => {
                 let session = Session {
                     id: SessionId::next(),
                     peer,
-                    listener: name.clone(),
+                    local: stream.local_addr().unwrap_or(peer),
+                    listener: index,
                     services: services.clone(),
                     shutdown: shutdown.clone(),
                 };
                 let open_now = open_now.clone();
                 open_now.inc();
                 tracker.spawn(async move {
-                    session::serve(stream, session).await;
+                    session::serve(stream, session, permit).await;
                     open_now.dec();
-                    drop(permit);
                 });
             }
             Err(which) => {

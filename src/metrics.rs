@@ -154,10 +154,19 @@ pub enum Rejection {
     connection_limit,
     /// imapgate is shutting down (BYE).
     shutdown,
+    /// LOGIN/AUTHENTICATE without TLS where plaintext login is off (NO [PRIVACYREQUIRED]).
+    privacy_required,
+    /// On a PROXY listener: a peer not in trusted_proxies, or no valid header (closed).
+    proxy_header,
+    /// A TLS handshake that failed or timed out (closed).
+    tls_handshake,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 10] = [
+    const ALL: [Rejection; 13] = [
+        Rejection::privacy_required,
+        Rejection::proxy_header,
+        Rejection::tls_handshake,
         Rejection::line_too_long,
         Rejection::literal_too_large,
         Rejection::syntax,

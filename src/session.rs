@@ -5,6 +5,7 @@
 pub mod dial;
 pub mod prelogin;
 pub mod relay;
+pub mod stream;
 pub mod table;
 
 use std::fmt;
@@ -13,27 +14,41 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, error, info, warn};
 
 use crate::Services;
+use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::{BackendScanner, ClientScanner, Shared};
+use crate::listener::Permit;
 use crate::metrics::Rejection;
+use crate::proxy_header;
 use crate::shutdown::Shutdown;
-use prelogin::Closed;
+use prelogin::{Closed, Outcome};
 use relay::{Leg, Tap};
+use stream::Stream;
 use table::LiveSession;
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
 pub struct Session {
     pub id: SessionId,
+    /// The client's address: the TCP peer's, or the one a trusted PROXY header carried.
     pub peer: SocketAddr,
-    pub listener: Arc<str>,
+    /// The address the client connected to (this side of the TCP connection).
+    pub local: SocketAddr,
+    /// Index in `config.listeners`.
+    pub listener: usize,
     /// Config snapshot, metrics, session table.
     pub services: Arc<Services>,
     pub shutdown: Shutdown,
+}
+
+impl Session {
+    pub fn listener(&self) -> &ListenerConfig {
+        &self.services.config.listeners[self.listener]
+    }
 }
 
 /// Unique within a process run: start time in seconds and a counter, printed as hex.
@@ -62,40 +77,79 @@ impl fmt::Display for SessionId {
 /// How long a last word (BYE) to a client that may not be reading may take.
 const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub async fn serve(mut client: TcpStream, session: Session) {
+/// Serves one accepted connection. `permit` holds its place under the connection caps; when
+/// the listener takes PROXY headers it is `None` and the place is taken here, for the address
+/// the header carries.
+pub async fn serve(mut tcp: TcpStream, mut session: Session, permit: Option<Permit>) {
     let started = Instant::now();
-    info!(session = %session.id, client = %session.peer, listener = %session.listener, "session start");
-    let _ = client.set_nodelay(true);
-    let timeouts = &session.services.config.timeouts;
+    let services = session.services.clone();
+    let timeouts = &services.config.timeouts;
+    let deadline = tokio::time::Instant::now() + timeouts.prelogin;
+    let _ = tcp.set_nodelay(true);
 
-    let prelogin = tokio::select! {
-        result = tokio::time::timeout(timeouts.prelogin, prelogin::run(&mut client, &session)) => result,
-        _ = session.shutdown.drain.cancelled() => {
-            session.services.metrics.rejected(Rejection::shutdown);
-            last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
-            return end_before_login(&session, started, "shutdown");
-        }
+    let _permit = match permit {
+        Some(permit) => permit,
+        None => match accept_proxy_header(&mut tcp, &mut session, deadline).await {
+            Some(permit) => permit,
+            None => return,
+        },
     };
-    let authenticated = match prelogin {
-        Err(_elapsed) => {
-            session
-                .services
-                .metrics
-                .rejected(Rejection::prelogin_timeout);
-            last_word(
-                &mut client,
-                &response::bye("", "Autologout; idle for too long."),
-            )
-            .await;
-            return end_before_login(&session, started, "prelogin_timeout");
+    let listener = session.listener();
+    info!(session = %session.id, client = %session.peer, listener = %listener.name, "session start");
+
+    let mut client = if listener.tls == ListenerTls::Implicit {
+        match tls_handshake(tcp, &session, deadline).await {
+            Some(tls) => tls,
+            None => return end_before_login(&session, started, "tls_handshake"),
         }
-        Ok(Err(error)) => {
-            debug!(session = %session.id, %error, "client connection error before login");
-            return end_before_login(&session, started, "client_error");
+    } else {
+        Stream::Plain(tcp)
+    };
+
+    let mut greet = true;
+    let authenticated = loop {
+        let step = tokio::select! {
+            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, &session, greet)) => result,
+            _ = session.shutdown.drain.cancelled() => {
+                services.metrics.rejected(Rejection::shutdown);
+                last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
+                return end_before_login(&session, started, "shutdown");
+            }
+        };
+        match step {
+            Err(_elapsed) => {
+                services.metrics.rejected(Rejection::prelogin_timeout);
+                last_word(
+                    &mut client,
+                    &response::bye("", "Autologout; idle for too long."),
+                )
+                .await;
+                return end_before_login(&session, started, "prelogin_timeout");
+            }
+            Ok(Err(error)) => {
+                debug!(session = %session.id, %error, "client connection error before login");
+                return end_before_login(&session, started, "client_error");
+            }
+            Ok(Ok(Outcome::StartTls)) => {
+                // prelogin offers STARTTLS only on plain connections.
+                let Stream::Plain(tcp) = client else {
+                    return end_before_login(&session, started, "starttls_twice");
+                };
+                client = match tls_handshake(tcp, &session, deadline).await {
+                    Some(tls) => tls,
+                    None => return end_before_login(&session, started, "tls_handshake"),
+                };
+                // No new greeting after STARTTLS; the client asks for capabilities again.
+                greet = false;
+            }
+            Ok(Ok(Outcome::Closed(Closed::ByClient))) => {
+                return end_before_login(&session, started, "client");
+            }
+            Ok(Ok(Outcome::Closed(Closed::Bye(reason)))) => {
+                return end_before_login(&session, started, reason);
+            }
+            Ok(Ok(Outcome::LoggedIn(authenticated))) => break authenticated,
         }
-        Ok(Ok(Err(Closed::ByClient))) => return end_before_login(&session, started, "client"),
-        Ok(Ok(Err(Closed::Bye(reason)))) => return end_before_login(&session, started, reason),
-        Ok(Ok(Ok(authenticated))) => authenticated,
     };
 
     let backend_metrics = session
@@ -123,8 +177,8 @@ pub async fn serve(mut client: TcpStream, session: Session) {
     };
     let backend = authenticated.backend;
     let relay = relay::relay(
-        &client,
-        &backend.stream,
+        client,
+        backend.stream,
         timeouts.half_close,
         &live.bytes,
         Leg {
@@ -181,6 +235,81 @@ fn end_before_login(session: &Session, started: Instant, reason: &str) {
 }
 
 /// Best effort: a client that does not read gets no more than `LAST_WORD_TIMEOUT`.
-async fn last_word(client: &mut TcpStream, bytes: &[u8]) {
-    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, client.write_all(bytes)).await;
+async fn last_word<S: AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
+    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, async {
+        client.write_all(bytes).await?;
+        client.flush().await
+    })
+    .await;
+}
+
+/// On a PROXY listener: only trusted peers, and the header must come before the deadline.
+/// Returns the connection's place under the caps, taken for the client the header names.
+async fn accept_proxy_header(
+    tcp: &mut TcpStream,
+    session: &mut Session,
+    deadline: tokio::time::Instant,
+) -> Option<Permit> {
+    let services = session.services.clone();
+    let listener = &services.config.listeners[session.listener];
+    if !listener
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(session.peer.ip()))
+    {
+        warn!(session = %session.id, peer = %session.peer, listener = %listener.name, "connection from a peer not in trusted_proxies refused");
+        services.metrics.rejected(Rejection::proxy_header);
+        return None;
+    }
+    match tokio::time::timeout_at(deadline, proxy_header::read(tcp)).await {
+        Ok(Ok(Some(client))) => session.peer = client,
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => {
+            warn!(session = %session.id, peer = %session.peer, %error, "bad or missing PROXY header");
+            services.metrics.rejected(Rejection::proxy_header);
+            return None;
+        }
+        Err(_) => {
+            services.metrics.rejected(Rejection::prelogin_timeout);
+            return None;
+        }
+    }
+    match services.caps.admit(session.peer.ip()) {
+        Ok(permit) => Some(permit),
+        Err(which) => {
+            warn!(session = %session.id, client = %session.peer, limit = which, "connection refused by limit");
+            services.metrics.rejected(Rejection::connection_limit);
+            last_word(
+                tcp,
+                &response::bye("LIMIT", "Too many connections, try again later."),
+            )
+            .await;
+            None
+        }
+    }
+}
+
+/// The server side of a TLS handshake, under the pre-login deadline.
+async fn tls_handshake(
+    tcp: TcpStream,
+    session: &Session,
+    deadline: tokio::time::Instant,
+) -> Option<Stream> {
+    let Some(tls) = session.services.config.tls.as_ref() else {
+        error!(session = %session.id, "TLS listener without certificates");
+        return None;
+    };
+    match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
+        Ok(Ok(stream)) => Some(Stream::ServerTls(Box::new(stream))),
+        Ok(Err(error)) => {
+            debug!(session = %session.id, %error, "TLS handshake failed");
+            session.services.metrics.rejected(Rejection::tls_handshake);
+            None
+        }
+        Err(_) => {
+            debug!(session = %session.id, "TLS handshake timed out");
+            session.services.metrics.rejected(Rejection::tls_handshake);
+            None
+        }
+    }
 }

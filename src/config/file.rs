@@ -20,6 +20,9 @@ pub struct ConfigFile {
     pub limits: LimitsFile,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    /// Certificates for listeners with `tls: starttls | implicit`.
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
     #[serde(default)]
     pub admin: Option<AdminFile>,
     #[serde(default)]
@@ -34,6 +37,71 @@ pub struct ConfigFile {
 pub struct ListenerFile {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
+    #[serde(default)]
+    pub tls: ListenerTls,
+    /// `required`: every connection starts with a PROXY v1/v2 header from a trusted peer.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocol,
+    /// CIDRs allowed to send PROXY headers.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    /// LOGIN/AUTHENTICATE without TLS. Unset: allowed for loopback clients only.
+    #[serde(default)]
+    pub allow_plaintext_auth: Option<bool>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    #[default]
+    None,
+    Starttls,
+    Implicit,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The default certificate chain and key (PEM), for clients without a matching SNI name.
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    /// More certificates, chosen by the name the client asks for (SNI).
+    #[serde(default)]
+    pub sni: Vec<SniFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniFile {
+    pub names: Vec<String>,
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTls {
+    #[default]
+    None,
+    Implicit,
+    Starttls,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    None,
+    V1,
+    V2,
 }
 
 #[derive(Debug, Deserialize)]
@@ -72,6 +140,23 @@ pub struct BackendFile {
     /// users mapped to it statically still go there.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    #[serde(default)]
+    pub tls: BackendTls,
+    /// PEM file of CA certificates to verify the backend with; the system roots without it.
+    #[serde(default)]
+    pub ca: Option<Spanned<String>>,
+    /// The name the backend's certificate must carry; the address's host without it.
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    /// Accept any certificate (logged as a warning at start). For tests and emergencies.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// Send a PROXY header with the client's address first thing on each connection.
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    /// Send Dovecot's trusted ID fields (x-originating-ip, ...) before the login.
+    #[serde(default)]
+    pub forward_id: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +247,10 @@ fn default_listeners() -> Vec<ListenerFile> {
     vec![ListenerFile {
         name: unspanned("imap".to_string()),
         bind: unspanned("127.0.0.1:1143".to_string()),
+        tls: ListenerTls::None,
+        proxy_protocol: ProxyProtocol::Off,
+        trusted_proxies: Vec::new(),
+        allow_plaintext_auth: None,
     }]
 }
 

@@ -2,8 +2,12 @@
 //! `Arc<Config>` it started with for its whole life.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use super::file::{BackendTls, ListenerTls, ProxyProtocol, SendProxy};
+use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -15,6 +19,8 @@ pub struct Config {
     pub routing: Routing,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// Certificates for TLS listeners (reloadable), when any listener uses TLS.
+    pub tls: Option<Arc<ServerTls>>,
     /// The admin HTTP server's address, if it runs.
     pub admin: Option<SocketAddr>,
     pub health: HealthChecks,
@@ -35,13 +41,121 @@ pub struct HealthChecks {
 pub struct ListenerConfig {
     pub name: String,
     pub bind: SocketAddr,
+    pub tls: ListenerTls,
+    pub proxy_protocol: ProxyProtocol,
+    pub trusted_proxies: Vec<Cidr>,
+    pub allow_plaintext_auth: Option<bool>,
 }
 
-#[derive(Debug, Clone)]
+impl ListenerConfig {
+    /// Whether a client at `client` may send credentials without TLS.
+    pub fn plaintext_auth_allowed(&self, client: IpAddr) -> bool {
+        self.allow_plaintext_auth
+            .unwrap_or_else(|| client.to_canonical().is_loopback())
+    }
+}
+
+#[derive(Clone)]
 pub struct Backend {
     pub name: String,
     pub address: String,
     pub weight: u32,
+    /// TLS towards the backend: the mode and, unless `none`, the client config and the name
+    /// the certificate must carry.
+    pub tls: BackendTls,
+    pub tls_client: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    pub insecure_skip_verify: bool,
+    pub send_proxy: SendProxy,
+    pub forward_id: bool,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("weight", &self.weight)
+            .field("tls", &self.tls)
+            .field("send_proxy", &self.send_proxy)
+            .field("forward_id", &self.forward_id)
+            .finish()
+    }
+}
+
+/// An address range, `10.0.0.0/8` or `2001:db8::/32`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr {
+            network: addr,
+            prefix,
+        })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(c.contains("10.1.200.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(
+            c.contains("::ffff:10.1.0.9".parse().unwrap()),
+            "v4-mapped v6"
+        );
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("203.0.113.7".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("2001:db8::/32")
+                .unwrap()
+                .contains("2001:db8:1::1".parse().unwrap())
+        );
+        assert!(
+            Cidr::parse("127.0.0.1")
+                .unwrap()
+                .contains("127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
+        assert_eq!(Cidr::parse("nonsense"), None);
+    }
 }
 
 #[derive(Debug, Clone)]

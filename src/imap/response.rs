@@ -1,17 +1,28 @@
 //! What imapgate itself says to clients: greeting, tagged and untagged status, continuations.
 //! Response codes are RFC 5530's where one fits.
 
-/// Capabilities imapgate offers before login. After login the backend's list (sent in the
-/// tagged OK's `[CAPABILITY ...]` code) replaces it.
-pub const PRELOGIN_CAPABILITIES: &str = "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN";
-
-pub fn greeting(text: &str) -> Vec<u8> {
-    format!("* OK [CAPABILITY {PRELOGIN_CAPABILITIES}] {text}\r\n").into_bytes()
+/// Capabilities imapgate offers before login: STARTTLS where it is on offer, and either the
+/// SASL mechanisms or LOGINDISABLED (RFC 3501 6.2.3) where plaintext login is not allowed.
+/// After login the backend's list (sent in the tagged OK's `[CAPABILITY ...]` code) replaces it.
+pub fn capabilities(starttls: bool, auth: bool) -> String {
+    let mut caps = String::from("IMAP4rev1 SASL-IR LITERAL+ ID");
+    if starttls {
+        caps.push_str(" STARTTLS");
+    }
+    caps.push_str(if auth {
+        " AUTH=PLAIN AUTH=LOGIN"
+    } else {
+        " LOGINDISABLED"
+    });
+    caps
 }
 
-pub fn capability(tag: &str) -> Vec<u8> {
-    format!("* CAPABILITY {PRELOGIN_CAPABILITIES}\r\n{tag} OK Capability completed.\r\n")
-        .into_bytes()
+pub fn greeting(capabilities: &str, text: &str) -> Vec<u8> {
+    format!("* OK [CAPABILITY {capabilities}] {text}\r\n").into_bytes()
+}
+
+pub fn capability(capabilities: &str, tag: &str) -> Vec<u8> {
+    format!("* CAPABILITY {capabilities}\r\n{tag} OK Capability completed.\r\n").into_bytes()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,14 @@
 //! Dial: the only place where imapgate speaks IMAP as a client.
 //!
 //! ```text
-//! connect (timeouts.backend_connect)
-//!   └─► greeting "* OK" ─► [CAPABILITY if the greeting had none] ─► replay the login ─► tagged answer
-//!        "* BYE" / "* PREAUTH" / silence / close: the backend is unavailable   (timeouts.backend_login)
+//! connect (timeouts.backend_connect) ─► [PROXY header] ─► [TLS handshake, tls: implicit]
+//!   └─► greeting "* OK" ─► [STARTTLS, tls: starttls] ─► [CAPABILITY, when not known]
+//!        ─► [ID with the client's address, forward_id] ─► replay the login ─► tagged answer
+//!   "* BYE" / "* PREAUTH" / silence / close / a bad certificate: unavailable (timeouts.backend_login)
 //! ```
+//!
+//! After the backend's OK to STARTTLS anything it sent before the handshake is discarded, and
+//! the capabilities are asked for again over TLS.
 //!
 //! The login is replayed as it came: LOGIN as LOGIN (quoted when that is exact, else a literal,
 //! `{n+}` when the backend offers LITERAL+), AUTHENTICATE PLAIN as PLAIN (with SASL-IR when
@@ -12,23 +16,31 @@
 //! answer is returned without its tag, to be sent on with the client's.
 
 use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::Backend;
+use super::stream::Stream;
+use crate::config::{Backend, BackendTls, SendProxy};
+use crate::imap::response;
 use crate::imap::sasl::{self, Credentials, Mechanism};
+use crate::proxy_header;
 
-/// The tag imapgate uses towards backends.
+/// The tag of the login command towards backends.
 const TAG: &str = "ig1";
+/// The tag of everything before it (STARTTLS, CAPABILITY, ID).
+const PREP_TAG: &str = "ig0";
 /// Longest backend line read during dial; real greetings and answers are far shorter.
 const LINE_MAX: usize = 64 * 1024;
 
 /// A backend session that accepted the login.
 #[derive(Debug)]
 pub struct LoggedIn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Untagged responses the backend sent during the login, to be passed to the client.
     pub untagged: Vec<u8>,
     /// The tagged answer without the tag: `OK [CAPABILITY ...] Logged in\r\n`.
@@ -63,6 +75,19 @@ pub enum DialError {
     Refused(String),
     #[error("backend spoke out of protocol: {0}")]
     Protocol(String),
+    #[error("TLS with the backend failed: {0}")]
+    Tls(io::Error),
+}
+
+/// Who the client is, for the PROXY header and the ID fields sent to backends.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub client: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+    pub session_id: String,
+    /// The client's own ID fields (already filtered), merged into ours.
+    pub client_id: Vec<(String, String)>,
 }
 
 /// TCP connect, under `timeout`.
@@ -75,15 +100,56 @@ pub async fn connect(backend: &Backend, timeout: Duration) -> Result<TcpStream, 
     Ok(stream)
 }
 
-/// Greeting, capabilities and the login replay on a connected backend, under `timeout`.
+/// Everything after the TCP connect, under `timeout`.
 pub async fn login(
-    stream: TcpStream,
+    tcp: TcpStream,
+    backend: &Backend,
     credentials: &Credentials,
+    identity: &Identity,
     timeout: Duration,
 ) -> Result<LoginOutcome, DialError> {
-    tokio::time::timeout(timeout, greet_and_login(stream, credentials))
+    tokio::time::timeout(
+        timeout,
+        prepare_and_login(tcp, backend, credentials, identity),
+    )
+    .await
+    .map_err(|_| DialError::LoginTimeout(timeout))?
+}
+
+async fn prepare_and_login(
+    mut tcp: TcpStream,
+    backend: &Backend,
+    credentials: &Credentials,
+    identity: &Identity,
+) -> Result<LoginOutcome, DialError> {
+    match backend.send_proxy {
+        SendProxy::None => {}
+        SendProxy::V1 => {
+            tcp.write_all(&proxy_header::v1(identity.client, identity.local))
+                .await?
+        }
+        SendProxy::V2 => {
+            tcp.write_all(&proxy_header::v2(identity.client, identity.local)?)
+                .await?
+        }
+    }
+    let stream = match (&backend.tls, &backend.tls_client) {
+        (BackendTls::Implicit, Some(tls)) => tls_connect(tcp, tls).await?,
+        _ => Stream::Plain(tcp),
+    };
+    greet_and_login(stream, backend, credentials, identity).await
+}
+
+async fn tls_connect(
+    tcp: TcpStream,
+    (config, name): &(Arc<rustls::ClientConfig>, ServerName<'static>),
+) -> Result<Stream, DialError> {
+    let connector = tokio_rustls::TlsConnector::from(config.clone());
+    let tls = connector
+        .connect(name.clone(), tcp)
         .await
-        .map_err(|_| DialError::LoginTimeout(timeout))?
+        .map_err(DialError::Tls)?;
+    Ok(Stream::ClientTls(Box::new(tls)))
 }
 
 impl DialError {
@@ -94,19 +160,18 @@ impl DialError {
 }
 
 async fn greet_and_login(
-    stream: TcpStream,
+    stream: Stream,
+    backend: &Backend,
     credentials: &Credentials,
+    identity: &Identity,
 ) -> Result<LoginOutcome, DialError> {
     let mut conn = BackendConn {
         stream,
         buf: Vec::with_capacity(1024),
     };
     let greeting = conn.read_line("before its greeting").await?;
-    let caps = if greeting.starts_with(b"* OK") {
-        match capabilities_in(&greeting) {
-            Some(caps) => caps,
-            None => conn.capability().await?,
-        }
+    let mut caps = if greeting.starts_with(b"* OK") {
+        capabilities_in(&greeting)
     } else if greeting.starts_with(b"* BYE") {
         return Err(DialError::Refused(printable(&greeting)));
     } else {
@@ -115,7 +180,32 @@ async fn greet_and_login(
             printable(&greeting)
         )));
     };
+    if let (BackendTls::Starttls, Some(tls)) = (&backend.tls, &backend.tls_client) {
+        let answer = conn.command(b"STARTTLS").await?;
+        if !answer.starts_with(b"OK") {
+            return Err(DialError::Refused(format!(
+                "STARTTLS: {}",
+                printable(&answer)
+            )));
+        }
+        // Whatever came after the OK was sent in plaintext and is not to be trusted.
+        conn.buf.clear();
+        let Stream::Plain(tcp) = conn.stream else {
+            return Err(DialError::Protocol("STARTTLS on a TLS connection".into()));
+        };
+        conn.stream = tls_connect(tcp, tls).await?;
+        // Capabilities from before TLS are void.
+        caps = None;
+    }
+    let caps = match caps {
+        Some(caps) => caps,
+        None => conn.capability().await?,
+    };
     let has = |cap: &str| caps.iter().any(|c| c.eq_ignore_ascii_case(cap));
+    if backend.forward_id {
+        // The answer does not matter: a backend that ignores ID still takes the login.
+        conn.command(&id_command(identity)).await?;
+    }
 
     let mut untagged = Vec::new();
     let parts = match credentials.mechanism {
@@ -130,6 +220,7 @@ async fn greet_and_login(
     let last = parts.len() - 1;
     for (i, part) in parts.iter().enumerate() {
         conn.stream.write_all(part).await?;
+        conn.stream.flush().await?;
         if i == last {
             break;
         }
@@ -165,7 +256,7 @@ enum Answer {
 }
 
 struct BackendConn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
 }
 
@@ -217,19 +308,51 @@ impl BackendConn {
         }
     }
 
+    /// Sends `ig0 <command>` and returns the tagged answer without the tag; untagged lines
+    /// in between are dropped (they answer us, not the client).
+    async fn command(&mut self, command: &[u8]) -> Result<Vec<u8>, DialError> {
+        let mut line = format!("{PREP_TAG} ").into_bytes();
+        line.extend_from_slice(command);
+        line.extend_from_slice(b"\r\n");
+        self.stream.write_all(&line).await?;
+        self.stream.flush().await?;
+        self.untagged_until(PREP_TAG, |_| {}).await
+    }
+
+    /// Reads lines until the one tagged `tag`, handing each untagged line to `untagged`.
+    async fn untagged_until(
+        &mut self,
+        tag: &str,
+        mut untagged: impl FnMut(&[u8]),
+    ) -> Result<Vec<u8>, DialError> {
+        loop {
+            let line = self.read_line("before the login").await?;
+            if let Some(rest) = line
+                .strip_prefix(tag.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            {
+                return Ok(rest.to_vec());
+            }
+            if line.starts_with(b"* BYE") {
+                return Err(DialError::Refused(printable(&line)));
+            }
+            untagged(&line);
+        }
+    }
+
     async fn capability(&mut self) -> Result<Vec<String>, DialError> {
         self.stream
-            .write_all(format!("{TAG} CAPABILITY\r\n").as_bytes())
+            .write_all(format!("{PREP_TAG} CAPABILITY\r\n").as_bytes())
             .await?;
+        self.stream.flush().await?;
         let mut caps = Vec::new();
-        loop {
-            let line = self.read_line("during CAPABILITY").await?;
+        self.untagged_until(PREP_TAG, |line| {
             if let Some(list) = line.strip_prefix(b"* CAPABILITY ") {
                 caps = words(list);
-            } else if line.starts_with(TAG.as_bytes()) {
-                return Ok(caps);
             }
-        }
+        })
+        .await?;
+        Ok(caps)
     }
 }
 
@@ -245,6 +368,36 @@ fn words(list: &[u8]) -> Vec<String> {
         .split_ascii_whitespace()
         .map(str::to_string)
         .collect()
+}
+
+/// `ID (...)`: Dovecot's trusted fields (honoured from `login_trusted_networks`), then the
+/// client's own fields.
+fn id_command(identity: &Identity) -> Vec<u8> {
+    let ours = [
+        (
+            "x-originating-ip",
+            identity.client.ip().to_canonical().to_string(),
+        ),
+        ("x-originating-port", identity.client.port().to_string()),
+        (
+            "x-connected-ip",
+            identity.local.ip().to_canonical().to_string(),
+        ),
+        ("x-connected-port", identity.local.port().to_string()),
+        ("x-session-id", identity.session_id.clone()),
+        ("x-proxy-ttl", "5".to_string()),
+    ];
+    let mut fields: Vec<String> = Vec::new();
+    for (k, v) in ours.iter().map(|(k, v)| (*k, v.as_str())).chain(
+        identity
+            .client_id
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    ) {
+        fields.push(response::quoted(k));
+        fields.push(response::quoted(v));
+    }
+    format!("ID ({})", fields.join(" ")).into_bytes()
 }
 
 /// `ig1 AUTHENTICATE PLAIN ...`, in one part with SASL-IR or two without.

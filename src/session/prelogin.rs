@@ -21,6 +21,8 @@ use tracing::{debug, info, warn};
 
 use super::Session;
 use super::dial::{self, LoginOutcome};
+use super::stream::Stream;
+use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
@@ -41,6 +43,17 @@ pub struct Authenticated {
     pub client_buffered: Vec<u8>,
 }
 
+/// How pre-login ended.
+#[derive(Debug)]
+pub enum Outcome {
+    LoggedIn(Authenticated),
+    /// The client asked for STARTTLS and got OK: the caller does the handshake and runs
+    /// pre-login again. Whatever the client sent after the STARTTLS line is dropped with the
+    /// reader (command injection, CVE-2011-0411).
+    StartTls,
+    Closed(Closed),
+}
+
 /// How pre-login ended without a login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closed {
@@ -53,28 +66,48 @@ pub enum Closed {
 /// What a login attempt came to, for the pre-login loop.
 enum Attempt {
     LoggedIn(Box<Authenticated>),
+    StartTls,
     /// The answer has been sent; the client may try again.
     Failed,
     /// The answer has been sent; nothing to count.
     Answered,
 }
 
-pub async fn run<S>(client: &mut S, session: &Session) -> io::Result<Result<Authenticated, Closed>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+/// What this connection may do before login.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    /// STARTTLS is on offer (a STARTTLS listener, not yet TLS).
+    starttls: bool,
+    /// LOGIN and AUTHENTICATE are allowed (TLS, or plaintext allowed for this client).
+    auth: bool,
+}
+
+/// Runs pre-login on `client` (greeting first when `greet`; not after STARTTLS).
+pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Result<Outcome> {
     let config = &session.services.config;
-    client
-        .write_all(&response::greeting(&config.greeting))
-        .await?;
+    let listener = session.listener();
+    let tls = client.is_tls();
+    let policy = Policy {
+        starttls: listener.tls == ListenerTls::Starttls && !tls,
+        auth: tls || listener.plaintext_auth_allowed(session.peer.ip()),
+    };
+    if greet {
+        let caps = response::capabilities(policy.starttls, policy.auth);
+        client
+            .write_all(&response::greeting(&caps, &config.greeting))
+            .await?;
+    }
     let mut reader = CommandReader::new(config.limits.line_max, config.limits.literal_max);
+    let mut client_id = Vec::new();
     let mut failures = 0u32;
     loop {
         let parsed = match reader.step() {
             Step::Command(parsed) => parsed,
             Step::NeedMore => {
+                // Answers so far must be out before we wait (TLS buffers writes).
+                client.flush().await?;
                 if reader.read_from(client).await? == 0 {
-                    return Ok(Err(Closed::ByClient));
+                    return Ok(Outcome::Closed(Closed::ByClient));
                 }
                 continue;
             }
@@ -125,12 +158,14 @@ where
             }
         };
 
-        match handle(client, session, &mut reader, parsed).await? {
+        match handle(client, session, policy, &mut reader, &mut client_id, parsed).await? {
             Ok(Attempt::LoggedIn(authenticated)) => {
+                client.flush().await?;
                 let mut authenticated = *authenticated;
                 authenticated.client_buffered = reader.into_buffered();
-                return Ok(Ok(authenticated));
+                return Ok(Outcome::LoggedIn(authenticated));
             }
+            Ok(Attempt::StartTls) => return Ok(Outcome::StartTls),
             Ok(Attempt::Failed) => {
                 failures += 1;
                 if failures >= config.limits.login_attempts {
@@ -139,25 +174,40 @@ where
                 }
             }
             Ok(Attempt::Answered) => {}
-            Err(closed) => return Ok(Err(closed)),
+            Err(closed) => return Ok(Outcome::Closed(closed)),
         }
     }
 }
 
 /// Answers one command.
-async fn handle<S>(
-    client: &mut S,
+async fn handle(
+    client: &mut Stream,
     session: &Session,
+    policy: Policy,
     reader: &mut CommandReader,
+    client_id: &mut Vec<(String, String)>,
     Parsed { tag, command }: Parsed,
-) -> io::Result<Result<Attempt, Closed>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> io::Result<Result<Attempt, Closed>> {
     let answer = |status, code, text| response::tagged(&tag, status, code, text);
+    if matches!(
+        command,
+        PreloginCommand::Login { .. } | PreloginCommand::Authenticate { .. }
+    ) && !policy.auth
+    {
+        session
+            .services
+            .metrics
+            .rejected(Rejection::privacy_required);
+        let text = "Plaintext authentication is disabled; use STARTTLS or port 993.";
+        client
+            .write_all(&answer(Status::No, "PRIVACYREQUIRED", text))
+            .await?;
+        return Ok(Ok(Attempt::Answered));
+    }
     let credentials = match command {
         PreloginCommand::Capability => {
-            client.write_all(&response::capability(&tag)).await?;
+            let caps = response::capabilities(policy.starttls, policy.auth);
+            client.write_all(&response::capability(&caps, &tag)).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Noop => {
@@ -173,13 +223,12 @@ where
             return Ok(Err(Closed::ByClient));
         }
         PreloginCommand::Id(fields) => {
-            if let Some(name) = fields
+            *client_id = forwardable_id(fields.unwrap_or_default());
+            if let Some((_, name)) = client_id
                 .iter()
-                .flatten()
                 .find(|(k, _)| k.eq_ignore_ascii_case("name"))
-                .and_then(|(_, v)| v.as_deref())
             {
-                debug!(session = %session.id, client_name = %name.escape_default(), "client ID");
+                debug!(session = %session.id, client_name = %name, "client ID");
             }
             let mut out = format!(
                 "* ID ({} {})\r\n",
@@ -191,14 +240,20 @@ where
             client.write_all(&out).await?;
             return Ok(Ok(Attempt::Answered));
         }
-        PreloginCommand::StartTls => {
+        PreloginCommand::StartTls if policy.starttls => {
             client
-                .write_all(&answer(
-                    Status::Bad,
-                    "",
-                    "STARTTLS is not offered on this listener.",
-                ))
+                .write_all(&answer(Status::Ok, "", "Begin TLS negotiation now."))
                 .await?;
+            client.flush().await?;
+            return Ok(Ok(Attempt::StartTls));
+        }
+        PreloginCommand::StartTls => {
+            let text = if client.is_tls() {
+                "TLS is already active."
+            } else {
+                "STARTTLS is not offered on this listener."
+            };
+            client.write_all(&answer(Status::Bad, "", text)).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::NeedsLogin { name } => {
@@ -247,28 +302,56 @@ where
     let credentials = match credentials {
         Ok(c) => c,
         Err(why) => {
+            session
+                .services
+                .metrics
+                .rejected(Rejection::bad_credentials);
             client
                 .write_all(&answer(Status::Bad, "CLIENTBUG", why))
                 .await?;
             return Ok(Ok(Attempt::Failed));
         }
     };
-    login(client, session, &tag, &credentials).await.map(Ok)
+    login(client, session, &tag, &credentials, client_id)
+        .await
+        .map(Ok)
+}
+
+/// The client's ID fields that may go on to the backend: printable ASCII, at most 30 pairs
+/// (RFC 2971), and never an `x-` field, which a backend may trust (x-originating-ip, ...):
+/// those only imapgate sets.
+fn forwardable_id(fields: Vec<(String, Option<String>)>) -> Vec<(String, String)> {
+    let printable = |s: &str| s.len() <= 1024 && s.bytes().all(|c| (0x20..0x7f).contains(&c));
+    fields
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .filter(|(k, v)| printable(k) && printable(v) && !k.to_ascii_lowercase().starts_with("x-"))
+        .take(30)
+        .collect()
 }
 
 /// Sends `* BYE` and ends pre-login.
-async fn bye<S, T>(
-    client: &mut S,
+async fn bye<T: From<Closed>>(
+    client: &mut Stream,
     code: &str,
     text: &str,
     reason: &'static str,
-) -> io::Result<Result<T, Closed>>
-where
-    S: AsyncWrite + Unpin,
-{
+) -> io::Result<T> {
     client.write_all(&response::bye(code, text)).await?;
     client.flush().await?;
-    Ok(Err(Closed::Bye(reason)))
+    Ok(Closed::Bye(reason).into())
+}
+
+impl From<Closed> for Outcome {
+    fn from(closed: Closed) -> Self {
+        Outcome::Closed(closed)
+    }
+}
+
+impl From<Closed> for Result<Attempt, Closed> {
+    fn from(closed: Closed) -> Self {
+        Err(closed)
+    }
 }
 
 enum Sasl {
@@ -333,6 +416,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     client.write_all(&response::continuation(challenge)).await?;
+    client.flush().await?;
     loop {
         match reader.take_line() {
             Ok(Some(line)) => {
@@ -353,16 +437,20 @@ where
 }
 
 /// Routes the user, tries its backends in order, and answers the client with its own tag.
-async fn login<S>(
-    client: &mut S,
+async fn login(
+    client: &mut Stream,
     session: &Session,
     tag: &str,
     credentials: &Credentials,
-) -> io::Result<Attempt>
-where
-    S: AsyncWrite + Unpin,
-{
+    client_id: &[(String, String)],
+) -> io::Result<Attempt> {
     let config = &session.services.config;
+    let identity = dial::Identity {
+        client: session.peer,
+        local: session.local,
+        session_id: session.id.to_string(),
+        client_id: client_id.to_vec(),
+    };
     let user = credentials.routing_user();
     let mechanism = credentials.mechanism.as_str();
     for index in route::backends_for(config, user) {
@@ -374,7 +462,14 @@ where
                     .services
                     .metrics
                     .backend_connected(&backend.name, started.elapsed());
-                dial::login(stream, credentials, config.timeouts.backend_login).await
+                dial::login(
+                    stream,
+                    backend,
+                    credentials,
+                    &identity,
+                    config.timeouts.backend_login,
+                )
+                .await
             }
             Err(e) => Err(e),
         };

@@ -1,9 +1,10 @@
 //! Relay: after the login, bytes both ways, unchanged, until the session ends.
 //!
-//! Each direction waits for readiness, then borrows a buffer from a per-thread pool, reads and
-//! writes until the socket has nothing more, and gives the buffer back. So an idle session
-//! (IDLE, or a client that just sits there) holds no buffer at all, and the busy path allocates
-//! nothing and takes no lock. Every chunk passes through `Tap::observe` on its way, which is
+//! Plain TCP on both sides: each direction waits for readiness, then borrows a buffer from a
+//! per-thread pool, reads and writes until the socket has nothing more, and gives the buffer
+//! back. So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
+//! the busy path allocates nothing and takes no lock. With TLS on either side each direction
+//! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk passes through `Tap::observe` on its way, which is
 //! where the command observer sits; it sees the relay's own buffer, it never copies or delays.
 //!
 //! Ends:
@@ -19,10 +20,15 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::stream::Stream;
 
 /// Sized for bulk FETCH bodies; only busy directions hold one.
 const BUFFER_SIZE: usize = 32 * 1024;
+/// A TLS record's worth of plaintext.
+const TLS_BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers a worker thread keeps for reuse; more than this are freed.
 const POOL_MAX: usize = 256;
 
@@ -85,42 +91,45 @@ pub struct Leg<'t> {
 
 /// Relays until the session ends.
 pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: Stream,
+    backend: Stream,
     half_close: Duration,
     counts: &ByteCounts,
     upstream: Leg<'_>,
     downstream: Leg<'_>,
 ) -> RelayStats {
-    // The counts outlive a direction's future when select! drops it mid-flight. Relaxed atomics
-    // written by this task only: no contention, no lock.
-    let up_bytes = &counts.client_to_backend;
-    let down_bytes = &counts.backend_to_client;
-    let upstream = copy(client, backend, upstream.first, upstream.tap, up_bytes);
-    let downstream = copy(
-        backend,
-        client,
-        downstream.first,
-        downstream.tap,
-        down_bytes,
-    );
-    tokio::pin!(upstream, downstream);
-    let (ended_by, result) = tokio::select! {
-        result = &mut downstream => {
-            shut(client, Shutdown::Both);
-            (EndedBy::Backend, result)
+    let (up_bytes, down_bytes) = (&counts.client_to_backend, &counts.backend_to_client);
+    let (ended_by, result) = match (client, backend) {
+        (Stream::Plain(client), Stream::Plain(backend)) => {
+            let up = copy_tcp(&client, &backend, upstream.first, upstream.tap, up_bytes);
+            let down = copy_tcp(
+                &backend,
+                &client,
+                downstream.first,
+                downstream.tap,
+                down_bytes,
+            );
+            finish(up, down, half_close).await
         }
-        result = &mut upstream => match result {
-            Err(e) => (EndedBy::Client, Err(e)),
-            // The client half-closed; copy() passed that on to the backend. Finish the answer.
-            Ok(()) => match tokio::time::timeout(half_close, &mut downstream).await {
-                Ok(result) => {
-                    shut(client, Shutdown::Both);
-                    (EndedBy::Client, result)
-                }
-                Err(_) => (EndedBy::HalfCloseTimeout, Ok(())),
-            },
-        },
+        (client, backend) => {
+            let (client_read, client_write) = tokio::io::split(client);
+            let (backend_read, backend_write) = tokio::io::split(backend);
+            let up = copy_io(
+                client_read,
+                backend_write,
+                upstream.first,
+                upstream.tap,
+                up_bytes,
+            );
+            let down = copy_io(
+                backend_read,
+                client_write,
+                downstream.first,
+                downstream.tap,
+                down_bytes,
+            );
+            finish(up, down, half_close).await
+        }
     };
     RelayStats {
         client_to_backend: up_bytes.load(Ordering::Relaxed),
@@ -130,11 +139,38 @@ pub async fn relay(
     }
 }
 
+/// Runs both directions until the session is over (see the module doc for who ends it).
+async fn finish(
+    upstream: impl Future<Output = io::Result<()>>,
+    downstream: impl Future<Output = io::Result<()>>,
+    half_close: Duration,
+) -> (EndedBy, io::Result<()>) {
+    tokio::pin!(upstream, downstream);
+    tokio::select! {
+        result = &mut downstream => (EndedBy::Backend, result),
+        result = &mut upstream => match result {
+            Err(e) => (EndedBy::Client, Err(e)),
+            // The client half-closed and that was passed on; let the backend finish its answer.
+            Ok(()) => match tokio::time::timeout(half_close, &mut downstream).await {
+                Ok(result) => (EndedBy::Client, result),
+                Err(_) => (EndedBy::HalfCloseTimeout, Ok(())),
+            },
+        },
+    }
+}
+
+/// The counts outlive a direction's future when select! drops it mid-flight: they are relaxed
+/// atomics written by this task only (no contention, no lock).
+fn count(bytes: &AtomicU64, n: usize) {
+    bytes.fetch_add(n as u64, Ordering::Relaxed);
+}
+
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
-async fn copy(
+/// Plain TCP: wait for readiness, then borrow a buffer until the socket is drained.
+async fn copy_tcp(
     from: &TcpStream,
     to: &TcpStream,
     first: Vec<u8>,
@@ -144,7 +180,7 @@ async fn copy(
     if !first.is_empty() {
         tap.observe(&first);
         write_all(to, &first).await?;
-        bytes.fetch_add(first.len() as u64, Ordering::Relaxed);
+        count(bytes, first.len());
     }
     drop(first);
     loop {
@@ -161,12 +197,47 @@ async fn copy(
                     let chunk = &buf.0[..n];
                     tap.observe(chunk);
                     write_all(to, chunk).await?;
-                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    count(bytes, n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// TLS on either side: rustls streams have no readiness API, so each direction keeps one
+/// TLS-record-sized buffer for the life of the session.
+async fn copy_io<R, W>(
+    mut from: R,
+    mut to: W,
+    first: Vec<u8>,
+    tap: &mut dyn Tap,
+    bytes: &AtomicU64,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if !first.is_empty() {
+        tap.observe(&first);
+        to.write_all(&first).await?;
+        to.flush().await?;
+        count(bytes, first.len());
+    }
+    drop(first);
+    let mut buf = vec![0u8; TLS_BUFFER_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on (close_notify and FIN on a TLS side).
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        tap.observe(&buf[..n]);
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        count(bytes, n);
     }
 }
 

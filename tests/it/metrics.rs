@@ -138,11 +138,11 @@ async fn scripted_session_gives_exact_counters() {
     assert_eq!(logins("login", "rejected"), Some(1.0));
     assert_eq!(logins("plain", "ok"), Some(0.0));
     assert_eq!(
-        sample(&m, "imapgate_connections_total", "listener=\"test\""),
+        sample(&m, "imapgate_connections_total", "listener=\"imap\""),
         Some(1.0)
     );
     assert_eq!(
-        sample(&m, "imapgate_connections_active", "listener=\"test\""),
+        sample(&m, "imapgate_connections_active", "listener=\"imap\""),
         Some(0.0)
     );
     let up = sample(
@@ -195,7 +195,7 @@ async fn prelogin_rejections_are_counted_by_reason() {
     c.send(vec![b'x'; 2000]).await;
     c.rest().await;
     let m = metrics_when(&proxy, |m| {
-        sample(m, "imapgate_connections_active", "listener=\"test\"") == Some(0.0)
+        sample(m, "imapgate_connections_active", "listener=\"imap\"") == Some(0.0)
     })
     .await;
     for (reason, n) in [

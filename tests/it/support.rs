@@ -39,10 +39,7 @@ impl Proxy {
         let admin = admin_listener.local_addr().expect("admin addr");
         let shutdown = Shutdown::new();
         let bound = Bound {
-            listeners: vec![BoundListener {
-                name: "test".into(),
-                listener,
-            }],
+            listeners: vec![BoundListener { index: 0, listener }],
             admin: Some(admin_listener),
         };
         let task = tokio::spawn(imapgate::run(
