@@ -36,7 +36,7 @@ pub async fn accept_loop(
     // is applied in the session, to the address the header carries.
     let proxied = config.proxy_protocol == ProxyProtocol::Required;
     let mut failing = false;
-    let (accepted_total, open_now) = services.metrics.listener(&name);
+    let (accepted_total, open_now) = services.metrics.listener(name);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,

@@ -122,9 +122,29 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             info!("shutdown requested");
             on_signal.begin();
         });
-        imapgate::run(bound, imapgate::Services::new(Arc::new(config)), shutdown).await;
+        let config = Arc::new(config);
+        if let Some(tls) = config.tls.clone() {
+            tokio::spawn(reload_certificates_on_sighup(tls));
+        }
+        imapgate::run(bound, imapgate::Services::new(config), shutdown).await;
         ExitCode::SUCCESS
     })
+}
+
+/// SIGHUP: read the TLS certificates again. A file that does not load leaves the old
+/// certificates in place; sessions already running keep theirs either way.
+async fn reload_certificates_on_sighup(tls: Arc<imapgate::tls::ServerTls>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot watch SIGHUP; certificates will not reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => info!("TLS certificates reloaded"),
+            Err(e) => error!(error = %e, "TLS certificates not reloaded; the old ones stay"),
+        }
+    }
 }
 
 /// Each proxied session holds two descriptors: take the hard limit, not the soft default.
