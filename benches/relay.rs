@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use imapgate::imap::scan::{BackendScanner, ClientScanner, CommandId, Completion, Shared, Sink};
 use imapgate::session::relay::{ByteCounts, Leg, NoTap, Tap, relay};
+use imapgate::session::stream::Stream;
 
 struct Discard;
 impl Sink for Discard {
@@ -163,8 +164,8 @@ async fn one_run(server: &[u8], observed: bool, clock: Clock) -> Duration {
         (&mut plain_up, &mut plain_down)
     };
     relay(
-        &proxy_client,
-        &proxy_backend,
+        Stream::Plain(proxy_client),
+        Stream::Plain(proxy_backend),
         Duration::from_secs(10),
         &counts,
         Leg {
@@ -177,8 +178,6 @@ async fn one_run(server: &[u8], observed: bool, clock: Clock) -> Duration {
         },
     )
     .await;
-    drop(proxy_client);
-    drop(proxy_backend);
     let got = reader.await.unwrap();
     let elapsed = match clock {
         Clock::Wall => started.elapsed(),
