@@ -9,3 +9,4 @@ mod prelogin;
 mod prometheus;
 mod relay;
 mod support;
+mod tls;

@@ -1,13 +1,15 @@
 //! Test support: Dovecot instances, imapgate in-process on port 0, a scripted raw client.
 
 pub mod dovecot;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
 
 use imapgate::shutdown::Shutdown;
 use imapgate::{Bound, BoundListener, Services};
@@ -17,7 +19,10 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// imapgate running in this test's runtime on 127.0.0.1:<port 0>.
 pub struct Proxy {
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener's address, in config order.
+    pub addrs: Vec<SocketAddr>,
     /// The admin server (/metrics, /sessions, ...).
     pub admin: SocketAddr,
     pub config: Arc<imapgate::config::Config>,
@@ -33,13 +38,20 @@ impl Proxy {
         // Tests stop the proxy while their clients are still logged in.
         config.timeouts.shutdown_grace = Duration::from_millis(200);
         let config = Arc::new(config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        // The config's bind addresses are replaced by ports the OS picks.
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for index in 0..config.listeners.len() {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            addrs.push(listener.local_addr().expect("addr"));
+            listeners.push(BoundListener { index, listener });
+        }
+        let addr = addrs[0];
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin = admin_listener.local_addr().expect("admin addr");
         let shutdown = Shutdown::new();
         let bound = Bound {
-            listeners: vec![BoundListener { index: 0, listener }],
+            listeners,
             admin: Some(admin_listener),
         };
         let task = tokio::spawn(imapgate::run(
@@ -49,6 +61,7 @@ impl Proxy {
         ));
         Proxy {
             addr,
+            addrs,
             admin,
             config,
             shutdown,
@@ -148,8 +161,8 @@ fn init_logs() {
 }
 
 /// A scripted client: writes exact bytes, reads lines, every read under `DEADLINE`.
-pub struct Raw {
-    pub stream: TcpStream,
+pub struct Raw<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
@@ -159,6 +172,52 @@ impl Raw {
             .await
             .expect("connect deadline")
             .expect("connect");
+        Raw::new(stream)
+    }
+
+    /// Starts TLS on this connection (after a STARTTLS OK); nothing may be buffered unread.
+    pub async fn start_tls(self, name: &str, ca: &std::path::Path) -> Raw<TlsStream<TcpStream>> {
+        assert!(
+            self.buf.is_empty(),
+            "the server sent something after its STARTTLS OK"
+        );
+        Raw::new(tls_client(self.stream, name, ca).await)
+    }
+}
+
+/// A rustls client handshake that trusts only `ca`.
+pub async fn tls_client(tcp: TcpStream, name: &str, ca: &std::path::Path) -> TlsStream<TcpStream> {
+    tls_client_result(tcp, name, ca)
+        .await
+        .expect("TLS handshake")
+}
+
+pub async fn tls_client_result(
+    tcp: TcpStream,
+    name: &str,
+    ca: &std::path::Path,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    tokio::time::timeout(DEADLINE, connector.connect(name, tcp))
+        .await
+        .expect("handshake deadline")
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    pub fn new(stream: S) -> Raw<S> {
         Raw {
             stream,
             buf: Vec::new(),
@@ -167,6 +226,7 @@ impl Raw {
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
         self.stream.write_all(bytes.as_ref()).await.expect("write");
+        self.stream.flush().await.expect("flush");
     }
 
     /// Next line with its CRLF, or `None` at end of stream.

@@ -33,8 +33,22 @@ const TEMPLATE: &str = include_str!("dovecot.conf");
 /// The Debian user that owns mail (Dovecot refuses mail access as root).
 const MAIL_UID: u32 = 8;
 
+/// What an instance offers beyond plain IMAP on `port`.
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Certificate and key (PEM): TLS on, STARTTLS on `port`, implicit TLS on `imaps_port`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Trust 127.0.0.0/8 for ID fields (`login_trusted_networks`) and open `haproxy_port`,
+    /// which takes a PROXY header from 127.0.0.0/8 (`haproxy_trusted_networks`).
+    pub trust_proxy: bool,
+}
+
 pub struct Dovecot {
     pub port: u16,
+    /// Implicit TLS, with `Options::tls`.
+    pub imaps_port: Option<u16>,
+    /// PROXY-header listener, with `Options::trust_proxy`.
+    pub haproxy_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Child,
 }
@@ -57,9 +71,13 @@ pub fn available() -> bool {
 impl Dovecot {
     /// Starts an instance; panics with Dovecot's log if it does not come up.
     pub fn start(name: &str) -> Dovecot {
+        Self::start_with(name, Options::default())
+    }
+
+    pub fn start_with(name: &str, options: Options) -> Dovecot {
         let mut last_error = String::new();
         for _ in 0..5 {
-            match Self::try_start(name) {
+            match Self::try_start(name, &options) {
                 Ok(d) => return d,
                 Err(e) => last_error = e,
             }
@@ -67,7 +85,7 @@ impl Dovecot {
         panic!("Dovecot {name} did not start: {last_error}");
     }
 
-    fn try_start(name: &str) -> Result<Dovecot, String> {
+    fn try_start(name: &str, options: &Options) -> Result<Dovecot, String> {
         // Short path: base_dir holds UNIX sockets (108-byte path limit).
         let dir = tempfile::Builder::new()
             .prefix("dv.")
@@ -77,9 +95,35 @@ impl Dovecot {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
         let port = free_port();
-        let conf = TEMPLATE
+        let mut conf = TEMPLATE
             .replace("@DIR@", &root.display().to_string())
             .replace("@PORT@", &port.to_string());
+        let mut imaps_port = None;
+        if let Some((cert, key)) = &options.tls {
+            let p = free_port();
+            imaps_port = Some(p);
+            conf = conf
+                .replace(
+                    "ssl = no",
+                    &format!("ssl = yes\nssl_cert = <{}\nssl_key = <{}", cert.display(), key.display()),
+                )
+                .replace(
+                    "inet_listener imaps {\n    port = 0\n  }",
+                    &format!("inet_listener imaps {{\n    address = 127.0.0.1\n    port = {p}\n    ssl = yes\n  }}"),
+                );
+        }
+        let mut haproxy_port = None;
+        if options.trust_proxy {
+            let p = free_port();
+            haproxy_port = Some(p);
+            conf.push_str(
+                "login_trusted_networks = 127.0.0.0/8\nhaproxy_trusted_networks = 127.0.0.0/8\n",
+            );
+            conf = conf.replace(
+                "service imap-login {\n",
+                &format!("service imap-login {{\n  inet_listener imap_haproxy {{\n    address = 127.0.0.1\n    port = {p}\n    haproxy = yes\n  }}\n"),
+            );
+        }
         std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
         let mut passwd = String::new();
         let long = long_password();
@@ -100,13 +144,30 @@ impl Dovecot {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run dovecot: {e}"))?;
-        let mut d = Dovecot { port, dir, child };
+        let mut d = Dovecot {
+            port,
+            imaps_port,
+            haproxy_port,
+            dir,
+            child,
+        };
         d.wait_ready()?;
         Ok(d)
     }
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn imaps_address(&self) -> String {
+        format!("127.0.0.1:{}", self.imaps_port.expect("started with TLS"))
+    }
+
+    pub fn haproxy_address(&self) -> String {
+        format!(
+            "127.0.0.1:{}",
+            self.haproxy_port.expect("started with trust_proxy")
+        )
     }
 
     /// Dovecot's info log: logins appear there with the address it believes (`rip=`).
