@@ -270,8 +270,7 @@ async fn client_address_reaches_dovecot_and_plaintext_policy() {
         let log = dv.info_log();
         let line = log
             .lines()
-            .filter(|l| l.contains(&format!("Login: user=<{user}>")))
-            .last()
+            .rfind(|l| l.contains(&format!("Login: user=<{user}>")))
             .unwrap_or_else(|| panic!("no login for {user} in Dovecot's log:\n{log}"));
         assert!(
             line.contains("rip=203.0.113.7"),
