@@ -175,6 +175,24 @@ impl Dovecot {
         std::fs::read_to_string(self.dir.path().join("dovecot-info.log")).unwrap_or_default()
     }
 
+    /// Waits until Dovecot's info log holds a line for which `wanted` is true, and returns
+    /// it. Dovecot's log process writes a moment after the login is answered, so a test polls
+    /// the file (there is no event to wait on), up to 20 s.
+    pub async fn wait_for_info_line(&self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.info_log();
+            if let Some(line) = log.lines().rev().find(|l| wanted(l)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such line in Dovecot's log:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
     }
