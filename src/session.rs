@@ -80,40 +80,58 @@ const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Serves one accepted connection. `permit` holds its place under the connection caps; when
 /// the listener takes PROXY headers it is `None` and the place is taken here, for the address
 /// the header carries.
-pub async fn serve(mut tcp: TcpStream, mut session: Session, permit: Option<Permit>) {
+pub async fn serve(tcp: TcpStream, mut session: Session, permit: Option<Permit>) {
     let started = Instant::now();
+    // Boxed: everything before the login (PROXY header, TLS handshake, pre-login, the dial)
+    // is large and short-lived; inline, it would stay in this task's allocation for the
+    // session's whole life. What stays is the relay's state.
+    let Some((client, authenticated, _permit)) =
+        Box::pin(until_login(tcp, &mut session, permit, started)).await
+    else {
+        return;
+    };
+    relay_phase(&session, client, authenticated, started).await;
+}
+
+/// Accept-side phases up to a successful login; `None` when the connection ended first (all
+/// answers sent and logged).
+async fn until_login(
+    mut tcp: TcpStream,
+    session: &mut Session,
+    permit: Option<Permit>,
+    started: Instant,
+) -> Option<(Stream, prelogin::Authenticated, Permit)> {
     let services = session.services.clone();
-    let timeouts = &services.config.timeouts;
-    let deadline = tokio::time::Instant::now() + timeouts.prelogin;
+    let deadline = tokio::time::Instant::now() + services.config.timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
 
-    let _permit = match permit {
+    let permit = match permit {
         Some(permit) => permit,
-        None => match accept_proxy_header(&mut tcp, &mut session, deadline).await {
-            Some(permit) => permit,
-            None => return,
-        },
+        None => accept_proxy_header(&mut tcp, session, deadline).await?,
     };
+    let session = &*session;
     let listener = session.listener();
     info!(session = %session.id, client = %session.peer, listener = %listener.name, "session start");
 
     let mut client = if listener.tls == ListenerTls::Implicit {
-        match tls_handshake(tcp, &session, deadline).await {
+        match tls_handshake(tcp, session, deadline).await {
             Some(tls) => tls,
-            None => return end_before_login(&session, started, "tls_handshake"),
+            None => return end_before_login(session, started, "tls_handshake"),
         }
     } else {
         Stream::Plain(tcp)
     };
 
     let mut greet = true;
-    let authenticated = loop {
+    loop {
         let step = tokio::select! {
-            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, &session, greet)) => result,
+            // Boxed: pre-login's state (command reader, the dial, SASL) is large and short-lived;
+            // inline it would stay in the session's allocation for the whole relay.
+            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, session, greet)) => result,
             _ = session.shutdown.drain.cancelled() => {
                 services.metrics.rejected(Rejection::shutdown);
                 last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
-                return end_before_login(&session, started, "shutdown");
+                return end_before_login(session, started, "shutdown");
             }
         };
         match step {
@@ -124,33 +142,45 @@ pub async fn serve(mut tcp: TcpStream, mut session: Session, permit: Option<Perm
                     &response::bye("", "Autologout; idle for too long."),
                 )
                 .await;
-                return end_before_login(&session, started, "prelogin_timeout");
+                return end_before_login(session, started, "prelogin_timeout");
             }
             Ok(Err(error)) => {
                 debug!(session = %session.id, %error, "client connection error before login");
-                return end_before_login(&session, started, "client_error");
+                return end_before_login(session, started, "client_error");
             }
             Ok(Ok(Outcome::StartTls)) => {
                 // prelogin offers STARTTLS only on plain connections.
                 let Stream::Plain(tcp) = client else {
-                    return end_before_login(&session, started, "starttls_twice");
+                    return end_before_login(session, started, "starttls_twice");
                 };
-                client = match tls_handshake(tcp, &session, deadline).await {
+                client = match tls_handshake(tcp, session, deadline).await {
                     Some(tls) => tls,
-                    None => return end_before_login(&session, started, "tls_handshake"),
+                    None => return end_before_login(session, started, "tls_handshake"),
                 };
                 // No new greeting after STARTTLS; the client asks for capabilities again.
                 greet = false;
             }
             Ok(Ok(Outcome::Closed(Closed::ByClient))) => {
-                return end_before_login(&session, started, "client");
+                return end_before_login(session, started, "client");
             }
             Ok(Ok(Outcome::Closed(Closed::Bye(reason)))) => {
-                return end_before_login(&session, started, reason);
+                return end_before_login(session, started, reason);
             }
-            Ok(Ok(Outcome::LoggedIn(authenticated))) => break authenticated,
+            Ok(Ok(Outcome::LoggedIn(authenticated))) => {
+                return Some((client, authenticated, permit));
+            }
         }
-    };
+    }
+}
+
+/// After the login: relay until the session ends, observed and counted.
+async fn relay_phase(
+    session: &Session,
+    client: Stream,
+    authenticated: prelogin::Authenticated,
+    started: Instant,
+) {
+    let timeouts = &session.services.config.timeouts;
 
     let backend_metrics = session
         .services
@@ -176,7 +206,9 @@ pub async fn serve(mut tcp: TcpStream, mut session: Session, permit: Option<Perm
         bytes: &backend_metrics.bytes_to_client,
     };
     let backend = authenticated.backend;
-    let relay = relay::relay(
+    // Pinned in place: select! then polls it where it is (moved into select!, the relay's state
+    // would be laid out twice in this future).
+    let relay = std::pin::pin!(relay::relay(
         client,
         backend.stream,
         timeouts.half_close,
@@ -189,7 +221,7 @@ pub async fn serve(mut tcp: TcpStream, mut session: Session, permit: Option<Perm
             first: backend.buffered,
             tap: &mut down_tap,
         },
-    );
+    ));
     let ended_by = tokio::select! {
         stats = relay => {
             if let Some(error) = &stats.error {
@@ -225,13 +257,14 @@ impl<S: Tap> Tap for Metered<'_, S> {
     }
 }
 
-fn end_before_login(session: &Session, started: Instant, reason: &str) {
+fn end_before_login<T>(session: &Session, started: Instant, reason: &str) -> Option<T> {
     info!(
         session = %session.id,
         ended_by = reason,
         duration_ms = started.elapsed().as_millis() as u64,
         "session end before login"
     );
+    None
 }
 
 /// Best effort: a client that does not read gets no more than `LAST_WORD_TIMEOUT`.
@@ -311,5 +344,32 @@ async fn tls_handshake(
             session.services.metrics.rejected(Rejection::tls_handshake);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of one session's task, reported for the memory budget (an idle session is this
+    /// plus two sockets' registrations and the observer's small state).
+    #[tokio::test]
+    async fn session_future_size() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let config = Arc::new(crate::config::embedded_default().unwrap());
+        let session = Session {
+            id: SessionId::next(),
+            peer: addr,
+            local: addr,
+            listener: 0,
+            services: Services::new(config),
+            shutdown: Shutdown::new(),
+        };
+        let future = serve(tcp, session, None);
+        let size = std::mem::size_of_val(&future);
+        eprintln!("session future: {size} bytes");
+        assert!(size < 2200, "the session future grew to {size} bytes");
     }
 }

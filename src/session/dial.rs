@@ -272,12 +272,10 @@ impl BackendConn {
                     "line longer than {LINE_MAX} octets"
                 )));
             }
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).await?;
-            if n == 0 {
+            self.buf.reserve(4096);
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
                 return Err(DialError::Closed(when));
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -24,6 +25,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::Stream;
+use tcp::TcpRelay;
+
+mod tcp;
 
 /// Sized for bulk FETCH bodies; only busy directions hold one.
 const BUFFER_SIZE: usize = 32 * 1024;
@@ -101,34 +105,30 @@ pub async fn relay(
     let (up_bytes, down_bytes) = (&counts.client_to_backend, &counts.backend_to_client);
     let (ended_by, result) = match (client, backend) {
         (Stream::Plain(client), Stream::Plain(backend)) => {
-            let up = copy_tcp(&client, &backend, upstream.first, upstream.tap, up_bytes);
-            let down = copy_tcp(
-                &backend,
-                &client,
-                downstream.first,
-                downstream.tap,
-                down_bytes,
-            );
-            finish(up, down, half_close).await
+            TcpRelay::new(&client, &backend, half_close, counts, upstream, downstream).await
         }
+        // Boxed so that plain sessions do not carry the TLS path's state.
         (client, backend) => {
-            let (client_read, client_write) = tokio::io::split(client);
-            let (backend_read, backend_write) = tokio::io::split(backend);
-            let up = copy_io(
-                client_read,
-                backend_write,
-                upstream.first,
-                upstream.tap,
-                up_bytes,
-            );
-            let down = copy_io(
-                backend_read,
-                client_write,
-                downstream.first,
-                downstream.tap,
-                down_bytes,
-            );
-            finish(up, down, half_close).await
+            Box::pin(async move {
+                let (client_read, client_write) = tokio::io::split(client);
+                let (backend_read, backend_write) = tokio::io::split(backend);
+                let up = pin!(copy_io(
+                    client_read,
+                    backend_write,
+                    upstream.first,
+                    upstream.tap,
+                    up_bytes
+                ));
+                let down = pin!(copy_io(
+                    backend_read,
+                    client_write,
+                    downstream.first,
+                    downstream.tap,
+                    down_bytes
+                ));
+                finish(up, down, half_close).await
+            })
+            .await
         }
     };
     RelayStats {
@@ -140,12 +140,15 @@ pub async fn relay(
 }
 
 /// Runs both directions until the session is over (see the module doc for who ends it).
-async fn finish(
-    upstream: impl Future<Output = io::Result<()>>,
-    downstream: impl Future<Output = io::Result<()>>,
+async fn finish<U, D>(
+    mut upstream: Pin<&mut U>,
+    mut downstream: Pin<&mut D>,
     half_close: Duration,
-) -> (EndedBy, io::Result<()>) {
-    tokio::pin!(upstream, downstream);
+) -> (EndedBy, io::Result<()>)
+where
+    U: Future<Output = io::Result<()>>,
+    D: Future<Output = io::Result<()>>,
+{
     tokio::select! {
         result = &mut downstream => (EndedBy::Backend, result),
         result = &mut upstream => match result {
@@ -167,43 +170,6 @@ fn count(bytes: &AtomicU64, n: usize) {
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Plain TCP: wait for readiness, then borrow a buffer until the socket is drained.
-async fn copy_tcp(
-    from: &TcpStream,
-    to: &TcpStream,
-    first: Vec<u8>,
-    tap: &mut dyn Tap,
-    bytes: &AtomicU64,
-) -> io::Result<()> {
-    if !first.is_empty() {
-        tap.observe(&first);
-        write_all(to, &first).await?;
-        count(bytes, first.len());
-    }
-    drop(first);
-    loop {
-        from.readable().await?;
-        let mut buf = PooledBuffer::take();
-        loop {
-            match from.try_read(&mut buf.0) {
-                Ok(0) => {
-                    // End of stream: pass the half-close on.
-                    shut(to, Shutdown::Write);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    let chunk = &buf.0[..n];
-                    tap.observe(chunk);
-                    write_all(to, chunk).await?;
-                    count(bytes, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-        }
-    }
 }
 
 /// TLS on either side: rustls streams have no readiness API, so each direction keeps one
@@ -239,18 +205,6 @@ where
         to.flush().await?;
         count(bytes, n);
     }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn shut(stream: &TcpStream, how: Shutdown) {

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Side-by-side comparison: direct, HAProxy (TCP mode), nginx's mail proxy and imapgate, against
+# the fake backend (and, with --dovecot, against a real Dovecot), in one run, alternating
+# targets, ROUNDS rounds, medians. Writes BENCHMARKS.md (or $OUT).
+#
+#   benches/compare.sh [--rounds 3] [--seconds 5] [--dovecot] [--quick]
+#
+# Needs: haproxy, nginx + libnginx-mod-mail (apt-get install -y haproxy nginx libnginx-mod-mail),
+# and for --dovecot, dovecot-imapd. Everything listens on 127.0.0.1 ports the OS picks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ARGS="$*"
+ROUNDS=3 SECONDS_PER=5 DOVECOT=0 QUICK=0 OUT=${OUT:-BENCHMARKS.md}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS=$2; shift ;;
+    --seconds) SECONDS_PER=$2; shift ;;
+    --dovecot) DOVECOT=1 ;;
+    --quick) QUICK=1 ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+  shift
+done
+IDLE_SIZES="2000 9900"
+[ "$QUICK" = 1 ] && IDLE_SIZES="500"
+
+cargo build --release --quiet
+BIN=$PWD/target/release
+LOAD=$BIN/imapgate-load
+WORK=$(mktemp -d /tmp/cmp.XXXXXX)
+chmod 755 "$WORK"
+RESULTS=$WORK/results.jsonl
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+# --- the backend: the fake one, or Dovecot -------------------------------------------------
+start_backend() {
+  BACKEND_PORT=$(free_port)
+  if [ "$1" = fake ]; then
+    "$LOAD" serve --listen "127.0.0.1:$BACKEND_PORT" --body-size 1000000 2>/dev/null &
+    BACKEND_PIDS=$!
+  else
+    local d=$WORK/dv
+    mkdir -p "$d/mail/load/Maildir/"{cur,new,tmp}
+    sed -e "s|@DIR@|$d|g" -e "s|@PORT@|$BACKEND_PORT|g" tests/it/support/dovecot.conf > "$d/dovecot.conf"
+    echo 'load:{PLAIN}secret::::::' > "$d/passwd"
+    python3 - "$d/mail/load/Maildir/cur/1.bench:2,S" <<'PY'
+import sys
+body = b"From: load@example.net\r\nSubject: load test\r\n\r\n"
+while len(body) < 1000000:
+    body += b"line of the load test message body ..................................\r\n"
+open(sys.argv[1], "wb").write(body[:1000000])
+PY
+    chown -R mail:mail "$d/mail"
+    /usr/sbin/dovecot -F -c "$d/dovecot.conf" &
+    BACKEND_PIDS=$!
+  fi
+  PIDS+=("$BACKEND_PIDS")
+  wait_port "$BACKEND_PORT"
+}
+
+# --- the proxies ----------------------------------------------------------------------------
+start_proxies() {
+  IG_PORT=$(free_port) HA_PORT=$(free_port) NG_PORT=$(free_port) AUTH_PORT=$(free_port)
+  cat > "$WORK/imapgate.yaml" <<EOF
+listeners: [{ name: imap, bind: "127.0.0.1:$IG_PORT" }]
+backends: [{ name: b, address: "127.0.0.1:$BACKEND_PORT" }]
+limits: { max_connections: 1000000, per_ip: 1000000 }
+EOF
+  # Per-session info logs off, as HAProxy and nginx log nothing per connection here either.
+  IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate.yaml" 2>"$WORK/imapgate.log" &
+  IG_PIDS=$!; PIDS+=("$IG_PIDS")
+
+  cat > "$WORK/haproxy.cfg" <<EOF
+global
+  maxconn 9990
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend imap
+  bind 127.0.0.1:$HA_PORT
+  default_backend b
+backend b
+  server b1 127.0.0.1:$BACKEND_PORT
+EOF
+  haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
+  HA_PIDS=$!; PIDS+=("$HA_PIDS")
+
+  "$LOAD" auth-http --listen "127.0.0.1:$AUTH_PORT" --backend "127.0.0.1:$BACKEND_PORT" 2>/dev/null &
+  PIDS+=("$!")
+  mkdir -p "$WORK/nginx"
+  cat > "$WORK/nginx/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_mail_module.so;
+worker_processes auto;
+daemon off;
+user root;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log error;
+worker_rlimit_nofile 20000;
+events { worker_connections 19000; }
+mail {
+  server_name localhost;
+  auth_http 127.0.0.1:$AUTH_PORT/auth;
+  imap_capabilities IMAP4rev1 LITERAL+ SASL-IR IDLE;
+  server { listen 127.0.0.1:$NG_PORT; protocol imap; }
+}
+EOF
+  nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
+  NG_MASTER=$!; PIDS+=("$NG_MASTER")
+  wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"
+  NG_PIDS=$(pgrep -d, -P "$NG_MASTER" || true); NG_PIDS="$NG_MASTER${NG_PIDS:+,$NG_PIDS}"
+}
+
+target_port() { case $1 in direct) echo "$BACKEND_PORT";; haproxy) echo "$HA_PORT";; nginx) echo "$NG_PORT";; imapgate) echo "$IG_PORT";; esac; }
+target_pids() { case $1 in direct) echo "$BACKEND_PIDS";; haproxy) echo "$HA_PIDS";; nginx) echo "$NG_PIDS";; imapgate) echo "$IG_PIDS";; esac; }
+
+run_scenarios() {  # $1: backend kind
+  local kind=$1 round t
+  for round in $(seq "$ROUNDS"); do
+    for t in direct haproxy nginx imapgate; do
+      local common=(--target "127.0.0.1:$(target_port $t)" --pid "$(target_pids $t)" --label "$t")
+      "$LOAD" login "${common[@]}" --workers 50 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+      "$LOAD" noop "${common[@]}" --workers 1 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+      "$LOAD" noop "${common[@]}" --workers 50 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+      "$LOAD" fetch "${common[@]}" --workers 1 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+    done
+  done
+  for n in $IDLE_SIZES; do
+    for t in haproxy nginx imapgate; do
+      "$LOAD" idle --target "127.0.0.1:$(target_port $t)" --pid "$(target_pids $t)" --label "$t" \
+        --sessions "$n" --workers 200 --hold 3 --sources 8 | sed "s/^{/{\"backend\":\"$kind\",\"round\":1,/" >> "$RESULTS"
+    done
+  done
+}
+
+start_backend fake
+start_proxies
+run_scenarios fake
+if [ "$DOVECOT" = 1 ]; then
+  cleanup; PIDS=()
+  start_backend dovecot
+  start_proxies
+  IDLE_SIZES="2000"
+  run_scenarios dovecot
+fi
+
+python3 benches/compare_report.py "$RESULTS" "$ROUNDS" "$SECONDS_PER" "$ARGS" > "$OUT"
+echo "wrote $OUT (raw results: $RESULTS)"

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Turns compare.sh's JSON lines into BENCHMARKS.md: medians per target, the machine, the
+command, and the issue's targets checked (ratios within the same run)."""
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import datetime, timezone
+
+results_path, rounds, seconds, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+rows = [json.loads(l) for l in open(results_path) if l.strip()]
+TARGETS = ["direct", "haproxy", "nginx", "imapgate"]
+
+
+def med(backend, scenario, target, key, workers=None, sessions=None):
+    vals = [
+        r[key]
+        for r in rows
+        if r["backend"] == backend and r["scenario"] == scenario and r["target"] == target
+        and (workers is None or r.get("workers") == workers)
+        and (sessions is None or r.get("sessions") == sessions)
+        and key in r
+    ]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    return f"{v:,.{digits}f}"
+
+
+def version(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception:
+        return "not installed"
+
+
+def table(backend):
+    idle_sizes = sorted({r["sessions"] for r in rows if r["backend"] == backend and r["scenario"] == "idle"})
+    head = ["target", "logins/s (50 workers)", "CPU-s per 1k logins", "NOOP p50 / p99 µs (c=1)",
+            "NOOP p50 / p99 µs (c=50)", "FETCH MB/s", "CPU-s per GB"]
+    head += [f"KiB per idle session ({n})" for n in idle_sizes]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in TARGETS:
+        cpu = lambda key, sc: (None if t == "direct" else med(backend, sc, t, key))
+        cells = [
+            t,
+            fmt(med(backend, "login", t, "logins_per_s")),
+            fmt(cpu("cpu_s_per_1k_logins", "login"), 3),
+            f'{fmt(med(backend, "noop", t, "p50_us", workers=1))} / {fmt(med(backend, "noop", t, "p99_us", workers=1))}',
+            f'{fmt(med(backend, "noop", t, "p50_us", workers=50))} / {fmt(med(backend, "noop", t, "p99_us", workers=50))}',
+            fmt(med(backend, "fetch", t, "mb_per_s")),
+            fmt(cpu("cpu_s_per_gb", "fetch"), 3),
+        ]
+        for n in idle_sizes:
+            cells.append("–" if t == "direct" else fmt(med(backend, "idle", t, "kib_per_session", sessions=n), 2))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def checks(backend):
+    g = lambda sc, t, k, **kw: med(backend, sc, t, k, **kw)
+    lines = []
+
+    def check(name, ok, detail):
+        mark = "met" if ok else "**not met**"
+        lines.append(f"| {name} | {detail} | {mark} |")
+
+    ig_login, ha_login, ng_login = g("login", "imapgate", "logins_per_s"), g("login", "haproxy", "logins_per_s"), g("login", "nginx", "logins_per_s")
+    if None not in (ig_login, ha_login, ng_login):
+        check("login rate ≥ HAProxy's", ig_login >= ha_login, f"{ig_login:,.0f} vs {ha_login:,.0f} ({ig_login / ha_login:.2f}×)")
+        check("login rate ≥ 1.5× nginx's", ig_login >= 1.5 * ng_login, f"{ig_login:,.0f} vs {ng_login:,.0f} ({ig_login / ng_login:.2f}×)")
+    ig_c, ha_c = g("login", "imapgate", "cpu_s_per_1k_logins"), g("login", "haproxy", "cpu_s_per_1k_logins")
+    if None not in (ig_c, ha_c):
+        check("CPU per 1,000 logins ≤ HAProxy's", ig_c <= ha_c, f"{ig_c:.3f} vs {ha_c:.3f} s")
+    ig_f, ha_f = g("fetch", "imapgate", "mb_per_s"), g("fetch", "haproxy", "mb_per_s")
+    if None not in (ig_f, ha_f):
+        check("FETCH throughput ≥ HAProxy's", ig_f >= ha_f, f"{ig_f:,.0f} vs {ha_f:,.0f} MB/s ({ig_f / ha_f:.2f}×)")
+    ig_g, ha_g = g("fetch", "imapgate", "cpu_s_per_gb"), g("fetch", "haproxy", "cpu_s_per_gb")
+    if None not in (ig_g, ha_g) and ha_g > 0:
+        check("CPU-s per GB ≤ 0.7× HAProxy's", ig_g <= 0.7 * ha_g, f"{ig_g:.3f} vs {ha_g:.3f} s ({ig_g / ha_g:.2f}×)")
+    for w in (1, 50):
+        for k in ("p50_us", "p99_us"):
+            ig = g("noop", "imapgate", k, workers=w)
+            best = min(v for v in (g("noop", "haproxy", k, workers=w), g("noop", "nginx", k, workers=w)) if v is not None)
+            if ig is not None:
+                check(f"NOOP {k[:3]} ≤ best proxy's (c={w})", ig <= best, f"{ig:,.0f} vs {best:,.0f} µs")
+    for r in rows:
+        if r["backend"] == backend and r["scenario"] == "idle" and r["target"] == "imapgate":
+            check(f"≤ 2 KiB RSS per idle session ({r['sessions']})", r["kib_per_session"] <= 2.0,
+                  f"{r['kib_per_session']:.2f} KiB, {r['held']:.0f} held, {r['dropped']} dropped")
+    return "\n".join(["| target | measured (imapgate vs anchor) | |", "|---|---|---|"] + lines)
+
+
+def nproc():
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "?"
+
+
+backends = [b for b in ("fake", "dovecot") if any(r["backend"] == b for r in rows)]
+print("# Benchmarks\n")
+print("Made by `benches/compare.sh " + args + "` (see the README); every figure is the median of "
+      f"{rounds} rounds of {seconds} s per scenario, the targets alternating within each round, "
+      "all in one run on one machine. CPU seconds are the proxy's own (all its processes), from "
+      "/proc/PID/stat. imapgate runs with `IMAPGATE_LOG=warn` (no per-session log lines), as "
+      "HAProxy and nginx log nothing per connection in these configs; its observer and metrics "
+      "are on.\n")
+print(f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+print(f"- machine: {nproc()} cores, {platform.machine()}, kernel {platform.release()}")
+print(f"- {version(['haproxy', '-v'])}")
+print(f"- {version(['nginx', '-v'])}")
+print(f"- dovecot {version(['dovecot', '--version'])}")
+print(f"- imapgate {version(['target/release/imapgate', '--version'])}")
+print()
+for b in backends:
+    title = "fake backend (`imapgate-load serve`, 1 MB message)" if b == "fake" else "real Dovecot backend (1 MB message)"
+    print(f"## Against the {title}\n")
+    print(table(b))
+    print()
+    print(f"### Targets ({b})\n")
+    print(checks(b))
+    print()
+print("Scenarios (`imapgate-load`): login = connect, greeting, LOGIN, LOGOUT, close, 50 workers; "
+      "noop = one session per worker, NOOP round trips; fetch = one session, `FETCH 1 BODY[]` of a "
+      "1 MB message in a loop; idle = N sessions logged in and in IDLE, from 8 source addresses, "
+      "held 3 s; KiB per session = the proxy's RSS growth ÷ N.")

@@ -1,0 +1,149 @@
+//! imapgate-load: a load generator for IMAP proxies and a fake IMAP backend.
+//!
+//! ```text
+//! imapgate-load serve --listen 127.0.0.1:10143 --body-size 1000000
+//! imapgate-load login --target 127.0.0.1:1143 --workers 50 --seconds 5 [--pid PID]
+//! imapgate-load noop  --target ... --workers 1
+//! imapgate-load fetch --target ... --workers 1
+//! imapgate-load idle  --target ... --sessions 2000 --hold 10 --pid PID
+//! imapgate-load auth-http --listen 127.0.0.1:9000 --backend 127.0.0.1:10143
+//! ```
+//! Each scenario prints one JSON line on stdout and a human summary on stderr.
+
+mod auth_http;
+mod scenarios;
+mod serve;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Load generator and fake backend for IMAP proxies")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The fake backend.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Size of the message `FETCH 1 BODY[]` returns.
+        #[arg(long, default_value_t = 1_000_000)]
+        body_size: usize,
+    },
+    /// Connect, LOGIN, LOGOUT, close, in a loop per worker.
+    Login(Common),
+    /// One session per worker, NOOP round trips.
+    Noop(Common),
+    /// One session per worker, `FETCH 1 BODY[]` in a loop.
+    Fetch(Common),
+    /// Many logged-in sessions in IDLE; the target's RSS per session.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Seconds to hold them.
+        #[arg(long, default_value_t = 5.0)]
+        hold: f64,
+        /// Source addresses 127.0.0.2 and up to spread connections over.
+        #[arg(long, default_value_t = 4)]
+        sources: u8,
+    },
+    /// Answers nginx's auth_http: every login OK, to `--backend`.
+    AuthHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        backend: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long, default_value = "load")]
+    user: String,
+    #[arg(long, default_value = "secret")]
+    password: String,
+    /// The target's processes, comma-separated, for their CPU time and RSS.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
+    /// A name for the target in the output.
+    #[arg(long, default_value = "target")]
+    label: String,
+}
+
+impl Common {
+    fn into_scenario(self) -> scenarios::Common {
+        scenarios::Common {
+            target: self.target,
+            workers: self.workers.max(1),
+            seconds: self.seconds,
+            user: self.user,
+            password: self.password,
+            pids: self.pid,
+            label: self.label,
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    raise_fd_limit();
+    let report = match Cli::parse().command {
+        Command::Serve { listen, body_size } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            eprintln!("fake backend on {}", listener.local_addr()?);
+            return serve::serve(listener, body_size).await;
+        }
+        Command::AuthHttp { listen, backend } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            return auth_http::serve(listener, backend).await;
+        }
+        Command::Login(c) => scenarios::login(&c.into_scenario()).await,
+        Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,
+        Command::Fetch(c) => scenarios::fetch(&c.into_scenario()).await,
+        Command::Idle {
+            common,
+            sessions,
+            hold,
+            sources,
+        } => {
+            scenarios::idle(
+                &common.into_scenario(),
+                sessions,
+                Duration::from_secs_f64(hold),
+                sources,
+            )
+            .await
+        }
+    };
+    println!("{}", report.json);
+    eprintln!("{}", report.summary);
+    Ok(())
+}

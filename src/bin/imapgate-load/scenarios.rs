@@ -1,0 +1,409 @@
+//! Client scenarios: each runs against a target address and returns a `Report`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+
+pub struct Report {
+    pub json: serde_json::Value,
+    pub summary: String,
+}
+
+/// One IMAP client connection, line oriented.
+struct Conn {
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+    line: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Conn> {
+        let stream = match source {
+            None => TcpStream::connect(target).await?,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(target).await?
+            }
+        };
+        stream.set_nodelay(true)?;
+        let (read, write) = stream.into_split();
+        let mut conn = Conn {
+            read: BufReader::with_capacity(512, read),
+            write,
+            line: Vec::with_capacity(256),
+        };
+        conn.next_line().await?;
+        Ok(conn)
+    }
+
+    async fn next_line(&mut self) -> std::io::Result<()> {
+        self.line.clear();
+        if self.read.read_until(b'\n', &mut self.line).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, command: &str) -> std::io::Result<()> {
+        self.write.write_all(command.as_bytes()).await
+    }
+
+    /// Reads until the line tagged `tag`; fails unless it is OK. Literals in responses are
+    /// read and dropped; returns the literal octets seen.
+    async fn until_ok(&mut self, tag: &str) -> std::io::Result<u64> {
+        let mut octets = 0u64;
+        loop {
+            self.next_line().await?;
+            if self.line.starts_with(tag.as_bytes()) && self.line.get(tag.len()) == Some(&b' ') {
+                let ok = self.line[tag.len() + 1..].starts_with(b"OK");
+                return if ok {
+                    Ok(octets)
+                } else {
+                    Err(std::io::Error::other(
+                        String::from_utf8_lossy(&self.line).into_owned(),
+                    ))
+                };
+            }
+            if let Some(n) = literal_at_end(&self.line) {
+                let mut left = n;
+                let mut buf = [0u8; 64 * 1024];
+                while left > 0 {
+                    let want = left.min(buf.len() as u64) as usize;
+                    let got = self.read.read(&mut buf[..want]).await?;
+                    if got == 0 {
+                        return Err(std::io::ErrorKind::UnexpectedEof.into());
+                    }
+                    left -= got as u64;
+                }
+                octets += n;
+            }
+        }
+    }
+
+    async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
+        self.send(&format!("l LOGIN {user} {password}\r\n")).await?;
+        self.until_ok("l").await.map(|_| ())
+    }
+}
+
+fn literal_at_end(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r\n")?;
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|&c| c == b'{')?;
+    std::str::from_utf8(&inner[open + 1..]).ok()?.parse().ok()
+}
+
+/// Latencies in microseconds, and their percentiles.
+struct Latencies(Vec<u32>);
+
+impl Latencies {
+    fn percentile(&mut self, p: f64) -> u32 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i]
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+pub struct Common {
+    pub target: SocketAddr,
+    pub workers: usize,
+    pub seconds: f64,
+    pub user: String,
+    pub password: String,
+    /// The target's processes (nginx has several), for their CPU time and RSS; empty when
+    /// unknown.
+    pub pids: Vec<u32>,
+    pub label: String,
+}
+
+/// CPU seconds (user + system) of the processes so far.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_seconds_of(p)).sum()
+}
+
+/// Resident memory of the processes, KiB.
+fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| rss_kib_of(p)).sum()
+}
+
+/// CPU seconds (user + system) of a process so far, from /proc/PID/stat.
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15; `after` starts at field 3.
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Resident memory of a process in KiB, from /proc/PID/status.
+fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs `workers` copies of `work` until `seconds` pass; gathers their latencies and errors.
+async fn run_workers<F, Fut>(common: &Common, work: F) -> (Latencies, u64, u64, f64)
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = (Vec<u32>, u64, u64)> + Send + 'static,
+{
+    let until = Instant::now() + Duration::from_secs_f64(common.seconds);
+    let cpu_before = cpu_seconds(&common.pids);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..common.workers)
+        .map(|w| tokio::spawn(work(w, until)))
+        .collect();
+    let mut all = Vec::new();
+    let (mut errors, mut units) = (0, 0);
+    for h in handles {
+        if let Ok((lat, e, u)) = h.await {
+            all.extend(lat);
+            errors += e;
+            units += u;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&common.pids) - cpu_before;
+    let _ = elapsed;
+    (Latencies(all), errors, units, cpu)
+}
+
+pub async fn login(common: &Common) -> Report {
+    let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
+    let started = Instant::now();
+    let (mut lat, errors, _, cpu) = run_workers(common, |_, until| {
+        let (user, password) = (user.clone(), password.clone());
+        async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            while Instant::now() < until {
+                let t = Instant::now();
+                let result = async {
+                    let mut c = Conn::open(target, None).await?;
+                    c.login(&user, &password).await?;
+                    c.send("o LOGOUT\r\n").await?;
+                    c.until_ok("o").await
+                }
+                .await;
+                match result {
+                    Ok(_) => lat.push(micros(t.elapsed())),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors, 0)
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = lat.0.len() as f64;
+    let rate = n / elapsed;
+    let (p50, p99, p999) = (
+        lat.percentile(0.5),
+        lat.percentile(0.99),
+        lat.percentile(0.999),
+    );
+    let cpu_per_1k = if n > 0.0 { cpu / n * 1000.0 } else { 0.0 };
+    Report {
+        json: json!({"scenario": "login", "target": common.label, "workers": common.workers,
+            "seconds": elapsed, "logins": n, "errors": errors, "logins_per_s": rate,
+            "p50_us": p50, "p99_us": p99, "p999_us": p999, "target_cpu_s": cpu, "cpu_s_per_1k_logins": cpu_per_1k}),
+        summary: format!(
+            "login  {:>10}: {rate:>9.0} logins/s  p50 {p50} µs  p99 {p99} µs  p999 {p999} µs  errors {errors}  CPU {cpu_per_1k:.3} s/1k",
+            common.label
+        ),
+    }
+}
+
+pub async fn noop(common: &Common) -> Report {
+    let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
+    let started = Instant::now();
+    let (mut lat, errors, _, cpu) = run_workers(common, |_, until| {
+        let (user, password) = (user.clone(), password.clone());
+        async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let Ok(mut c) = Conn::open(target, None).await else {
+                return (lat, 1, 0);
+            };
+            if c.login(&user, &password).await.is_err() {
+                return (lat, 1, 0);
+            }
+            while Instant::now() < until {
+                let t = Instant::now();
+                let ok = c.send("n NOOP\r\n").await.is_ok() && c.until_ok("n").await.is_ok();
+                if ok {
+                    lat.push(micros(t.elapsed()));
+                } else {
+                    errors += 1;
+                    break;
+                }
+            }
+            (lat, errors, 0)
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let n = lat.0.len() as f64;
+    let (p50, p99, p999) = (
+        lat.percentile(0.5),
+        lat.percentile(0.99),
+        lat.percentile(0.999),
+    );
+    Report {
+        json: json!({"scenario": "noop", "target": common.label, "workers": common.workers,
+            "seconds": elapsed, "ops": n, "errors": errors, "ops_per_s": n / elapsed,
+            "p50_us": p50, "p99_us": p99, "p999_us": p999, "target_cpu_s": cpu}),
+        summary: format!(
+            "noop   {:>10}: {:>9.0} ops/s  c={}  p50 {p50} µs  p99 {p99} µs  p999 {p999} µs  errors {errors}",
+            common.label,
+            n / elapsed,
+            common.workers
+        ),
+    }
+}
+
+pub async fn fetch(common: &Common) -> Report {
+    let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
+    let started = Instant::now();
+    let (_, errors, octets, cpu) = run_workers(common, |_, until| {
+        let (user, password) = (user.clone(), password.clone());
+        async move {
+            let mut octets = 0;
+            let Ok(mut c) = Conn::open(target, None).await else {
+                return (vec![], 1, 0);
+            };
+            let setup = async {
+                c.login(&user, &password).await?;
+                c.send("s SELECT INBOX\r\n").await?;
+                c.until_ok("s").await
+            };
+            if setup.await.is_err() {
+                return (vec![], 1, 0);
+            }
+            while Instant::now() < until {
+                let got = async {
+                    c.send("f FETCH 1 BODY[]\r\n").await?;
+                    c.until_ok("f").await
+                };
+                match got.await {
+                    Ok(n) => octets += n,
+                    Err(_) => return (vec![], 1, octets),
+                }
+            }
+            (vec![], 0, octets)
+        }
+    })
+    .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mb_s = octets as f64 / elapsed / 1e6;
+    let gb = octets as f64 / 1e9;
+    let cpu_per_gb = if gb > 0.0 { cpu / gb } else { 0.0 };
+    Report {
+        json: json!({"scenario": "fetch", "target": common.label, "workers": common.workers,
+            "seconds": elapsed, "octets": octets, "errors": errors, "mb_per_s": mb_s,
+            "target_cpu_s": cpu, "cpu_s_per_gb": cpu_per_gb}),
+        summary: format!(
+            "fetch  {:>10}: {mb_s:>9.0} MB/s  CPU {cpu_per_gb:.3} s/GB  errors {errors}",
+            common.label
+        ),
+    }
+}
+
+/// Opens `sessions` logged-in sessions in IDLE, holds them, and reports the target's RSS
+/// growth per session. Connections come from 127.0.0.2, .3, ... (`sources` addresses) to get
+/// past one address's ephemeral ports.
+pub async fn idle(common: &Common, sessions: usize, hold: Duration, sources: u8) -> Report {
+    let rss_before = rss_kib(&common.pids);
+    let mut conns = Vec::with_capacity(sessions);
+    let mut failed = 0u64;
+    let opening = Instant::now();
+    // Open in waves of `workers` at a time.
+    let mut next = 0usize;
+    while next < sessions {
+        let wave = common.workers.min(sessions - next);
+        let mut tasks = Vec::with_capacity(wave);
+        for i in next..next + wave {
+            let (target, user, password) =
+                (common.target, common.user.clone(), common.password.clone());
+            let source = IpAddr::from([127, 0, 0, 2 + (i % sources.max(1) as usize) as u8]);
+            tasks.push(tokio::spawn(async move {
+                let mut c = Conn::open(target, Some(source)).await?;
+                c.login(&user, &password).await?;
+                c.send("i IDLE\r\n").await?;
+                c.next_line().await?;
+                if c.line.starts_with(b"+") {
+                    Ok(c)
+                } else {
+                    Err(std::io::Error::other("IDLE refused"))
+                }
+            }));
+        }
+        for t in tasks {
+            match t.await {
+                Ok(Ok(c)) => conns.push(c),
+                _ => failed += 1,
+            }
+        }
+        next += wave;
+    }
+    let open_s = opening.elapsed().as_secs_f64();
+    tokio::time::sleep(hold).await;
+    let rss_after = rss_kib(&common.pids);
+    // Every session must still answer: DONE → OK.
+    let mut dropped = 0u64;
+    for c in &mut conns {
+        let ok = c.send("DONE\r\n").await.is_ok() && c.until_ok("i").await.is_ok();
+        if !ok {
+            dropped += 1;
+        }
+    }
+    let held = conns.len() as f64;
+    let per_session = if held > 0.0 {
+        (rss_after as f64 - rss_before as f64) / held
+    } else {
+        0.0
+    };
+    Report {
+        json: json!({"scenario": "idle", "target": common.label, "sessions": sessions,
+            "held": held, "failed_to_open": failed, "dropped": dropped, "open_seconds": open_s,
+            "rss_before_kib": rss_before, "rss_after_kib": rss_after, "kib_per_session": per_session}),
+        summary: format!(
+            "idle   {:>10}: {held} sessions held, {failed} failed, {dropped} dropped, RSS {rss_before} → {rss_after} KiB = {per_session:.2} KiB/session",
+            common.label
+        ),
+    }
+}
