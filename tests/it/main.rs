@@ -3,6 +3,7 @@
 
 mod clients;
 mod config_corpus;
+mod load_tool;
 mod login;
 mod metrics;
 mod prelogin;
