@@ -47,8 +47,8 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
     };
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (index, l) in config.listeners.iter().enumerate() {
-        let listener = TcpListener::bind(l.bind)
-            .await
+        let listener = bind_shared(l.bind)
+            .and_then(TcpListener::from_std)
             .map_err(|e| named(format!("listener {} to {}", l.name, l.bind), e))?;
         listeners.push(BoundListener { index, listener });
     }
@@ -61,6 +61,48 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
         None => None,
     };
     Ok(Bound { listeners, admin })
+}
+
+/// Binds the client listeners again, for another worker thread: every worker has its own
+/// sockets on the same addresses (SO_REUSEPORT), and the kernel spreads connections over them.
+/// Plain std sockets: each worker registers them with its own runtime (`into_bound`).
+pub fn bind_more(config: &Config) -> std::io::Result<Vec<(usize, std::net::TcpListener)>> {
+    config
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(index, l)| Ok((index, bind_shared(l.bind)?)))
+        .collect()
+}
+
+/// Registers listeners from `bind_more` with the current runtime.
+pub fn into_bound(
+    listeners: Vec<(usize, std::net::TcpListener)>,
+) -> std::io::Result<Vec<BoundListener>> {
+    listeners
+        .into_iter()
+        .map(|(index, l)| {
+            Ok(BoundListener {
+                index,
+                listener: TcpListener::from_std(l)?,
+            })
+        })
+        .collect()
+}
+
+/// A non-blocking listening socket with SO_REUSEPORT (and SO_REUSEADDR, for restarts).
+fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 /// The process-wide parts every session shares.
@@ -88,8 +130,6 @@ impl Services {
 /// `timeouts.shutdown_grace` before cutting them.
 pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
     let config = &services.config;
-    let tracker = TaskTracker::new();
-    let caps = &services.caps;
     for b in &config.backends {
         if b.insecure_skip_verify {
             warn!(backend = %b.name, "insecure_skip_verify: the backend's certificate is not checked");
@@ -112,8 +152,24 @@ pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
         });
         tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
     }
+    serve_listeners(bound.listeners, services, shutdown.clone()).await;
+    // Stops the admin server and anything else still waiting on `cut`.
+    shutdown.cut.cancel();
+    info!("stopped");
+}
+
+/// Accepts on `listeners` until `shutdown.drain`, then drains this thread's sessions. `run`
+/// calls it for the first worker; `main` runs it on each further worker thread.
+pub async fn serve_listeners(
+    listeners: Vec<BoundListener>,
+    services: Arc<Services>,
+    shutdown: Shutdown,
+) {
+    let config = &services.config;
+    let caps = &services.caps;
+    let tracker = TaskTracker::new();
     let mut loops = Vec::new();
-    for BoundListener { index, listener } in bound.listeners {
+    for BoundListener { index, listener } in listeners {
         if let Ok(addr) = listener.local_addr() {
             info!(listener = %config.listeners[index].name, address = %addr, "listening");
         }
@@ -142,6 +198,4 @@ pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
         shutdown.cut.cancel();
         tracker.wait().await;
     }
-    shutdown.cut.cancel();
-    info!("stopped");
 }

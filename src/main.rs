@@ -29,6 +29,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Worker threads (one runtime and one set of listening sockets each); default: one
+        /// per CPU.
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Validate a config file; prints the error and exits 64 if it is unusable.
     CheckConfig { file: PathBuf },
@@ -49,8 +53,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    match cli.command.unwrap_or(Command::Run { config: None }) {
-        Command::Run { config } => run(config),
+    match cli.command.unwrap_or(Command::Run {
+        config: None,
+        threads: None,
+    }) {
+        Command::Run { config, threads } => run(config, threads),
         Command::CheckConfig { file } => match config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
@@ -80,7 +87,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: Option<PathBuf>) -> ExitCode {
+fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     let loaded = match &path {
         Some(p) => config::load(p),
         None => config::embedded_default(),
@@ -100,35 +107,82 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         info!(config = %config.source, "configuration loaded");
     }
     raise_fd_limit();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let config = Arc::new(config);
+    let services = imapgate::Services::new(config.clone());
+    let shutdown = Shutdown::new();
+    let workers = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    // One single-threaded runtime per worker thread, each with its own listening sockets on
+    // the same addresses (SO_REUSEPORT): a session lives on one thread, its wakeups never cross
+    // threads, and nothing is shared but the config, the metrics and the caps.
+    let runtime = |name: String| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(name)
+            .build()
+    };
+    let primary = match runtime("imapgate-0".into()) {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        let bound = match imapgate::bind(&config).await {
+    let bound = match primary.block_on(imapgate::bind(&config)) {
+        Ok(b) => b,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut others = Vec::new();
+    for n in 1..workers {
+        let listeners = match imapgate::bind_more(&config) {
             Ok(l) => l,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        let shutdown = Shutdown::new();
+        let (services, shutdown) = (services.clone(), shutdown.clone());
+        let name = format!("imapgate-{n}");
+        let Ok(rt) = runtime(name.clone()) else {
+            error!("cannot start worker runtime {n}");
+            return ExitCode::FAILURE;
+        };
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            rt.block_on(async {
+                match imapgate::into_bound(listeners) {
+                    Ok(bound) => imapgate::serve_listeners(bound, services, shutdown).await,
+                    Err(e) => error!(error = %e, "worker cannot use its listeners"),
+                }
+            });
+        });
+        match spawned {
+            Ok(handle) => others.push(handle),
+            Err(e) => {
+                error!(error = %e, "cannot start worker thread {n}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    info!(workers, "worker threads started");
+    primary.block_on(async {
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             shutdown::signal().await;
             info!("shutdown requested");
             on_signal.begin();
         });
-        let config = Arc::new(config);
         if let Some(tls) = config.tls.clone() {
             tokio::spawn(reload_certificates_on_sighup(tls));
         }
-        imapgate::run(bound, imapgate::Services::new(config), shutdown).await;
-        ExitCode::SUCCESS
-    })
+        imapgate::run(bound, services, shutdown).await;
+    });
+    for handle in others {
+        let _ = handle.join();
+    }
+    ExitCode::SUCCESS
 }
 
 /// SIGHUP: read the TLS certificates again. A file that does not load leaves the old

@@ -10,7 +10,11 @@ use crate::support::{DEADLINE, Proxy, config};
 
 const LOAD: &str = env!("CARGO_BIN_EXE_imapgate-load");
 
-struct FakeBackend(tokio::process::Child, SocketAddr);
+/// The fake backend's process (killed on drop) and address.
+struct FakeBackend {
+    _process: tokio::process::Child,
+    addr: SocketAddr,
+}
 
 async fn fake_backend() -> FakeBackend {
     let addr: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
@@ -18,7 +22,13 @@ async fn fake_backend() -> FakeBackend {
         .local_addr()
         .unwrap();
     let child = Command::new(LOAD)
-        .args(["serve", "--listen", &addr.to_string(), "--body-size", "100000"])
+        .args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--body-size",
+            "100000",
+        ])
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
@@ -33,21 +43,34 @@ async fn fake_backend() -> FakeBackend {
                 break;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "the fake backend never greeted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fake backend never greeted"
+        );
         tokio::task::yield_now().await;
     }
-    FakeBackend(child, addr)
+    FakeBackend {
+        _process: child,
+        addr,
+    }
 }
 
 async fn scenario(args: &[&str]) -> serde_json::Value {
     let out = tokio::time::timeout(
         DEADLINE,
-        Command::new(LOAD).args(args).stderr(Stdio::piped()).output(),
+        Command::new(LOAD)
+            .args(args)
+            .stderr(Stdio::piped())
+            .output(),
     )
     .await
     .expect("the scenario ends within the deadline")
     .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {line}"))
 }
@@ -55,7 +78,7 @@ async fn scenario(args: &[&str]) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_through_imapgate_against_the_fake_backend() {
     let backend = fake_backend().await;
-    let proxy = Proxy::start(&config(&[("fake", backend.1.to_string())], "")).await;
+    let proxy = Proxy::start(&config(&[("fake", backend.addr.to_string())], "")).await;
     let target = proxy.addr.to_string();
     let pid = std::process::id().to_string();
     let common = ["--target", &target, "--seconds", "0.3", "--pid", &pid];
@@ -70,14 +93,27 @@ async fn every_scenario_through_imapgate_against_the_fake_backend() {
 
     let fetch = scenario(&[&["fetch"][..], &common[..]].concat()).await;
     let octets = fetch["octets"].as_u64().unwrap();
-    assert!(octets > 0 && octets % 100_000 == 0, "whole 100 kB messages: {fetch}");
+    assert!(
+        octets > 0 && octets % 100_000 == 0,
+        "whole 100 kB messages: {fetch}"
+    );
     assert_eq!(fetch["errors"], 0, "{fetch}");
 
-    let idle = scenario(&[
-        &["idle", "--sessions", "20", "--hold", "0.1", "--workers", "5"][..],
-        &common[..],
-    ]
-    .concat())
+    let idle = scenario(
+        &[
+            &[
+                "idle",
+                "--sessions",
+                "20",
+                "--hold",
+                "0.1",
+                "--workers",
+                "5",
+            ][..],
+            &common[..],
+        ]
+        .concat(),
+    )
     .await;
     assert_eq!(idle["held"], 20.0, "{idle}");
     assert_eq!(idle["dropped"], 0, "{idle}");
@@ -102,7 +138,13 @@ async fn auth_http_answers_like_nginx_expects() {
         .local_addr()
         .unwrap();
     let _child = Command::new(LOAD)
-        .args(["auth-http", "--listen", &addr.to_string(), "--backend", "127.0.0.1:10143"])
+        .args([
+            "auth-http",
+            "--listen",
+            &addr.to_string(),
+            "--backend",
+            "127.0.0.1:10143",
+        ])
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -111,15 +153,23 @@ async fn auth_http_answers_like_nginx_expects() {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             break crate::support::http_get(addr, "/auth").await;
         }
-        assert!(tokio::time::Instant::now() < deadline, "auth-http never listened");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "auth-http never listened"
+        );
         tokio::task::yield_now().await;
     };
     assert_eq!(status, 200);
     // The headers nginx reads: fetch them raw.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /auth HTTP/1.0\r\nAuth-User: u\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /auth HTTP/1.0\r\nAuth-User: u\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
-    assert!(answer.contains("Auth-Status: OK") && answer.contains("Auth-Port: 10143"), "{answer}");
+    assert!(
+        answer.contains("Auth-Status: OK") && answer.contains("Auth-Port: 10143"),
+        "{answer}"
+    );
 }
