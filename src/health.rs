@@ -11,8 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, BackendTls, Config, SendProxy};
 use crate::metrics::Metrics;
+use crate::proxy_header;
+use crate::session::dial;
+use crate::session::stream::Stream;
 use crate::shutdown::Shutdown;
 
 pub struct Health {
@@ -90,13 +93,24 @@ async fn check_loop(config: &Config, index: usize, metrics: &Metrics, health: &H
     }
 }
 
-/// Connects, reads the greeting, says LOGOUT.
+/// Connects the way a login would (PROXY header, TLS), reads the greeting, says LOGOUT.
 async fn probe(backend: &Backend, timeout: Duration) -> bool {
     let attempt = async {
-        let mut stream = TcpStream::connect(&backend.address).await.ok()?;
+        let mut tcp = TcpStream::connect(&backend.address).await.ok()?;
+        // A backend that takes PROXY headers wants one first; LOCAL/UNKNOWN says "no client".
+        match backend.send_proxy {
+            SendProxy::None => {}
+            SendProxy::V1 => tcp.write_all(b"PROXY UNKNOWN\r\n").await.ok()?,
+            SendProxy::V2 => tcp.write_all(&proxy_header::v2_local().ok()?).await.ok()?,
+        }
+        let mut stream = match (&backend.tls, &backend.tls_client) {
+            (BackendTls::Implicit, Some(tls)) => dial::tls_connect(tcp, tls).await.ok()?,
+            _ => Stream::Plain(tcp),
+        };
         let mut greeting = [0u8; 4];
         stream.read_exact(&mut greeting).await.ok()?;
         let _ = stream.write_all(b"h LOGOUT\r\n").await;
+        let _ = stream.flush().await;
         Some(&greeting == b"* OK")
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))

@@ -95,6 +95,16 @@ pub fn v2(client: SocketAddr, local: SocketAddr) -> io::Result<Vec<u8>> {
     .build()
 }
 
+/// A v2 header with the LOCAL command: a connection of the proxy's own (health checks).
+pub fn v2_local() -> io::Result<Vec<u8>> {
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Local,
+        ppp::v2::Protocol::Unspecified,
+        ppp::v2::Addresses::Unspecified,
+    )
+    .build()
+}
+
 /// `::ffff:1.2.3.4` as `1.2.3.4`, so a v4 client on a dual-stack socket is sent as TCP4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())

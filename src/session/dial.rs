@@ -140,7 +140,8 @@ async fn prepare_and_login(
     greet_and_login(stream, backend, credentials, identity).await
 }
 
-async fn tls_connect(
+/// The client side of a TLS handshake with a backend.
+pub(crate) async fn tls_connect(
     tcp: TcpStream,
     (config, name): &(Arc<rustls::ClientConfig>, ServerName<'static>),
 ) -> Result<Stream, DialError> {

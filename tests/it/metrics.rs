@@ -1,24 +1,7 @@
 //! `/metrics` after a scripted session against real Dovecot shows exactly what happened.
 
 use crate::support::dovecot::{self, Dovecot};
-use crate::support::{DEADLINE, Proxy, config, http_get, sample};
-
-/// Polls `/metrics` until `done` holds for it (the session's end is recorded when its task
-/// finishes, just after the client sees the close).
-async fn metrics_when(proxy: &Proxy, done: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let m = proxy.metrics().await;
-        if done(&m) {
-            return m;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never settled:\n{m}"
-        );
-        tokio::task::yield_now().await;
-    }
-}
+use crate::support::{DEADLINE, Proxy, config, http_get, metrics_when, sample};
 
 #[tokio::test]
 async fn scripted_session_gives_exact_counters() {

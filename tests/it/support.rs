@@ -331,3 +331,20 @@ pub fn tool_available(tool: &str, package: &str) -> bool {
     }
     found
 }
+
+/// Polls `/metrics` until `done` holds for it (the session's end is recorded when its task
+/// finishes, just after the client sees the close).
+pub async fn metrics_when(proxy: &Proxy, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let m = proxy.metrics().await;
+        if done(&m) {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never settled:\n{m}"
+        );
+        tokio::task::yield_now().await;
+    }
+}

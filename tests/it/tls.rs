@@ -240,13 +240,18 @@ async fn client_address_reaches_dovecot_and_plaintext_policy() {
     let proxy = Proxy::start(&format!(
         "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:1\", tls: starttls, proxy_protocol: required, trusted_proxies: [\"127.0.0.0/8\"] }}\n\
          {}backends:\n  - {{ name: by_id, address: \"{}\", forward_id: true }}\n  - {{ name: by_proxy, address: \"{}\", send_proxy: v2 }}\n\
-         routing:\n  static: {{ alice: by_id, bob: by_proxy }}\n",
+         routing:\n  static: {{ alice: by_id, bob: by_proxy }}\nhealth: {{ interval: 100ms }}\n",
         tls_yaml(&pki),
         dv.address(),
         dv.haproxy_address(),
     ))
     .await;
 
+    // The health check sends a PROXY LOCAL header where the backend expects PROXY headers.
+    crate::support::metrics_when(&proxy, |m| {
+        crate::support::sample(m, "imapgate_backend_up", "backend=\"by_proxy\"") == Some(1.0)
+    })
+    .await;
     for (user, password) in [("alice", "alice-secret"), ("bob", "bob-secret")] {
         let mut c = proxy.connect().await;
         c.send("PROXY TCP4 203.0.113.7 127.0.0.1 40001 143\r\n")
@@ -342,7 +347,7 @@ async fn tls_to_backends_and_a_wrong_certificate() {
     let rogue = pki.rogue_ca().display().to_string();
     let proxy = Proxy::start(&format!(
         "backends:\n  - {{ name: implicit, address: \"{}\", tls: implicit, ca: \"{ca}\", server_name: backend.test }}\n  - {{ name: starttls, address: \"{}\", tls: starttls, ca: \"{ca}\" }}\n  - {{ name: wrong_ca, address: \"{}\", tls: implicit, ca: \"{rogue}\" }}\n\
-         routing:\n  static: {{ alice: implicit, bob: starttls, carol: wrong_ca }}\n",
+         routing:\n  static: {{ alice: implicit, bob: starttls, carol: wrong_ca }}\nhealth: {{ interval: 100ms }}\n",
         dv.imaps_address(),
         dv.address(),
         dv.imaps_address(),
@@ -362,6 +367,20 @@ async fn tls_to_backends_and_a_wrong_certificate() {
             "{user}'s login was over TLS, as Dovecot saw it: {line}"
         );
     }
+
+    // Health checks speak TLS where the backend does: up for the two good ones, down for
+    // the one whose certificate does not verify.
+    let m = crate::support::metrics_when(&proxy, |m| {
+        ["implicit", "starttls"].iter().all(|b| {
+            crate::support::sample(m, "imapgate_backend_up", &format!("backend=\"{b}\""))
+                == Some(1.0)
+        })
+    })
+    .await;
+    assert_eq!(
+        crate::support::sample(&m, "imapgate_backend_up", "backend=\"wrong_ca\""),
+        Some(0.0)
+    );
 
     let mut c = proxy.connect().await;
     c.line().await.unwrap();
