@@ -161,10 +161,7 @@ async fn scripted_session_gives_exact_counters() {
 
 #[tokio::test]
 async fn prelogin_rejections_are_counted_by_reason() {
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let nowhere = crate::support::nowhere();
     let proxy = Proxy::start(&config(
         &[("b1", nowhere.to_string())],
         "limits: { line_max: 1024 }\n",
@@ -203,11 +200,8 @@ async fn prelogin_rejections_are_counted_by_reason() {
 
 #[tokio::test]
 async fn admin_endpoints() {
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let proxy = Proxy::start(&config(&[("b1", nowhere.to_string())], "")).await;
+    let nowhere = crate::support::nowhere();
+    let proxy = Proxy::start(&config(&[("b1", nowhere.clone())], "")).await;
     assert_eq!(http_get(proxy.admin, "/healthz").await.0, 200);
     assert_eq!(
         http_get(proxy.admin, "/readyz").await.0,
@@ -252,11 +246,8 @@ async fn promtool_accepts_the_metrics() {
     if !crate::support::tool_available("promtool", "prometheus") {
         return;
     }
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let proxy = Proxy::start(&config(&[("b1", nowhere.to_string())], "")).await;
+    let nowhere = crate::support::nowhere();
+    let proxy = Proxy::start(&config(&[("b1", nowhere.clone())], "")).await;
     let m = proxy.metrics().await;
     let mut child = tokio::process::Command::new("promtool")
         .args(["check", "metrics"])

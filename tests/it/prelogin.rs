@@ -1,13 +1,7 @@
 //! What imapgate answers by itself before login, and how it refuses bad input.
 
 use crate::support::dovecot::{self, Dovecot};
-use crate::support::{Proxy, config};
-
-/// No backend is needed for these: an address nobody listens on.
-fn nowhere() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
+use crate::support::{Proxy, config, nowhere};
 
 #[tokio::test]
 async fn capability_noop_id_logout() {

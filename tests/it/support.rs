@@ -348,3 +348,9 @@ pub async fn metrics_when(proxy: &Proxy, done: impl Fn(&str) -> bool) -> String 
         tokio::task::yield_now().await;
     }
 }
+
+/// An address nobody listens on, for tests that need no backend.
+pub fn nowhere() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}

@@ -23,6 +23,16 @@ fn tls_yaml(pki: &Pki) -> String {
 
 const TWO_LISTENERS: &str = "listeners:\n  - { name: imap, bind: \"127.0.0.1:1\", tls: starttls }\n  - { name: imaps, bind: \"127.0.0.1:1\", tls: implicit }\n";
 
+/// imapgate with a STARTTLS and an implicit-TLS listener, and no backend behind it.
+async fn tls_proxy_without_backend(pki: &Pki) -> Proxy {
+    let nowhere = crate::support::nowhere();
+    Proxy::start(&format!(
+        "{TWO_LISTENERS}{}backends:\n  - {{ name: b1, address: \"{nowhere}\" }}\n",
+        tls_yaml(pki)
+    ))
+    .await
+}
+
 async fn run(command: &mut Command, stdin: &[u8]) -> (bool, String) {
     use tokio::io::AsyncWriteExt;
     command
@@ -158,15 +168,7 @@ async fn openssl_and_curl_over_implicit_tls_and_starttls() {
 #[tokio::test]
 async fn sni_picks_the_certificate() {
     let pki = Pki::new();
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let proxy = Proxy::start(&format!(
-        "{TWO_LISTENERS}{}backends:\n  - {{ name: b1, address: \"{nowhere}\" }}\n",
-        tls_yaml(&pki)
-    ))
-    .await;
+    let proxy = tls_proxy_without_backend(&pki).await;
     let implicit = proxy.addrs[1];
     for name in ["imap.test", "other.test"] {
         // Verification against each name passes only if that name's certificate was served.
@@ -189,15 +191,7 @@ async fn sni_picks_the_certificate() {
 #[tokio::test]
 async fn starttls_discards_injected_commands() {
     let pki = Pki::new();
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let proxy = Proxy::start(&format!(
-        "{TWO_LISTENERS}{}backends:\n  - {{ name: b1, address: \"{nowhere}\" }}\n",
-        tls_yaml(&pki)
-    ))
-    .await;
+    let proxy = tls_proxy_without_backend(&pki).await;
     let mut c = Raw::connect(proxy.addrs[0]).await;
     let greeting = c.line().await.unwrap();
     assert!(greeting.contains(" STARTTLS"), "{greeting}");
@@ -284,10 +278,7 @@ async fn client_address_reaches_dovecot_and_plaintext_policy() {
 
 #[tokio::test]
 async fn proxy_listener_refuses_untrusted_peers_and_missing_headers() {
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let nowhere = crate::support::nowhere();
     let proxy = Proxy::start(&format!(
         "listeners:\n  - {{ name: strict, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"10.0.0.0/8\"] }}\n  - {{ name: trusting, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }}\n\
          backends:\n  - {{ name: b1, address: \"{nowhere}\" }}\n"
@@ -408,10 +399,7 @@ async fn tls_to_backends_and_a_wrong_certificate() {
 #[tokio::test]
 async fn sighup_reloads_certificates() {
     let pki = Pki::new();
-    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let nowhere = crate::support::nowhere();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
