@@ -127,8 +127,18 @@ impl Services {
 }
 
 /// Serves until `shutdown.drain` is cancelled, then lets logged-in sessions finish for
-/// `timeouts.shutdown_grace` before cutting them.
+/// `timeouts.shutdown_grace` before cutting them. One worker: what the tests run; `main` runs
+/// the same pieces on one runtime per core.
 pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
+    start_services(bound.admin, &services, &shutdown);
+    serve_listeners(bound.listeners, services, shutdown.clone()).await;
+    // Stops the admin server and anything else still waiting on `cut`.
+    shutdown.cut.cancel();
+    info!("stopped");
+}
+
+/// The once-per-process tasks: health checks and the admin server, on the current runtime.
+pub fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shutdown: &Shutdown) {
     let config = &services.config;
     for b in &config.backends {
         if b.insecure_skip_verify {
@@ -141,7 +151,7 @@ pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
         services.health.clone(),
         shutdown.clone(),
     );
-    if let Some(listener) = bound.admin {
+    if let Some(listener) = admin {
         if let Ok(addr) = listener.local_addr() {
             info!(address = %addr, "admin server listening");
         }
@@ -152,10 +162,6 @@ pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
         });
         tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
     }
-    serve_listeners(bound.listeners, services, shutdown.clone()).await;
-    // Stops the admin server and anything else still waiting on `cut`.
-    shutdown.cut.cancel();
-    info!("stopped");
 }
 
 /// Accepts on `listeners` until `shutdown.drain`, then drains this thread's sessions. `run`

@@ -177,11 +177,18 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
         if let Some(tls) = config.tls.clone() {
             tokio::spawn(reload_certificates_on_sighup(tls));
         }
-        imapgate::run(bound, services, shutdown).await;
+        imapgate::start_services(bound.admin, &services, &shutdown);
+        imapgate::serve_listeners(bound.listeners, services, shutdown.clone()).await;
+        // Every worker drains within the same grace period; only then is the rest cut.
+        let _ = tokio::task::spawn_blocking(move || {
+            for handle in others {
+                let _ = handle.join();
+            }
+        })
+        .await;
+        shutdown.cut.cancel();
+        info!("stopped");
     });
-    for handle in others {
-        let _ = handle.join();
-    }
     ExitCode::SUCCESS
 }
 
