@@ -370,6 +370,6 @@ mod tests {
         let future = serve(tcp, session, None);
         let size = std::mem::size_of_val(&future);
         eprintln!("session future: {size} bytes");
-        assert!(size < 2200, "the session future grew to {size} bytes");
+        assert!(size < 1800, "the session future grew to {size} bytes");
     }
 }

@@ -93,23 +93,29 @@ pub struct Leg<'t> {
     pub tap: &'t mut dyn Tap,
 }
 
-/// Relays until the session ends.
-pub async fn relay(
+/// Relays until the session ends. A plain function returning a plain future (not an async fn),
+/// so a session's state holds the relay once, not once as arguments and again as the running
+/// relay.
+pub fn relay<'c, 'u, 'd>(
     client: Stream,
     backend: Stream,
     half_close: Duration,
-    counts: &ByteCounts,
-    upstream: Leg<'_>,
-    downstream: Leg<'_>,
-) -> RelayStats {
-    let (up_bytes, down_bytes) = (&counts.client_to_backend, &counts.backend_to_client);
-    let (ended_by, result) = match (client, backend) {
-        (Stream::Plain(client), Stream::Plain(backend)) => {
-            TcpRelay::new(&client, &backend, half_close, counts, upstream, downstream).await
-        }
+    counts: &'c ByteCounts,
+    upstream: Leg<'u>,
+    downstream: Leg<'d>,
+) -> Relay<'c, 'u, 'd>
+where
+    'u: 'c,
+    'd: 'c,
+{
+    let inner = match (client, backend) {
+        (Stream::Plain(client), Stream::Plain(backend)) => Inner::Tcp(TcpRelay::new(
+            client, backend, half_close, counts, upstream, downstream,
+        )),
         // Boxed so that plain sessions do not carry the TLS path's state.
         (client, backend) => {
-            Box::pin(async move {
+            let (up_bytes, down_bytes) = (&counts.client_to_backend, &counts.backend_to_client);
+            Inner::Tls(Box::pin(async move {
                 let (client_read, client_write) = tokio::io::split(client);
                 let (backend_read, backend_write) = tokio::io::split(backend);
                 let up = pin!(copy_io(
@@ -127,15 +133,42 @@ pub async fn relay(
                     down_bytes
                 ));
                 finish(up, down, half_close).await
-            })
-            .await
+            }))
         }
     };
-    RelayStats {
-        client_to_backend: up_bytes.load(Ordering::Relaxed),
-        backend_to_client: down_bytes.load(Ordering::Relaxed),
-        ended_by,
-        error: result.err(),
+    Relay { inner, counts }
+}
+
+/// The running relay; resolves to the session's byte counts and who ended it.
+pub struct Relay<'c, 'u, 'd> {
+    inner: Inner<'c, 'u, 'd>,
+    counts: &'c ByteCounts,
+}
+
+type Ended = (EndedBy, io::Result<()>);
+
+// The plain relay is the common case and lives inline; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Inner<'c, 'u, 'd> {
+    Tcp(TcpRelay<'c, 'u, 'd>),
+    Tls(Pin<Box<dyn Future<Output = Ended> + Send + 'c>>),
+}
+
+impl Future for Relay<'_, '_, '_> {
+    type Output = RelayStats;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<RelayStats> {
+        let this = self.get_mut();
+        let (ended_by, result) = std::task::ready!(match &mut this.inner {
+            Inner::Tcp(relay) => Pin::new(relay).poll(cx),
+            Inner::Tls(relay) => relay.as_mut().poll(cx),
+        });
+        std::task::Poll::Ready(RelayStats {
+            client_to_backend: this.counts.client_to_backend.load(Ordering::Relaxed),
+            backend_to_client: this.counts.backend_to_client.load(Ordering::Relaxed),
+            ended_by,
+            error: result.err(),
+        })
     }
 }
 

@@ -118,10 +118,10 @@ impl<'a> Direction<'a> {
 
 /// Both directions of one session; resolves when the session is over (see `super` for who
 /// ends it).
-pub struct TcpRelay<'s, 'u, 'd> {
-    client: &'s TcpStream,
-    backend: &'s TcpStream,
-    counts: &'s ByteCounts,
+pub struct TcpRelay<'c, 'u, 'd> {
+    client: TcpStream,
+    backend: TcpStream,
+    counts: &'c ByteCounts,
     up: Direction<'u>,
     down: Direction<'d>,
     half_close: Duration,
@@ -129,12 +129,12 @@ pub struct TcpRelay<'s, 'u, 'd> {
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl<'s, 'u, 'd> TcpRelay<'s, 'u, 'd> {
+impl<'c, 'u, 'd> TcpRelay<'c, 'u, 'd> {
     pub fn new(
-        client: &'s TcpStream,
-        backend: &'s TcpStream,
+        client: TcpStream,
+        backend: TcpStream,
         half_close: Duration,
-        counts: &'s ByteCounts,
+        counts: &'c ByteCounts,
         upstream: Leg<'u>,
         downstream: Leg<'d>,
     ) -> Self {
@@ -158,8 +158,8 @@ impl Future for TcpRelay<'_, '_, '_> {
         // Backend → client first: the backend closing ends the session.
         if let Poll::Ready(result) = this.down.poll_copy(
             cx,
-            this.backend,
-            this.client,
+            &this.backend,
+            &this.client,
             &this.counts.backend_to_client,
         ) {
             let by = if this.up.done {
@@ -172,8 +172,8 @@ impl Future for TcpRelay<'_, '_, '_> {
         if !this.up.done {
             match this.up.poll_copy(
                 cx,
-                this.client,
-                this.backend,
+                &this.client,
+                &this.backend,
                 &this.counts.client_to_backend,
             ) {
                 Poll::Ready(Err(e)) => return Poll::Ready((EndedBy::Client, Err(e))),
@@ -183,8 +183,8 @@ impl Future for TcpRelay<'_, '_, '_> {
                     // The backend may already be done; poll it again with the new state.
                     if let Poll::Ready(result) = this.down.poll_copy(
                         cx,
-                        this.backend,
-                        this.client,
+                        &this.backend,
+                        &this.client,
                         &this.counts.backend_to_client,
                     ) {
                         return Poll::Ready((EndedBy::Client, result));
