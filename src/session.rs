@@ -125,8 +125,6 @@ async fn until_login(
     let mut greet = true;
     loop {
         let step = tokio::select! {
-            // Boxed: pre-login's state (command reader, the dial, SASL) is large and short-lived;
-            // inline it would stay in the session's allocation for the whole relay.
             result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, session, greet)) => result,
             _ = session.shutdown.drain.cancelled() => {
                 services.metrics.rejected(Rejection::shutdown);
