@@ -105,6 +105,22 @@ fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
+/// Raises the soft open-file limit to the hard one; false if that failed.
+pub fn raise_fd_limit() -> bool {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return false;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    }
+}
+
 /// The process-wide parts every session shares.
 pub struct Services {
     pub config: Arc<Config>,

@@ -106,7 +106,10 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     } else {
         info!(config = %config.source, "configuration loaded");
     }
-    raise_fd_limit();
+    // Each proxied session holds two descriptors: take the hard limit, not the soft default.
+    if !imapgate::raise_fd_limit() {
+        warn!("cannot raise the open-file limit to the hard limit");
+    }
     let config = Arc::new(config);
     let services = imapgate::Services::new(config.clone());
     let shutdown = Shutdown::new();
@@ -204,27 +207,6 @@ async fn reload_certificates_on_sighup(tls: Arc<imapgate::tls::ServerTls>) {
         match tls.reload() {
             Ok(()) => info!("TLS certificates reloaded"),
             Err(e) => error!(error = %e, "TLS certificates not reloaded; the old ones stay"),
-        }
-    }
-}
-
-/// Each proxied session holds two descriptors: take the hard limit, not the soft default.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let wanted = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
-                warn!("cannot raise the open-file limit");
-            }
         }
     }
 }

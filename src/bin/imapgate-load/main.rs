@@ -98,23 +98,9 @@ impl Common {
     }
 }
 
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    raise_fd_limit();
+    imapgate::raise_fd_limit();
     let report = match Cli::parse().command {
         Command::Serve { listen, body_size } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;

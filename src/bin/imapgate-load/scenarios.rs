@@ -89,6 +89,13 @@ impl Conn {
         }
     }
 
+    /// A connection that has logged in.
+    async fn session(target: SocketAddr, user: &str, password: &str) -> std::io::Result<Conn> {
+        let mut c = Conn::open(target, None).await?;
+        c.login(user, password).await?;
+        Ok(c)
+    }
+
     async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
         self.send(&format!("l LOGIN {user} {password}\r\n")).await?;
         self.until_ok("l").await.map(|_| ())
@@ -183,7 +190,6 @@ where
 {
     let until = Instant::now() + Duration::from_secs_f64(common.seconds);
     let cpu_before = cpu_seconds(&common.pids);
-    let started = Instant::now();
     let handles: Vec<_> = (0..common.workers)
         .map(|w| tokio::spawn(work(w, until)))
         .collect();
@@ -196,9 +202,7 @@ where
             units += u;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(&common.pids) - cpu_before;
-    let _ = elapsed;
     (Latencies(all), errors, units, cpu)
 }
 
@@ -256,12 +260,9 @@ pub async fn noop(common: &Common) -> Report {
         async move {
             let mut lat = Vec::new();
             let mut errors = 0;
-            let Ok(mut c) = Conn::open(target, None).await else {
+            let Ok(mut c) = Conn::session(target, &user, &password).await else {
                 return (lat, 1, 0);
             };
-            if c.login(&user, &password).await.is_err() {
-                return (lat, 1, 0);
-            }
             while Instant::now() < until {
                 let t = Instant::now();
                 let ok = c.send("n NOOP\r\n").await.is_ok() && c.until_ok("n").await.is_ok();
@@ -303,15 +304,14 @@ pub async fn fetch(common: &Common) -> Report {
         let (user, password) = (user.clone(), password.clone());
         async move {
             let mut octets = 0;
-            let Ok(mut c) = Conn::open(target, None).await else {
+            let Ok(mut c) = Conn::session(target, &user, &password).await else {
                 return (vec![], 1, 0);
             };
-            let setup = async {
-                c.login(&user, &password).await?;
+            let selected = async {
                 c.send("s SELECT INBOX\r\n").await?;
                 c.until_ok("s").await
             };
-            if setup.await.is_err() {
+            if selected.await.is_err() {
                 return (vec![], 1, 0);
             }
             while Instant::now() < until {
