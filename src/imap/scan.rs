@@ -215,7 +215,9 @@ impl<'a> Shared<'a> {
             sasl_open: AtomicBool::new(false),
             compressed: AtomicBool::new(false),
             bye: AtomicBool::new(false),
-            in_flight: Mutex::new(Vec::new()),
+            // Room for one: a session mostly has one command in flight (an IDLE, for hours);
+            // the default first growth would reserve four.
+            in_flight: Mutex::new(Vec::with_capacity(1)),
         }
     }
 
