@@ -191,10 +191,7 @@ pub struct Metrics {
     registry: Registry,
     connections_total: Family<ListenerLabels, Counter>,
     connections_active: Family<ListenerLabels, Gauge>,
-    logins_total: Family<LoginLabels, Counter>,
-    login_duration: HistogramFamily<BackendLabels>,
     backend_up: Family<BackendLabels, Gauge>,
-    backend_connect_duration: HistogramFamily<BackendLabels>,
     prelogin_rejections: Family<ReasonLabels, Counter>,
     /// Indexed like `Config::backends`.
     backends: Vec<BackendMetrics>,
@@ -208,7 +205,23 @@ pub struct BackendMetrics {
     pub bytes_to_backend: Counter<u64, AtomicU64>,
     pub bytes_to_client: Counter<u64, AtomicU64>,
     pub sessions_active: Gauge,
+    /// `[mechanism][result]`, in `MECHANISMS` and `RESULTS` order.
+    logins: [[Counter; 4]; 3],
+    login_duration: Histogram,
+    connect_duration: Histogram,
 }
+
+const MECHANISMS: [MechanismLabel; 3] = [
+    MechanismLabel::login,
+    MechanismLabel::plain,
+    MechanismLabel::sasl_login,
+];
+const RESULTS: [LoginResult; 4] = [
+    LoginResult::ok,
+    LoginResult::rejected,
+    LoginResult::unavailable,
+    LoginResult::error,
+];
 
 impl Sink for BackendMetrics {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
@@ -323,27 +336,18 @@ impl Metrics {
             let backend = BackendLabels {
                 backend: b.name.clone(),
             };
-            let _ = login_duration.get_or_create(&backend);
-            let _ = backend_connect_duration.get_or_create(&backend);
             let _ = backend_up.get_or_create(&backend);
-            for mechanism in [
-                MechanismLabel::login,
-                MechanismLabel::plain,
-                MechanismLabel::sasl_login,
-            ] {
-                for result in [
-                    LoginResult::ok,
-                    LoginResult::rejected,
-                    LoginResult::unavailable,
-                    LoginResult::error,
-                ] {
-                    let _ = logins_total.get_or_create(&LoginLabels {
-                        backend: b.name.clone(),
-                        mechanism,
-                        result,
-                    });
-                }
-            }
+            let logins = MECHANISMS.map(|mechanism| {
+                RESULTS.map(|result| {
+                    logins_total
+                        .get_or_create(&LoginLabels {
+                            backend: b.name.clone(),
+                            mechanism,
+                            result,
+                        })
+                        .clone()
+                })
+            });
             let commands = COMMAND_NAMES
                 .iter()
                 .map(|name| {
@@ -383,6 +387,9 @@ impl Metrics {
                 bytes_to_backend: bytes(DirectionLabel::client_to_backend),
                 bytes_to_client: bytes(DirectionLabel::backend_to_client),
                 sessions_active: sessions_active.get_or_create(&backend).clone(),
+                logins,
+                login_duration: login_duration.get_or_create(&backend).clone(),
+                connect_duration: backend_connect_duration.get_or_create(&backend).clone(),
             });
         }
 
@@ -390,10 +397,7 @@ impl Metrics {
             registry,
             connections_total,
             connections_active,
-            logins_total,
-            login_duration,
             backend_up,
-            backend_connect_duration,
             prelogin_rejections,
             backends,
         }
@@ -428,28 +432,24 @@ impl Metrics {
         )
     }
 
-    pub fn login(&self, backend: &str, mechanism: Mechanism, result: LoginResult, took: Duration) {
-        self.logins_total
-            .get_or_create(&LoginLabels {
-                backend: backend.to_string(),
-                mechanism: mechanism.into(),
-                result,
-            })
-            .inc();
+    /// A login attempt on backend `index` (of `Config::backends`).
+    pub fn login(&self, index: usize, mechanism: Mechanism, result: LoginResult, took: Duration) {
+        let b = &self.backends[index];
+        let m = MECHANISMS
+            .iter()
+            .position(|&m| m == mechanism.into())
+            .unwrap_or(0);
+        let r = RESULTS.iter().position(|&r| r == result).unwrap_or(0);
+        b.logins[m][r].inc();
         if result == LoginResult::ok || result == LoginResult::rejected {
-            self.login_duration
-                .get_or_create(&BackendLabels {
-                    backend: backend.to_string(),
-                })
-                .observe(took.as_secs_f64());
+            b.login_duration.observe(took.as_secs_f64());
         }
     }
 
-    pub fn backend_connected(&self, backend: &str, took: Duration) {
-        self.backend_connect_duration
-            .get_or_create(&BackendLabels {
-                backend: backend.to_string(),
-            })
+    /// A TCP connect to backend `index` took `took`.
+    pub fn backend_connected(&self, index: usize, took: Duration) {
+        self.backends[index]
+            .connect_duration
             .observe(took.as_secs_f64());
     }
 

@@ -461,7 +461,7 @@ async fn login(
                 session
                     .services
                     .metrics
-                    .backend_connected(&backend.name, started.elapsed());
+                    .backend_connected(index, started.elapsed());
                 dial::login(
                     stream,
                     backend,
@@ -484,7 +484,7 @@ async fn login(
         session
             .services
             .metrics
-            .login(&backend.name, credentials.mechanism, result, took);
+            .login(index, credentials.mechanism, result, took);
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
