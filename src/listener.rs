@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::Services;
 use crate::config::ProxyProtocol;
 use crate::imap::response;
-use crate::metrics::Rejection;
+use crate::metrics::{AcceptError, Rejection};
 use crate::session::{self, Session, SessionId};
 use crate::shutdown::Shutdown;
 
@@ -36,7 +36,7 @@ pub async fn accept_loop(
     // is applied in the session, to the address the header carries.
     let proxied = config.proxy_protocol == ProxyProtocol::Required;
     let mut failing = false;
-    let (accepted_total, open_now) = services.metrics.listener(name);
+    let counters = services.metrics.listener(name);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -51,16 +51,23 @@ pub async fn accept_loop(
                 accepted
             }
             Err(e) => {
-                // EMFILE/ENFILE: sessions we have keep running; retry after a pause, log once.
+                // EMFILE/ENFILE: the sessions we have keep running; the connection waits in
+                // the kernel's backlog and we retry after a pause. Logged once per episode,
+                // counted every time.
+                let reason = match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE) => AcceptError::fd_limit,
+                    _ => AcceptError::other,
+                };
+                counters.accept_failed(reason);
                 if !failing {
-                    error!(listener = %name, error = %e, "accept failed; backing off");
+                    error!(listener = %name, error = %e, ?reason, "accept failed; backing off");
                     failing = true;
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        accepted_total.inc();
+        counters.accepted.inc();
         let admitted = if proxied {
             Ok(None)
         } else {
@@ -76,7 +83,7 @@ pub async fn accept_loop(
                     services: services.clone(),
                     shutdown: shutdown.clone(),
                 };
-                let open_now = open_now.clone();
+                let open_now = counters.open.clone();
                 open_now.inc();
                 tracker.spawn(async move {
                     session::serve(stream, session, permit).await;

@@ -28,6 +28,38 @@ struct ListenerLabels {
     listener: String,
 }
 
+/// Why an accept failed: out of file descriptors (EMFILE/ENFILE, the one that matters) or
+/// anything else.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AcceptError {
+    fd_limit,
+    other,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AcceptErrorLabels {
+    listener: String,
+    reason: AcceptError,
+}
+
+/// One listener's handles, resolved once by its accept loop.
+pub struct ListenerMetrics {
+    pub accepted: Counter,
+    pub open: Gauge,
+    pub fd_limit: Counter,
+    pub other_error: Counter,
+}
+
+impl ListenerMetrics {
+    pub fn accept_failed(&self, reason: AcceptError) {
+        match reason {
+            AcceptError::fd_limit => self.fd_limit.inc(),
+            AcceptError::other => self.other_error.inc(),
+        };
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
@@ -191,6 +223,7 @@ pub struct Metrics {
     registry: Registry,
     connections_total: Family<ListenerLabels, Counter>,
     connections_active: Family<ListenerLabels, Gauge>,
+    accept_errors: Family<AcceptErrorLabels, Counter>,
     backend_up: Family<BackendLabels, Gauge>,
     prelogin_rejections: Family<ReasonLabels, Counter>,
     /// Indexed like `Config::backends`.
@@ -254,6 +287,12 @@ impl Metrics {
             "connections_active",
             "Client connections open",
             connections_active.clone(),
+        );
+        let accept_errors = Family::<AcceptErrorLabels, Counter>::default();
+        r.register(
+            "accept_errors",
+            "Failed accepts; fd_limit means out of file descriptors (accepting pauses, open sessions go on)",
+            accept_errors.clone(),
         );
         let logins_total = Family::<LoginLabels, Counter>::default();
         r.register(
@@ -330,6 +369,12 @@ impl Metrics {
             };
             let _ = connections_total.get_or_create(&labels);
             let _ = connections_active.get_or_create(&labels);
+            for reason in [AcceptError::fd_limit, AcceptError::other] {
+                let _ = accept_errors.get_or_create(&AcceptErrorLabels {
+                    listener: l.name.clone(),
+                    reason,
+                });
+            }
         }
         let mut backends = Vec::with_capacity(config.backends.len());
         for b in &config.backends {
@@ -397,6 +442,7 @@ impl Metrics {
             registry,
             connections_total,
             connections_active,
+            accept_errors,
             backend_up,
             prelogin_rejections,
             backends,
@@ -422,14 +468,24 @@ impl Metrics {
     }
 
     /// Handles for one listener's connection counters.
-    pub fn listener(&self, name: &str) -> (Counter, Gauge) {
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
         let labels = ListenerLabels {
             listener: name.to_string(),
         };
-        (
-            self.connections_total.get_or_create(&labels).clone(),
-            self.connections_active.get_or_create(&labels).clone(),
-        )
+        let error = |reason| {
+            self.accept_errors
+                .get_or_create(&AcceptErrorLabels {
+                    listener: name.to_string(),
+                    reason,
+                })
+                .clone()
+        };
+        ListenerMetrics {
+            accepted: self.connections_total.get_or_create(&labels).clone(),
+            open: self.connections_active.get_or_create(&labels).clone(),
+            fd_limit: error(AcceptError::fd_limit),
+            other_error: error(AcceptError::other),
+        }
     }
 
     /// A login attempt on backend `index` (of `Config::backends`).

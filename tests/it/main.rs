@@ -3,6 +3,7 @@
 
 mod clients;
 mod config_corpus;
+mod fd_limit;
 mod load_tool;
 mod login;
 mod metrics;

@@ -354,3 +354,46 @@ pub fn nowhere() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").to_string()
 }
+
+/// Reads a child's stderr line by line.
+pub struct LogLines {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    seen: String,
+}
+
+impl LogLines {
+    pub fn new(stderr: tokio::process::ChildStderr) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        LogLines {
+            lines: tokio::io::BufReader::new(stderr).lines(),
+            seen: String::new(),
+        }
+    }
+
+    pub async fn wait_for(&mut self, text: &str) {
+        loop {
+            let line = tokio::time::timeout(DEADLINE, self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no {text:?} in the log:\n{}", self.seen))
+                .unwrap()
+                .unwrap_or_else(|| panic!("the log ended before {text:?}:\n{}", self.seen));
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+            if line.contains(text) {
+                return;
+            }
+        }
+    }
+
+    /// Everything the child wrote to stderr, once it has exited (reads to the end).
+    pub async fn rest(mut self) -> String {
+        while let Ok(Some(line)) = tokio::time::timeout(DEADLINE, self.lines.next_line())
+            .await
+            .expect("stderr ends once the child exits")
+        {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        self.seen
+    }
+}

@@ -7,7 +7,9 @@ use tokio::process::Command;
 
 use crate::support::dovecot::{self, Dovecot, Options};
 use crate::support::pki::Pki;
-use crate::support::{DEADLINE, Proxy, Raw, tls_client, tls_client_result, tool_available};
+use crate::support::{
+    DEADLINE, LogLines, Proxy, Raw, tls_client, tls_client_result, tool_available,
+};
 
 /// The TLS part of a config: imapgate's default certificate and an SNI one.
 fn tls_yaml(pki: &Pki) -> String {
@@ -469,35 +471,4 @@ async fn sighup_reloads_certificates() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
-}
-
-/// Reads a child's stderr line by line.
-struct LogLines {
-    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-    seen: String,
-}
-
-impl LogLines {
-    fn new(stderr: tokio::process::ChildStderr) -> Self {
-        use tokio::io::AsyncBufReadExt;
-        LogLines {
-            lines: tokio::io::BufReader::new(stderr).lines(),
-            seen: String::new(),
-        }
-    }
-
-    async fn wait_for(&mut self, text: &str) {
-        loop {
-            let line = tokio::time::timeout(DEADLINE, self.lines.next_line())
-                .await
-                .unwrap_or_else(|_| panic!("no {text:?} in the log:\n{}", self.seen))
-                .unwrap()
-                .unwrap_or_else(|| panic!("the log ended before {text:?}:\n{}", self.seen));
-            self.seen.push_str(&line);
-            self.seen.push('\n');
-            if line.contains(text) {
-                return;
-            }
-        }
-    }
 }
