@@ -10,13 +10,24 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use imapgate::imap::scan::{BackendScanner, ClientScanner, CommandId, Completion, Shared, Sink};
-use imapgate::session::relay::{ByteCounts, Leg, NoTap, Tap, relay};
+use imapgate::imap::scan::{CommandId, Completion, Observer, Sink};
+use imapgate::session::relay::{Observe, relay};
 use imapgate::session::stream::Stream;
 
 struct Discard;
 impl Sink for Discard {
     fn command(&self, _: CommandId, _: Completion, _: Option<Duration>) {}
+}
+
+/// The command observer on the relay, as in a session (less the byte counters).
+struct Commands(Observer<Discard>);
+impl Observe for Commands {
+    fn client_to_backend(&mut self, bytes: &[u8]) {
+        self.0.client_bytes(bytes);
+    }
+    fn backend_to_client(&mut self, bytes: &[u8]) {
+        self.0.backend_bytes(bytes);
+    }
 }
 
 /// One round of traffic: the client's commands and the backend's answers, FETCH bodies from
@@ -56,16 +67,13 @@ fn observer(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(round * rounds));
     group.bench_function("1GiB_mix_in_32KiB_reads", |b| {
         b.iter(|| {
-            let sink = Discard;
-            let shared = Shared::new(&sink);
-            let mut up = ClientScanner::new(&shared);
-            let mut down = BackendScanner::new(&shared);
+            let mut observer = Observer::new(Discard);
             for _ in 0..rounds {
                 for chunk in client.chunks(32 * 1024) {
-                    up.observe(chunk);
+                    observer.client_bytes(chunk);
                 }
                 for chunk in server.chunks(32 * 1024) {
-                    down.observe(chunk);
+                    observer.backend_bytes(chunk);
                 }
             }
         })
@@ -81,12 +89,10 @@ fn observer(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(lines.len() as u64 * rounds));
     group.bench_function("1GiB_untagged_lines_in_32KiB_reads", |b| {
         b.iter(|| {
-            let sink = Discard;
-            let shared = Shared::new(&sink);
-            let mut down = BackendScanner::new(&shared);
+            let mut observer = Observer::new(Discard);
             for _ in 0..rounds {
                 for chunk in lines.chunks(32 * 1024) {
-                    down.observe(chunk);
+                    observer.backend_bytes(chunk);
                 }
             }
         })
@@ -153,31 +159,22 @@ async fn one_run(server: &[u8], observed: bool, clock: Clock) -> Duration {
             got += n;
         }
     });
-    let counts = ByteCounts::default();
-    let sink = Discard;
-    let shared = Shared::new(&sink);
-    let (mut plain_up, mut plain_down) = (NoTap, NoTap);
-    let (mut up, mut down) = (ClientScanner::new(&shared), BackendScanner::new(&shared));
-    let (up_tap, down_tap): (&mut dyn Tap, &mut dyn Tap) = if observed {
-        (&mut up, &mut down)
+    let (client, backend) = (Stream::Plain(proxy_client), Stream::Plain(proxy_backend));
+    let half_close = Duration::from_secs(10);
+    if observed {
+        let observer = Commands(Observer::new(Discard));
+        let _ = relay(
+            client,
+            backend,
+            half_close,
+            observer,
+            Vec::new(),
+            Vec::new(),
+        )
+        .await;
     } else {
-        (&mut plain_up, &mut plain_down)
-    };
-    relay(
-        Stream::Plain(proxy_client),
-        Stream::Plain(proxy_backend),
-        Duration::from_secs(10),
-        &counts,
-        Leg {
-            first: Vec::new(),
-            tap: up_tap,
-        },
-        Leg {
-            first: Vec::new(),
-            tap: down_tap,
-        },
-    )
-    .await;
+        let _ = relay(client, backend, half_close, (), Vec::new(), Vec::new()).await;
+    }
     let got = reader.await.unwrap();
     let elapsed = match clock {
         Clock::Wall => started.elapsed(),

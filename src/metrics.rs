@@ -9,6 +9,7 @@
 
 mod process;
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -227,7 +228,7 @@ pub struct Metrics {
     backend_up: Family<BackendLabels, Gauge>,
     prelogin_rejections: Family<ReasonLabels, Counter>,
     /// Indexed like `Config::backends`.
-    backends: Vec<BackendMetrics>,
+    backends: Vec<Arc<BackendMetrics>>,
 }
 
 /// One backend's hot-path handles.
@@ -426,7 +427,7 @@ impl Metrics {
                     })
                     .clone()
             };
-            backends.push(BackendMetrics {
+            backends.push(Arc::new(BackendMetrics {
                 commands,
                 durations,
                 bytes_to_backend: bytes(DirectionLabel::client_to_backend),
@@ -435,7 +436,7 @@ impl Metrics {
                 logins,
                 login_duration: login_duration.get_or_create(&backend).clone(),
                 connect_duration: backend_connect_duration.get_or_create(&backend).clone(),
-            });
+            }));
         }
 
         Metrics {
@@ -449,7 +450,7 @@ impl Metrics {
         }
     }
 
-    pub fn backend(&self, index: usize) -> &BackendMetrics {
+    pub fn backend(&self, index: usize) -> &Arc<BackendMetrics> {
         &self.backends[index]
     }
 

@@ -21,15 +21,16 @@ use tracing::{debug, error, info, warn};
 use crate::Services;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
-use crate::imap::scan::{BackendScanner, ClientScanner, Shared};
+use crate::imap::scan::Observer;
 use crate::listener::Permit;
-use crate::metrics::Rejection;
+use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
 use prelogin::{Closed, Outcome};
-use relay::{Leg, Tap};
+use relay::{Observe, Relay};
 use stream::Stream;
-use table::LiveSession;
+use table::{LiveSession, Registration};
+use tokio_util::sync::CancellationToken;
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
 pub struct Session {
@@ -80,43 +81,70 @@ const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Serves one accepted connection. `permit` holds its place under the connection caps; when
 /// the listener takes PROXY headers it is `None` and the place is taken here, for the address
 /// the header carries.
-pub async fn serve(tcp: TcpStream, mut session: Session, permit: Option<Permit>) {
+///
+/// A plain function returning the session's future, so that the future holds only what a
+/// logged-in session needs (an async fn would keep its arguments in every state):
+/// everything before the login (PROXY header, TLS handshake, pre-login, the dial) is large and
+/// short-lived, and runs boxed; what stays for the session's life is `LoggedInSession`.
+pub fn serve(
+    tcp: TcpStream,
+    session: Session,
+    permit: Option<Permit>,
+) -> impl Future<Output = ()> + Send + 'static {
     let started = Instant::now();
-    // Boxed: everything before the login (PROXY header, TLS handshake, pre-login, the dial)
-    // is large and short-lived; inline, it would stay in this task's allocation for the
-    // session's whole life. What stays is the relay's state.
-    let Some((client, authenticated, _permit)) =
-        Box::pin(until_login(tcp, &mut session, permit, started)).await
-    else {
-        return;
-    };
-    relay_phase(&session, client, authenticated, started).await;
+    let login = Box::pin(until_login(tcp, session, permit, started));
+    // An async block, not an async fn: an async fn's arguments are moved into locals, so
+    // they take their room twice.
+    async move {
+        let Some(logged_in) = login.await else {
+            return;
+        };
+        // After the login: relay until the session ends, or is cut at shutdown.
+        let mut session = LoggedInSession::start(logged_in, started);
+        let ended_by = tokio::select! {
+            (ended_by, result) = &mut session.relay => {
+                if let Err(error) = &result {
+                    debug!(session = %session.id, %error, "relay ended on an error");
+                }
+                ended_by.as_str()
+            }
+            _ = session.cut.cancelled() => "shutdown",
+        };
+        session.end(ended_by);
+    }
+}
+
+/// What the login phase hands to the relay phase.
+struct LoggedIn {
+    session: Session,
+    client: Stream,
+    authenticated: prelogin::Authenticated,
+    permit: Permit,
 }
 
 /// Accept-side phases up to a successful login; `None` when the connection ended first (all
 /// answers sent and logged).
 async fn until_login(
     mut tcp: TcpStream,
-    session: &mut Session,
+    mut session: Session,
     permit: Option<Permit>,
     started: Instant,
-) -> Option<(Stream, prelogin::Authenticated, Permit)> {
+) -> Option<LoggedIn> {
     let services = session.services.clone();
     let deadline = tokio::time::Instant::now() + services.config.timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
 
     let permit = match permit {
         Some(permit) => permit,
-        None => accept_proxy_header(&mut tcp, session, deadline).await?,
+        None => accept_proxy_header(&mut tcp, &mut session, deadline).await?,
     };
-    let session = &*session;
     let listener = session.listener();
     info!(session = %session.id, client = %session.peer, listener = %listener.name, "session start");
 
     let mut client = if listener.tls == ListenerTls::Implicit {
-        match tls_handshake(tcp, session, deadline).await {
+        match tls_handshake(tcp, &session, deadline).await {
             Some(tls) => tls,
-            None => return end_before_login(session, started, "tls_handshake"),
+            None => return end_before_login(&session, started, "tls_handshake"),
         }
     } else {
         Stream::Plain(tcp)
@@ -125,11 +153,11 @@ async fn until_login(
     let mut greet = true;
     loop {
         let step = tokio::select! {
-            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, session, greet)) => result,
+            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, &session, greet)) => result,
             _ = session.shutdown.drain.cancelled() => {
                 services.metrics.rejected(Rejection::shutdown);
                 last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
-                return end_before_login(session, started, "shutdown");
+                return end_before_login(&session, started, "shutdown");
             }
         };
         match step {
@@ -140,118 +168,146 @@ async fn until_login(
                     &response::bye("", "Autologout; idle for too long."),
                 )
                 .await;
-                return end_before_login(session, started, "prelogin_timeout");
+                return end_before_login(&session, started, "prelogin_timeout");
             }
             Ok(Err(error)) => {
                 debug!(session = %session.id, %error, "client connection error before login");
-                return end_before_login(session, started, "client_error");
+                return end_before_login(&session, started, "client_error");
             }
             Ok(Ok(Outcome::StartTls)) => {
                 // prelogin offers STARTTLS only on plain connections.
                 let Stream::Plain(tcp) = client else {
-                    return end_before_login(session, started, "starttls_twice");
+                    return end_before_login(&session, started, "starttls_twice");
                 };
-                client = match tls_handshake(tcp, session, deadline).await {
+                client = match tls_handshake(tcp, &session, deadline).await {
                     Some(tls) => tls,
-                    None => return end_before_login(session, started, "tls_handshake"),
+                    None => return end_before_login(&session, started, "tls_handshake"),
                 };
                 // No new greeting after STARTTLS; the client asks for capabilities again.
                 greet = false;
             }
             Ok(Ok(Outcome::Closed(Closed::ByClient))) => {
-                return end_before_login(session, started, "client");
+                return end_before_login(&session, started, "client");
             }
             Ok(Ok(Outcome::Closed(Closed::Bye(reason)))) => {
-                return end_before_login(session, started, reason);
+                return end_before_login(&session, started, reason);
             }
             Ok(Ok(Outcome::LoggedIn(authenticated))) => {
-                return Some((client, authenticated, permit));
+                return Some(LoggedIn {
+                    session,
+                    client,
+                    authenticated,
+                    permit,
+                });
             }
         }
     }
 }
 
-/// After the login: relay until the session ends, observed and counted.
-async fn relay_phase(
-    session: &Session,
-    client: Stream,
-    authenticated: prelogin::Authenticated,
+/// A logged-in session: the relay (which owns both sockets and the observer) and what the
+/// session's end needs. This is what an idle session costs, so it holds nothing else.
+struct LoggedInSession {
+    relay: Relay<SessionObserver>,
+    cut: CancellationToken,
+    id: SessionId,
     started: Instant,
-) {
-    let timeouts = &session.services.config.timeouts;
+    live: Arc<LiveSession>,
+    metrics: Arc<BackendMetrics>,
+    _registration: Registration,
+    _permit: Permit,
+}
 
-    let backend_metrics = session
-        .services
-        .metrics
-        .backend(authenticated.backend_index);
-    let live = Arc::new(LiveSession {
-        id: session.id,
-        client: session.peer,
-        user: authenticated.user,
-        backend: authenticated.backend_name,
-        started: std::time::SystemTime::now(),
-        bytes: Default::default(),
-    });
-    let _registration = session.services.sessions.register(live.clone());
-    backend_metrics.sessions_active.inc();
-    let observed = Shared::new(backend_metrics);
-    let mut up_tap = Metered {
-        scanner: ClientScanner::new(&observed),
-        bytes: &backend_metrics.bytes_to_backend,
-    };
-    let mut down_tap = Metered {
-        scanner: BackendScanner::new(&observed),
-        bytes: &backend_metrics.bytes_to_client,
-    };
-    let backend = authenticated.backend;
-    // Pinned in place: select! then polls it where it is (moved into select!, the relay's state
-    // would be laid out twice in this future).
-    let relay = std::pin::pin!(relay::relay(
-        client,
-        backend.stream,
-        timeouts.half_close,
-        &live.bytes,
-        Leg {
-            first: authenticated.client_buffered,
-            tap: &mut up_tap,
-        },
-        Leg {
-            first: backend.buffered,
-            tap: &mut down_tap,
-        },
-    ));
-    let ended_by = tokio::select! {
-        stats = relay => {
-            if let Some(error) = &stats.error {
-                debug!(session = %session.id, %error, "relay ended on an error");
-            }
-            stats.ended_by.as_str()
+impl LoggedInSession {
+    fn start(logged_in: LoggedIn, started: Instant) -> Self {
+        let LoggedIn {
+            session,
+            client,
+            authenticated,
+            permit,
+        } = logged_in;
+        let services = &session.services;
+        let metrics = services
+            .metrics
+            .backend(authenticated.backend_index)
+            .clone();
+        let live = Arc::new(LiveSession {
+            id: session.id,
+            client: session.peer,
+            user: authenticated.user,
+            backend: authenticated.backend_name,
+            started: std::time::SystemTime::now(),
+            bytes: Default::default(),
+        });
+        let registration = services.sessions.register(live.clone());
+        metrics.sessions_active.inc();
+        let observer = SessionObserver {
+            commands: Observer::new(metrics.clone()),
+            live: live.clone(),
+        };
+        let backend = authenticated.backend;
+        let relay = relay::relay(
+            client,
+            backend.stream,
+            services.config.timeouts.half_close,
+            observer,
+            authenticated.client_buffered,
+            backend.buffered,
+        );
+        LoggedInSession {
+            relay,
+            cut: session.shutdown.cut.clone(),
+            id: session.id,
+            started,
+            live,
+            metrics,
+            _registration: registration,
+            _permit: permit,
         }
-        _ = session.shutdown.cut.cancelled() => "shutdown",
-    };
-    observed.finish();
-    backend_metrics.sessions_active.dec();
-    info!(
-        session = %session.id,
-        backend = %live.backend,
-        ended_by,
-        client_to_backend = live.bytes.client_to_backend.load(std::sync::atomic::Ordering::Relaxed),
-        backend_to_client = live.bytes.backend_to_client.load(std::sync::atomic::Ordering::Relaxed),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "session end"
-    );
+    }
+
+    /// Closes both sockets, reports the commands still in flight, logs the end.
+    fn end(self, ended_by: &str) {
+        drop(self.relay);
+        self.metrics.sessions_active.dec();
+        let bytes = &self.live.bytes;
+        info!(
+            session = %self.id,
+            backend = %self.live.backend,
+            ended_by,
+            client_to_backend = bytes.client_to_backend.load(Ordering::Relaxed),
+            backend_to_client = bytes.backend_to_client.load(Ordering::Relaxed),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "session end"
+        );
+    }
 }
 
-/// A direction's observer plus its backend's byte counter.
-struct Metered<'m, S> {
-    scanner: S,
-    bytes: &'m prometheus_client::metrics::counter::Counter,
+/// The relay's observer for one session: the command observer, the backend's byte counters
+/// and the session's own (for `/sessions`).
+struct SessionObserver {
+    commands: Observer<Arc<BackendMetrics>>,
+    live: Arc<LiveSession>,
 }
 
-impl<S: Tap> Tap for Metered<'_, S> {
-    fn observe(&mut self, bytes: &[u8]) {
-        self.bytes.inc_by(bytes.len() as u64);
-        self.scanner.observe(bytes);
+impl Observe for SessionObserver {
+    fn client_to_backend(&mut self, bytes: &[u8]) {
+        let n = bytes.len() as u64;
+        self.commands.sink().bytes_to_backend.inc_by(n);
+        self.live
+            .bytes
+            .client_to_backend
+            .fetch_add(n, Ordering::Relaxed);
+        self.commands.client_bytes(bytes);
+    }
+
+    fn backend_to_client(&mut self, bytes: &[u8]) {
+        let n = bytes.len() as u64;
+        self.commands.sink().bytes_to_client.inc_by(n);
+        self.live
+            .bytes
+            .backend_to_client
+            .fetch_add(n, Ordering::Relaxed);
+        self.commands.backend_bytes(bytes);
     }
 }
 
@@ -368,6 +424,6 @@ mod tests {
         let future = serve(tcp, session, None);
         let size = std::mem::size_of_val(&future);
         eprintln!("session future: {size} bytes");
-        assert!(size < 1800, "the session future grew to {size} bytes");
+        assert!(size < 1024, "the session future grew to {size} bytes");
     }
 }

@@ -13,7 +13,7 @@
 //! n octets, then the logical line goes on. Only the head of a logical line (its first
 //! `HEAD_MAX` octets) is kept, in a fixed array; the rest is passed over with memchr.
 //!
-//! What the two directions share (`Shared`), with why:
+//! What the two directions share (`Shared`, owned with both scanners by one `Observer`), with why:
 //! - a client's synchronizing `{n}` is followed by octets only after the backend's `+`; if the
 //!   backend answers the command with NO/BAD instead, no octets come. The client side counts the
 //!   backend's continuations to tell which happened. (The client cannot send before it has the
@@ -24,11 +24,7 @@
 //! - the in-flight table: tag → command, bounded at `IN_FLIGHT_MAX` (a client that pipelines
 //!   without reading cannot grow it; the oldest entries are dropped as `unfinished`).
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use crate::session::relay::Tap;
 
 /// Octets of a logical line's start that are kept: enough for a tag and `UID FETCH`.
 const HEAD_MAX: usize = 64;
@@ -182,6 +178,18 @@ pub trait Sink: Send + Sync {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>);
 }
 
+impl<T: Sink + ?Sized> Sink for &T {
+    fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
+        (**self).command(command, completion, latency);
+    }
+}
+
+impl<T: Sink + ?Sized> Sink for std::sync::Arc<T> {
+    fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
+        (**self).command(command, completion, latency);
+    }
+}
+
 #[derive(Clone, Copy)]
 struct InFlight {
     tag: [u8; TAG_MAX],
@@ -191,59 +199,94 @@ struct InFlight {
     sent: Option<Instant>,
 }
 
-/// State the two directions share; lives as long as the relay.
-pub struct Shared<'a> {
-    sink: &'a dyn Sink,
-    /// Continuation requests (`+ ...`) the backend has sent.
-    continuations: AtomicU64,
-    /// A client AUTHENTICATE exchange is open: client lines are SASL data.
-    sasl_open: AtomicBool,
-    /// The backend accepted COMPRESS: both directions are compressed from here on.
-    compressed: AtomicBool,
-    /// The backend said `* BYE`.
-    bye: AtomicBool,
-    /// Commands sent and not yet completed. Locked once per command and per completion (never
-    /// per chunk), by the two halves of one session that run in one task: never contended.
-    in_flight: Mutex<Vec<InFlight>>,
+/// The observer of one session: both directions' scanners, what they share, and where the
+/// observations go. One owner (the session's relay), so nothing in it is atomic or locked.
+/// Dropping it reports what is still in flight (`unfinished`, or `bye` after a BYE).
+pub struct Observer<K: Sink> {
+    sink: K,
+    shared: Shared,
+    client: ClientScanner,
+    backend: BackendScanner,
 }
 
-impl<'a> Shared<'a> {
-    pub fn new(sink: &'a dyn Sink) -> Self {
-        Shared {
+impl<K: Sink> Observer<K> {
+    pub fn new(sink: K) -> Self {
+        Observer {
             sink,
-            continuations: AtomicU64::new(0),
-            sasl_open: AtomicBool::new(false),
-            compressed: AtomicBool::new(false),
-            bye: AtomicBool::new(false),
-            // Room for one: a session mostly has one command in flight (an IDLE, for hours);
-            // the default first growth would reserve four.
-            in_flight: Mutex::new(Vec::with_capacity(1)),
+            shared: Shared::new(),
+            client: ClientScanner::new(),
+            backend: BackendScanner::new(),
         }
     }
 
+    /// Octets on their way from the client to the backend.
+    pub fn client_bytes(&mut self, bytes: &[u8]) {
+        self.client.observe(&mut self.shared, &self.sink, bytes);
+    }
+
+    /// Octets on their way from the backend to the client.
+    pub fn backend_bytes(&mut self, bytes: &[u8]) {
+        self.backend.observe(&mut self.shared, &self.sink, bytes);
+    }
+
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+
+    /// The backend accepted COMPRESS: from here on only bytes are counted.
     pub fn is_compressed(&self) -> bool {
-        self.compressed.load(Ordering::Relaxed)
+        self.shared.compressed
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Vec<InFlight>> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    /// Commands sent and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.len()
     }
+}
 
-    /// Called when the session ends: what is still in flight did not complete.
-    pub fn finish(&self) {
-        let completion = if self.bye.load(Ordering::Relaxed) {
+impl<K: Sink> Drop for Observer<K> {
+    fn drop(&mut self) {
+        let completion = if self.shared.bye {
             Completion::Bye
         } else {
             Completion::Unfinished
         };
-        for entry in self.table().drain(..) {
+        for entry in self.shared.in_flight.drain(..) {
             self.sink.command(entry.command, completion, None);
         }
     }
+}
 
-    fn start_command(&self, tag: &[u8], command: CommandId) {
+/// State the two directions share.
+struct Shared {
+    /// Continuation requests (`+ ...`) the backend has sent.
+    continuations: u64,
+    /// A client AUTHENTICATE exchange is open: client lines are SASL data.
+    sasl_open: bool,
+    /// The backend accepted COMPRESS: both directions are compressed from here on.
+    compressed: bool,
+    /// The backend said `* BYE`.
+    bye: bool,
+    /// Commands sent and not yet completed, oldest first.
+    in_flight: Vec<InFlight>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            continuations: 0,
+            sasl_open: false,
+            compressed: false,
+            bye: false,
+            // Allocated on the first command, with room for one: a session mostly has one
+            // command in flight (an IDLE, for hours); the default first growth would reserve four.
+            in_flight: Vec::new(),
+        }
+    }
+
+    fn start_command(&mut self, sink: &dyn Sink, tag: &[u8], command: CommandId) {
         if tag.len() > TAG_MAX {
-            self.sink.command(command, Completion::Unfinished, None);
+            sink.command(command, Completion::Unfinished, None);
             return;
         }
         let mut entry = InFlight {
@@ -253,11 +296,13 @@ impl<'a> Shared<'a> {
             sent: None,
         };
         entry.tag[..tag.len()].copy_from_slice(tag);
-        let mut table = self.table();
+        let table = &mut self.in_flight;
         if table.len() >= IN_FLIGHT_MAX {
             let oldest = table.remove(0);
-            self.sink
-                .command(oldest.command, Completion::Unfinished, None);
+            sink.command(oldest.command, Completion::Unfinished, None);
+        }
+        if table.capacity() == 0 {
+            table.reserve_exact(1);
         }
         table.push(entry);
     }
@@ -265,25 +310,29 @@ impl<'a> Shared<'a> {
     /// The last command started has been sent up to a point where the client waits: its end,
     /// or a synchronizing literal's announcement (if the backend refuses the literal, that is
     /// the command's last octet).
-    fn command_sent(&self, at: Instant) {
-        if let Some(last) = self.table().last_mut() {
+    fn command_sent(&mut self, at: Instant) {
+        if let Some(last) = self.in_flight.last_mut() {
             last.sent = Some(at);
         }
     }
 
-    fn complete(&self, tag: &[u8], completion: Completion, at: Instant) -> Option<CommandId> {
-        let entry = {
-            let mut table = self.table();
-            let i = table
-                .iter()
-                .position(|e| &e.tag[..e.tag_len as usize] == tag)?;
-            table.remove(i)
-        };
+    fn complete(
+        &mut self,
+        sink: &dyn Sink,
+        tag: &[u8],
+        completion: Completion,
+        at: Instant,
+    ) -> Option<CommandId> {
+        let i = self
+            .in_flight
+            .iter()
+            .position(|e| &e.tag[..e.tag_len as usize] == tag)?;
+        let entry = self.in_flight.remove(i);
         let latency = match entry.sent {
             Some(sent) if !entry.command.is("IDLE") => Some(at.saturating_duration_since(sent)),
             _ => None,
         };
-        self.sink.command(entry.command, completion, latency);
+        sink.command(entry.command, completion, latency);
         Some(entry.command)
     }
 }
@@ -472,8 +521,7 @@ enum ClientMode {
 }
 
 /// Observes client → backend.
-pub struct ClientScanner<'s, 'a> {
-    shared: &'s Shared<'a>,
+struct ClientScanner {
     framer: Framer,
     mode: ClientMode,
     /// The logical line being read is a command (not SASL data or DONE).
@@ -481,10 +529,9 @@ pub struct ClientScanner<'s, 'a> {
     current: CommandId,
 }
 
-impl<'s, 'a> ClientScanner<'s, 'a> {
-    pub fn new(shared: &'s Shared<'a>) -> Self {
+impl ClientScanner {
+    fn new() -> Self {
         ClientScanner {
-            shared,
             framer: Framer::new(),
             mode: ClientMode::Commands,
             in_command: false,
@@ -492,11 +539,11 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
         }
     }
 
-    pub fn observe(&mut self, mut bytes: &[u8]) {
+    fn observe(&mut self, shared: &mut Shared, sink: &dyn Sink, mut bytes: &[u8]) {
         match self.mode {
             ClientMode::Off => return,
             ClientMode::CompressPending if !bytes.is_empty() => {
-                if self.shared.is_compressed() {
+                if shared.compressed {
                     self.mode = ClientMode::Off;
                     return;
                 }
@@ -506,7 +553,7 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
                 octets,
                 continuations,
             } if !bytes.is_empty() => {
-                if self.shared.continuations.load(Ordering::Relaxed) > continuations {
+                if shared.continuations > continuations {
                     self.framer.literal_left = octets;
                 } else {
                     // Refused: the backend completed the command instead; a new one starts.
@@ -517,14 +564,13 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
             }
             _ => {}
         }
-        let shared = self.shared;
         let mut mode = self.mode;
         let mut in_command = self.in_command;
         let mut current = self.current;
         let consumed = self.framer.scan(bytes, |event| match event {
             Event::Head(head) => {
                 in_command = false;
-                let continuations_now = shared.continuations.load(Ordering::Relaxed);
+                let continuations_now = shared.continuations;
                 let idle_done = match mode {
                     ClientMode::Idle { continuations } => {
                         mode = ClientMode::Commands;
@@ -532,12 +578,12 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
                     }
                     _ => false,
                 };
-                if !idle_done && !shared.sasl_open.load(Ordering::Relaxed) {
+                if !idle_done && !shared.sasl_open {
                     let (tag, first, second) = words(head);
                     if !tag.is_empty() && !first.is_empty() {
                         current = CommandId::lookup(first, second);
                         in_command = true;
-                        shared.start_command(tag, current);
+                        shared.start_command(sink, tag, current);
                     }
                 }
                 Flow::Go
@@ -549,7 +595,7 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
                     }
                     mode = ClientMode::AwaitingGoAhead {
                         octets,
-                        continuations: shared.continuations.load(Ordering::Relaxed),
+                        continuations: shared.continuations,
                     };
                     return Flow::Stop;
                 }
@@ -561,10 +607,10 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
                     shared.command_sent(Instant::now());
                     if current.is("IDLE") {
                         mode = ClientMode::Idle {
-                            continuations: shared.continuations.load(Ordering::Relaxed),
+                            continuations: shared.continuations,
                         };
                     } else if current.is("AUTHENTICATE") {
-                        shared.sasl_open.store(true, Ordering::Relaxed);
+                        shared.sasl_open = true;
                     } else if current.is("COMPRESS") {
                         mode = ClientMode::CompressPending;
                         return Flow::Stop;
@@ -580,49 +626,46 @@ impl<'s, 'a> ClientScanner<'s, 'a> {
             // Framing stopped mid-chunk: the literal's go-ahead or COMPRESS decide the rest.
             bytes = &bytes[used..];
             if !bytes.is_empty() {
-                self.observe(bytes);
+                self.observe(shared, sink, bytes);
             }
         }
     }
 }
 
 /// Observes backend → client.
-pub struct BackendScanner<'s, 'a> {
-    shared: &'s Shared<'a>,
+struct BackendScanner {
     framer: Framer,
     off: bool,
     /// The tagged response being read completed COMPRESS with OK.
     compress_accepted: bool,
 }
 
-impl<'s, 'a> BackendScanner<'s, 'a> {
-    pub fn new(shared: &'s Shared<'a>) -> Self {
+impl BackendScanner {
+    fn new() -> Self {
         BackendScanner {
-            shared,
             framer: Framer::new(),
             off: false,
             compress_accepted: false,
         }
     }
 
-    pub fn observe(&mut self, bytes: &[u8]) {
+    fn observe(&mut self, shared: &mut Shared, sink: &dyn Sink, bytes: &[u8]) {
         if self.off {
             return;
         }
-        let shared = self.shared;
         let mut compress_accepted = self.compress_accepted;
         let mut off = false;
         self.framer.scan(bytes, |event| match event {
             Event::Head(head) => {
                 if head.first() == Some(&b'+') {
-                    shared.continuations.fetch_add(1, Ordering::Relaxed);
+                    shared.continuations += 1;
                 } else if head.first() == Some(&b'*') {
                     // Untagged: only BYE matters here. The common case costs three compares.
                     if head.len() >= 5
                         && head[2..5].eq_ignore_ascii_case(b"BYE")
                         && head.get(5).is_none_or(|&c| c == b' ')
                     {
-                        shared.bye.store(true, Ordering::Relaxed);
+                        shared.bye = true;
                     }
                 } else {
                     let now = Instant::now();
@@ -637,10 +680,8 @@ impl<'s, 'a> BackendScanner<'s, 'a> {
                         None
                     };
                     if let Some(completion) = completion {
-                        match shared.complete(tag, completion, now) {
-                            Some(c) if c.is("AUTHENTICATE") => {
-                                shared.sasl_open.store(false, Ordering::Relaxed)
-                            }
+                        match shared.complete(sink, tag, completion, now) {
+                            Some(c) if c.is("AUTHENTICATE") => shared.sasl_open = false,
                             Some(c) if c.is("COMPRESS") && completion == Completion::Ok => {
                                 compress_accepted = true;
                             }
@@ -654,7 +695,7 @@ impl<'s, 'a> BackendScanner<'s, 'a> {
             Event::End => {
                 if compress_accepted {
                     // The OK line is the last plaintext; the client side learns it here.
-                    shared.compressed.store(true, Ordering::Relaxed);
+                    shared.compressed = true;
                     off = true;
                     return Flow::Stop;
                 }
@@ -663,18 +704,6 @@ impl<'s, 'a> BackendScanner<'s, 'a> {
         });
         self.compress_accepted = compress_accepted;
         self.off = off;
-    }
-}
-
-impl Tap for ClientScanner<'_, '_> {
-    fn observe(&mut self, bytes: &[u8]) {
-        ClientScanner::observe(self, bytes);
-    }
-}
-
-impl Tap for BackendScanner<'_, '_> {
-    fn observe(&mut self, bytes: &[u8]) {
-        BackendScanner::observe(self, bytes);
     }
 }
 

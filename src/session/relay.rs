@@ -4,8 +4,9 @@
 //! per-thread pool, reads and writes until the socket has nothing more, and gives the buffer
 //! back. So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
 //! the busy path allocates nothing and takes no lock. With TLS on either side each direction
-//! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk passes through `Tap::observe` on its way, which is
-//! where the command observer sits; it sees the relay's own buffer, it never copies or delays.
+//! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk
+//! passes through the relay's `Observe` on its way, which is where the command observer and the
+//! byte counters sit; it sees the relay's own buffer, it never copies or delays.
 //!
 //! Ends:
 //! - backend closes (or fails): the client's side is shut and the session is over;
@@ -18,7 +19,8 @@ use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,28 +38,18 @@ const TLS_BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers a worker thread keeps for reuse; more than this are freed.
 const POOL_MAX: usize = 256;
 
-/// Sees every chunk of one direction, in order. The metrics observer implements it (one per
-/// direction; what the two directions share they share through atomics, since the directions
-/// run concurrently). It must be quick and cannot change the bytes.
-pub trait Tap: Send {
-    fn observe(&mut self, bytes: &[u8]);
+/// Sees every chunk of both directions, in order, as it is read. The session's observer
+/// (commands, byte counters) implements it. It must be quick and cannot change the bytes. The
+/// relay owns it, so it lives exactly as long as the relay (and may report on drop).
+pub trait Observe: Send + 'static {
+    fn client_to_backend(&mut self, bytes: &[u8]);
+    fn backend_to_client(&mut self, bytes: &[u8]);
 }
 
 /// No observation.
-pub struct NoTap;
-
-impl Tap for NoTap {
-    fn observe(&mut self, _: &[u8]) {}
-}
-
-#[derive(Debug)]
-pub struct RelayStats {
-    pub client_to_backend: u64,
-    pub backend_to_client: u64,
-    /// Who ended the session.
-    pub ended_by: EndedBy,
-    /// The socket error that ended it, if one did (a reset, usually).
-    pub error: Option<io::Error>,
+impl Observe for () {
+    fn client_to_backend(&mut self, _: &[u8]) {}
+    fn backend_to_client(&mut self, _: &[u8]) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,97 +70,64 @@ impl EndedBy {
     }
 }
 
-/// Octets relayed so far each way; readable while the relay runs (the admin `/sessions` view).
-#[derive(Debug, Default)]
-pub struct ByteCounts {
-    pub client_to_backend: AtomicU64,
-    pub backend_to_client: AtomicU64,
-}
+/// How a relay ended: who ended it, and the socket error that did, if one did (a reset,
+/// usually).
+pub type Ended = (EndedBy, io::Result<()>);
 
-/// One direction of the relay: what goes first, and who watches.
-pub struct Leg<'t> {
-    /// Bytes that arrived before the relay started (pipelined commands, responses read past
-    /// the login); they are sent first.
-    pub first: Vec<u8>,
-    pub tap: &'t mut dyn Tap,
-}
-
-/// Relays until the session ends. A plain function returning a plain future (not an async fn),
-/// so a session's state holds the relay once, not once as arguments and again as the running
-/// relay.
-pub fn relay<'c, 'u, 'd>(
+/// Relays until the session ends. `client_first` and `backend_first` are octets that arrived
+/// before the relay started (pipelined commands, responses read past the login); they are
+/// observed and sent first.
+pub fn relay<O: Observe>(
     client: Stream,
     backend: Stream,
     half_close: Duration,
-    counts: &'c ByteCounts,
-    upstream: Leg<'u>,
-    downstream: Leg<'d>,
-) -> Relay<'c, 'u, 'd>
-where
-    'u: 'c,
-    'd: 'c,
-{
-    let inner = match (client, backend) {
-        (Stream::Plain(client), Stream::Plain(backend)) => Inner::Tcp(TcpRelay::new(
-            client, backend, half_close, counts, upstream, downstream,
+    observer: O,
+    client_first: Vec<u8>,
+    backend_first: Vec<u8>,
+) -> Relay<O> {
+    match (client, backend) {
+        (Stream::Plain(client), Stream::Plain(backend)) => Relay::Tcp(TcpRelay::new(
+            client,
+            backend,
+            half_close,
+            observer,
+            client_first,
+            backend_first,
         )),
         // Boxed so that plain sessions do not carry the TLS path's state.
-        (client, backend) => {
-            let (up_bytes, down_bytes) = (&counts.client_to_backend, &counts.backend_to_client);
-            Inner::Tls(Box::pin(async move {
-                let (client_read, client_write) = tokio::io::split(client);
-                let (backend_read, backend_write) = tokio::io::split(backend);
-                let up = pin!(copy_io(
-                    client_read,
-                    backend_write,
-                    upstream.first,
-                    upstream.tap,
-                    up_bytes
-                ));
-                let down = pin!(copy_io(
-                    backend_read,
-                    client_write,
-                    downstream.first,
-                    downstream.tap,
-                    down_bytes
-                ));
-                finish(up, down, half_close).await
-            }))
-        }
-    };
-    Relay { inner, counts }
+        (client, backend) => Relay::Tls(Box::pin(async move {
+            // The two directions run in this one task; the lock is never contended.
+            let observer = Mutex::new(observer);
+            let observe = || observer.lock().unwrap_or_else(|p| p.into_inner());
+            let (client_read, client_write) = tokio::io::split(client);
+            let (backend_read, backend_write) = tokio::io::split(backend);
+            let up = pin!(copy_io(client_read, backend_write, client_first, |b| {
+                observe().client_to_backend(b)
+            }));
+            let down = pin!(copy_io(backend_read, client_write, backend_first, |b| {
+                observe().backend_to_client(b)
+            }));
+            finish(up, down, half_close).await
+        })),
+    }
 }
 
-/// The running relay; resolves to the session's byte counts and who ended it.
-pub struct Relay<'c, 'u, 'd> {
-    inner: Inner<'c, 'u, 'd>,
-    counts: &'c ByteCounts,
-}
-
-type Ended = (EndedBy, io::Result<()>);
-
-// The plain relay is the common case and lives inline; boxing it would only add an allocation.
+/// The running relay. Plain TCP inline (the common case: an idle session is mostly this);
+/// TLS boxed.
 #[allow(clippy::large_enum_variant)]
-enum Inner<'c, 'u, 'd> {
-    Tcp(TcpRelay<'c, 'u, 'd>),
-    Tls(Pin<Box<dyn Future<Output = Ended> + Send + 'c>>),
+pub enum Relay<O> {
+    Tcp(TcpRelay<O>),
+    Tls(Pin<Box<dyn Future<Output = Ended> + Send>>),
 }
 
-impl Future for Relay<'_, '_, '_> {
-    type Output = RelayStats;
+impl<O: Observe + Unpin> Future for Relay<O> {
+    type Output = Ended;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<RelayStats> {
-        let this = self.get_mut();
-        let (ended_by, result) = std::task::ready!(match &mut this.inner {
-            Inner::Tcp(relay) => Pin::new(relay).poll(cx),
-            Inner::Tls(relay) => relay.as_mut().poll(cx),
-        });
-        std::task::Poll::Ready(RelayStats {
-            client_to_backend: this.counts.client_to_backend.load(Ordering::Relaxed),
-            backend_to_client: this.counts.backend_to_client.load(Ordering::Relaxed),
-            ended_by,
-            error: result.err(),
-        })
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
+        match self.get_mut() {
+            Relay::Tcp(relay) => Pin::new(relay).poll(cx),
+            Relay::Tls(relay) => relay.as_mut().poll(cx),
+        }
     }
 }
 
@@ -177,7 +136,7 @@ async fn finish<U, D>(
     mut upstream: Pin<&mut U>,
     mut downstream: Pin<&mut D>,
     half_close: Duration,
-) -> (EndedBy, io::Result<()>)
+) -> Ended
 where
     U: Future<Output = io::Result<()>>,
     D: Future<Output = io::Result<()>>,
@@ -195,34 +154,22 @@ where
     }
 }
 
-/// The counts outlive a direction's future when select! drops it mid-flight: they are relaxed
-/// atomics written by this task only (no contention, no lock).
-fn count(bytes: &AtomicU64, n: usize) {
-    bytes.fetch_add(n as u64, Ordering::Relaxed);
-}
-
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
 /// TLS on either side: rustls streams have no readiness API, so each direction keeps one
 /// TLS-record-sized buffer for the life of the session.
 async fn copy_io<R, W>(
     mut from: R,
     mut to: W,
     first: Vec<u8>,
-    tap: &mut dyn Tap,
-    bytes: &AtomicU64,
+    mut observe: impl FnMut(&[u8]),
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     if !first.is_empty() {
-        tap.observe(&first);
+        observe(&first);
         to.write_all(&first).await?;
         to.flush().await?;
-        count(bytes, first.len());
     }
     drop(first);
     let mut buf = vec![0u8; TLS_BUFFER_SIZE];
@@ -233,11 +180,14 @@ where
             let _ = to.shutdown().await;
             return Ok(());
         }
-        tap.observe(&buf[..n]);
+        observe(&buf[..n]);
         to.write_all(&buf[..n]).await?;
         to.flush().await?;
-        count(bytes, n);
     }
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
 fn shut(stream: &TcpStream, how: Shutdown) {

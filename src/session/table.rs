@@ -3,12 +3,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::SessionId;
-use super::relay::ByteCounts;
+
+/// Octets relayed so far each way (as read from the sending side); the relay's observer adds
+/// to them, `/sessions` reads them while the session runs.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    pub client_to_backend: AtomicU64,
+    pub backend_to_client: AtomicU64,
+}
 
 #[derive(Debug)]
 pub struct LiveSession {

@@ -35,9 +35,7 @@ fn run_with(
 ) -> Vec<(&'static str, Completion, bool)> {
     let recorder = Recorder::default();
     {
-        let shared = Shared::new(&recorder);
-        let mut client = ClientScanner::new(&shared);
-        let mut backend = BackendScanner::new(&shared);
+        let mut observer = Observer::new(&recorder);
         for (i, step) in steps.iter().enumerate() {
             let bytes = match step {
                 C(b) | S(b) => *b,
@@ -47,12 +45,12 @@ fn run_with(
                 let piece = &bytes[at..cut.max(at)];
                 at = cut.max(at);
                 match step {
-                    C(_) => client.observe(piece),
-                    S(_) => backend.observe(piece),
+                    C(_) => observer.client_bytes(piece),
+                    S(_) => observer.backend_bytes(piece),
                 }
             }
         }
-        shared.finish();
+        // Dropping the observer reports what is still in flight.
     }
     recorder.0.into_inner().unwrap()
 }
@@ -244,10 +242,9 @@ fn in_flight_table_is_bounded() {
             .into_boxed_slice(),
     );
     let recorder = Recorder::default();
-    let shared = Shared::new(&recorder);
-    let mut client = ClientScanner::new(&shared);
-    client.observe(many);
-    assert_eq!(shared.table().len(), IN_FLIGHT_MAX);
+    let mut observer = Observer::new(&recorder);
+    observer.client_bytes(many);
+    assert_eq!(observer.in_flight(), IN_FLIGHT_MAX);
     assert_eq!(
         recorder.0.lock().unwrap().len(),
         72,

@@ -12,14 +12,13 @@ use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::{ByteCounts, EndedBy, Leg, PooledBuffer, Tap, shut};
+use super::{Ended, EndedBy, Observe, PooledBuffer, shut};
 
 /// Octets read and not yet all written.
 enum Pending {
@@ -35,39 +34,34 @@ enum Pending {
     },
 }
 
-struct Direction<'a> {
+struct Direction {
     pending: Pending,
-    tap: &'a mut dyn Tap,
     /// The source said end-of-stream and the half-close was passed on.
     done: bool,
 }
 
-impl<'a> Direction<'a> {
-    fn new(leg: Leg<'a>) -> Self {
-        let pending = if leg.first.is_empty() {
+impl Direction {
+    /// `first` has been observed already.
+    fn new(first: Vec<u8>) -> Self {
+        let pending = if first.is_empty() {
             Pending::None
         } else {
-            leg.tap.observe(&leg.first);
-            Pending::First {
-                buf: leg.first,
-                at: 0,
-            }
+            Pending::First { buf: first, at: 0 }
         };
         Direction {
             pending,
-            tap: leg.tap,
             done: false,
         }
     }
 
     /// Moves octets from `from` to `to` until one of them would block (Pending) or `from`
-    /// ends (Ready(Ok)).
+    /// ends (Ready(Ok)). `observe` sees each chunk as it is read.
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        bytes: &AtomicU64,
+        mut observe: impl FnMut(&[u8]),
     ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -85,7 +79,6 @@ impl<'a> Direction<'a> {
                     Ok(n) => {
                         let all = n == data.len();
                         *at += n;
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
                         if all {
                             // All out: give the buffer back.
                             self.pending = Pending::None;
@@ -106,7 +99,7 @@ impl<'a> Direction<'a> {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
-                    self.tap.observe(&buf.0[..n]);
+                    observe(&buf.0[..n]);
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -118,50 +111,67 @@ impl<'a> Direction<'a> {
 
 /// Both directions of one session; resolves when the session is over (see `super` for who
 /// ends it).
-pub struct TcpRelay<'c, 'u, 'd> {
+pub struct TcpRelay<O> {
     client: TcpStream,
     backend: TcpStream,
-    counts: &'c ByteCounts,
-    up: Direction<'u>,
-    down: Direction<'d>,
+    observer: O,
+    up: Direction,
+    down: Direction,
     half_close: Duration,
     /// Set once the client half-closed: how long the backend still has.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl<'c, 'u, 'd> TcpRelay<'c, 'u, 'd> {
+impl<O: Observe> TcpRelay<O> {
     pub fn new(
         client: TcpStream,
         backend: TcpStream,
         half_close: Duration,
-        counts: &'c ByteCounts,
-        upstream: Leg<'u>,
-        downstream: Leg<'d>,
+        mut observer: O,
+        client_first: Vec<u8>,
+        backend_first: Vec<u8>,
     ) -> Self {
+        if !client_first.is_empty() {
+            observer.client_to_backend(&client_first);
+        }
+        if !backend_first.is_empty() {
+            observer.backend_to_client(&backend_first);
+        }
         TcpRelay {
             client,
             backend,
-            counts,
-            up: Direction::new(upstream),
-            down: Direction::new(downstream),
+            observer,
+            up: Direction::new(client_first),
+            down: Direction::new(backend_first),
             half_close,
             deadline: None,
         }
     }
+
+    /// Backend → client.
+    fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let observer = &mut self.observer;
+        self.down.poll_copy(cx, &self.backend, &self.client, |b| {
+            observer.backend_to_client(b)
+        })
+    }
+
+    /// Client → backend.
+    fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let observer = &mut self.observer;
+        self.up.poll_copy(cx, &self.client, &self.backend, |b| {
+            observer.client_to_backend(b)
+        })
+    }
 }
 
-impl Future for TcpRelay<'_, '_, '_> {
-    type Output = (EndedBy, io::Result<()>);
+impl<O: Observe + Unpin> Future for TcpRelay<O> {
+    type Output = Ended;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
         let this = self.get_mut();
         // Backend → client first: the backend closing ends the session.
-        if let Poll::Ready(result) = this.down.poll_copy(
-            cx,
-            &this.backend,
-            &this.client,
-            &this.counts.backend_to_client,
-        ) {
+        if let Poll::Ready(result) = this.poll_down(cx) {
             let by = if this.up.done {
                 EndedBy::Client
             } else {
@@ -170,23 +180,13 @@ impl Future for TcpRelay<'_, '_, '_> {
             return Poll::Ready((by, result));
         }
         if !this.up.done {
-            match this.up.poll_copy(
-                cx,
-                &this.client,
-                &this.backend,
-                &this.counts.client_to_backend,
-            ) {
+            match this.poll_up(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready((EndedBy::Client, Err(e))),
                 Poll::Ready(Ok(())) => {
                     // Half-closed: the backend gets `half_close` to finish its answer.
                     this.deadline = Some(Box::pin(tokio::time::sleep(this.half_close)));
                     // The backend may already be done; poll it again with the new state.
-                    if let Poll::Ready(result) = this.down.poll_copy(
-                        cx,
-                        &this.backend,
-                        &this.client,
-                        &this.counts.backend_to_client,
-                    ) {
+                    if let Poll::Ready(result) = this.poll_down(cx) {
                         return Poll::Ready((EndedBy::Client, result));
                     }
                 }
