@@ -275,7 +275,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
             Some((client, name))
         };
         backends.push(Backend {
-            name: b.name.value.clone(),
+            name: b.name.value.as_str().into(),
             address: b.address.value.clone(),
             weight: b.weight,
             tls: b.tls,

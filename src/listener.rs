@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
@@ -82,13 +83,11 @@ pub async fn accept_loop(
                     listener: index,
                     services: services.clone(),
                     shutdown: shutdown.clone(),
+                    open: OpenConnection::new(&counters.open),
                 };
-                let open_now = counters.open.clone();
-                open_now.inc();
-                tracker.spawn(async move {
-                    session::serve(stream, session, permit).await;
-                    open_now.dec();
-                });
+                // The session future itself, not wrapped: a wrapper would hold the arguments
+                // next to it for the session's whole life.
+                tracker.spawn(session::serve(stream, session, permit));
             }
             Err(which) => {
                 warn!(listener = %name, client = %peer, limit = which, "connection refused by limit");
@@ -96,6 +95,22 @@ pub async fn accept_loop(
                 tracker.spawn(refuse(stream));
             }
         }
+    }
+}
+
+/// One open client connection in `imapgate_connections_active`, until dropped.
+pub struct OpenConnection(Gauge);
+
+impl OpenConnection {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -380,14 +380,14 @@ impl Metrics {
         let mut backends = Vec::with_capacity(config.backends.len());
         for b in &config.backends {
             let backend = BackendLabels {
-                backend: b.name.clone(),
+                backend: b.name.to_string(),
             };
             let _ = backend_up.get_or_create(&backend);
             let logins = MECHANISMS.map(|mechanism| {
                 RESULTS.map(|result| {
                     logins_total
                         .get_or_create(&LoginLabels {
-                            backend: b.name.clone(),
+                            backend: b.name.to_string(),
                             mechanism,
                             result,
                         })
@@ -400,7 +400,7 @@ impl Metrics {
                     Completion::ALL.map(|c| {
                         commands_total
                             .get_or_create(&CommandLabels {
-                                backend: b.name.clone(),
+                                backend: b.name.to_string(),
                                 command: name.to_string(),
                                 status: c.into(),
                             })
@@ -413,7 +413,7 @@ impl Metrics {
                 .map(|name| {
                     command_duration
                         .get_or_create(&CommandDurationLabels {
-                            backend: b.name.clone(),
+                            backend: b.name.to_string(),
                             command: name.to_string(),
                         })
                         .clone()
@@ -422,7 +422,7 @@ impl Metrics {
             let bytes = |direction| {
                 bytes_total
                     .get_or_create(&BytesLabels {
-                        backend: b.name.clone(),
+                        backend: b.name.to_string(),
                         direction,
                     })
                     .clone()

@@ -73,7 +73,7 @@ mod tests {
         let names = |user: &str| -> Vec<String> {
             backends_for(&c, user)
                 .into_iter()
-                .map(|i| c.backends[i].name.clone())
+                .map(|i| c.backends[i].name.to_string())
                 .collect()
         };
         // The value Python's `xxhash.xxh3_64_intdigest(b"mail1\0alice")` gives.
@@ -108,7 +108,7 @@ mod tests {
             let user = format!("user{n}");
             let b = &before.backends[backends_for(&before, &user)[0]].name;
             let a = &after.backends[backends_for(&after, &user)[0]].name;
-            if b != "mail3" {
+            if &**b != "mail3" {
                 assert_eq!(a, b, "{user} moved although its backend stayed");
             }
         }
@@ -122,10 +122,7 @@ mod tests {
         );
         let mut big = 0;
         for n in 0..10_000 {
-            match c.backends[backends_for(&c, &format!("u{n}"))[0]]
-                .name
-                .as_str()
-            {
+            match &*c.backends[backends_for(&c, &format!("u{n}"))[0]].name {
                 "big" => big += 1,
                 "small" => {}
                 other => panic!("weight 0 backend {other} got a user"),

@@ -22,7 +22,7 @@ use crate::Services;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::Observer;
-use crate::listener::Permit;
+use crate::listener::{OpenConnection, Permit};
 use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
@@ -44,6 +44,8 @@ pub struct Session {
     /// Config snapshot, metrics, session table.
     pub services: Arc<Services>,
     pub shutdown: Shutdown,
+    /// Counted as open until the session ends.
+    pub open: OpenConnection,
 }
 
 impl Session {
@@ -215,6 +217,7 @@ struct LoggedInSession {
     metrics: Arc<BackendMetrics>,
     _registration: Registration,
     _permit: Permit,
+    _open: OpenConnection,
 }
 
 impl LoggedInSession {
@@ -262,6 +265,7 @@ impl LoggedInSession {
             metrics,
             _registration: registration,
             _permit: permit,
+            _open: session.open,
         }
     }
 
@@ -420,6 +424,7 @@ mod tests {
             listener: 0,
             services: Services::new(config),
             shutdown: Shutdown::new(),
+            open: OpenConnection::new(&Default::default()),
         };
         let future = serve(tcp, session, None);
         let size = std::mem::size_of_val(&future);

@@ -57,7 +57,7 @@ impl ListenerConfig {
 
 #[derive(Clone)]
 pub struct Backend {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     pub address: String,
     pub weight: u32,
     /// TLS towards the backend: the mode and, unless `none`, the client config and the name

@@ -36,7 +36,7 @@ pub struct Authenticated {
     pub backend: dial::LoggedIn,
     /// Index in `Config::backends`.
     pub backend_index: usize,
-    pub backend_name: String,
+    pub backend_name: std::sync::Arc<str>,
     /// The user as routed (authzid or login name), for logs and `/sessions`.
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.

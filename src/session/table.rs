@@ -22,7 +22,7 @@ pub struct LiveSession {
     pub id: SessionId,
     pub client: SocketAddr,
     pub user: String,
-    pub backend: String,
+    pub backend: Arc<str>,
     pub started: SystemTime,
     pub bytes: ByteCounts,
 }
@@ -78,7 +78,7 @@ impl SessionTable {
                     "id": s.id.to_string(),
                     "client": s.client.to_string(),
                     "user": s.user,
-                    "backend": s.backend,
+                    "backend": &*s.backend,
                     "started": s.started.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
                     "client_to_backend": s.bytes.client_to_backend.load(Ordering::Relaxed),
                     "backend_to_client": s.bytes.backend_to_client.load(Ordering::Relaxed),

@@ -22,7 +22,7 @@ async fn static_and_hashed_users_land_on_their_backend() {
     // alice is pinned to the backend the hash would NOT give her, so the map must win.
     let hashed = imapgate::config::parse(&config(&backends, ""), "t").unwrap();
     let alice_hashed = &hashed.backends[imapgate::route::backends_for(&hashed, "alice")[0]].name;
-    let pinned = if alice_hashed == "b1" { "b2" } else { "b1" };
+    let pinned = if &**alice_hashed == "b1" { "b2" } else { "b1" };
     let proxy = Proxy::start(&config(
         &backends,
         &format!("routing:\n  static: {{ ALICE: {pinned} }}\n"),
@@ -39,7 +39,7 @@ async fn static_and_hashed_users_land_on_their_backend() {
         let mut c = proxy.connect().await;
         c.login(user, password).await;
         let actual = c.backend().await;
-        assert_eq!(&actual, expected, "hashed user {user}");
+        assert_eq!(actual, &**expected, "hashed user {user}");
     }
     proxy.stop().await;
 }
