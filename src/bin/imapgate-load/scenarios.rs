@@ -346,15 +346,66 @@ pub async fn fetch(common: &Common) -> Report {
 /// Opens `sessions` logged-in sessions in IDLE, holds them, and reports the target's RSS
 /// growth per session. Connections come from 127.0.0.2, .3, ... (`sources` addresses) to get
 /// past one address's ephemeral ports.
+///
+/// First a warm-up: one wave of `workers` sessions opened and closed. What a proxy allocates
+/// once (pools, the high-water mark of `workers` logins in flight at a time) then lands in the
+/// baseline, and the figure is what each further session costs. The RSS growth from the cold
+/// process is reported too (`kib_per_session_cold`).
 pub async fn idle(common: &Common, sessions: usize, hold: Duration, sources: u8) -> Report {
+    let rss_cold = rss_kib(&common.pids);
+    let (warm, _) = open_idle(common, 0..common.workers.min(sessions), sources).await;
+    for mut c in warm {
+        // Until the target closes: then it has let the session go.
+        let _ = c.send("DONE\r\nz LOGOUT\r\n").await;
+        while c.next_line().await.is_ok() {}
+    }
     let rss_before = rss_kib(&common.pids);
-    let mut conns = Vec::with_capacity(sessions);
-    let mut failed = 0u64;
     let opening = Instant::now();
-    // Open in waves of `workers` at a time.
-    let mut next = 0usize;
-    while next < sessions {
-        let wave = common.workers.min(sessions - next);
+    let (mut conns, failed) = open_idle(common, 0..sessions, sources).await;
+    let open_s = opening.elapsed().as_secs_f64();
+    tokio::time::sleep(hold).await;
+    let rss_after = rss_kib(&common.pids);
+    // Every session must still answer: DONE → OK.
+    let mut dropped = 0u64;
+    for c in &mut conns {
+        let ok = c.send("DONE\r\n").await.is_ok() && c.until_ok("i").await.is_ok();
+        if !ok {
+            dropped += 1;
+        }
+    }
+    let held = conns.len() as f64;
+    let growth = |from: u64| {
+        if held > 0.0 {
+            (rss_after as f64 - from as f64) / held
+        } else {
+            0.0
+        }
+    };
+    let (per_session, per_session_cold) = (growth(rss_before), growth(rss_cold));
+    Report {
+        json: json!({"scenario": "idle", "target": common.label, "sessions": sessions,
+            "held": held, "failed_to_open": failed, "dropped": dropped, "open_seconds": open_s,
+            "rss_cold_kib": rss_cold, "rss_before_kib": rss_before, "rss_after_kib": rss_after,
+            "kib_per_session": per_session, "kib_per_session_cold": per_session_cold}),
+        summary: format!(
+            "idle   {:>10}: {held} sessions held, {failed} failed, {dropped} dropped, RSS {rss_cold} (cold) → {rss_before} (warm) → {rss_after} KiB = {per_session:.2} KiB/session ({per_session_cold:.2} from cold)",
+            common.label
+        ),
+    }
+}
+
+/// Logged-in sessions in IDLE, numbered `range` (for their source address), opened in waves
+/// of `workers` at a time; returns them and how many failed to open.
+async fn open_idle(
+    common: &Common,
+    range: std::ops::Range<usize>,
+    sources: u8,
+) -> (Vec<Conn>, u64) {
+    let mut conns = Vec::with_capacity(range.len());
+    let mut failed = 0u64;
+    let mut next = range.start;
+    while next < range.end {
+        let wave = common.workers.min(range.end - next);
         let mut tasks = Vec::with_capacity(wave);
         for i in next..next + wave {
             let (target, user, password) =
@@ -380,30 +431,5 @@ pub async fn idle(common: &Common, sessions: usize, hold: Duration, sources: u8)
         }
         next += wave;
     }
-    let open_s = opening.elapsed().as_secs_f64();
-    tokio::time::sleep(hold).await;
-    let rss_after = rss_kib(&common.pids);
-    // Every session must still answer: DONE → OK.
-    let mut dropped = 0u64;
-    for c in &mut conns {
-        let ok = c.send("DONE\r\n").await.is_ok() && c.until_ok("i").await.is_ok();
-        if !ok {
-            dropped += 1;
-        }
-    }
-    let held = conns.len() as f64;
-    let per_session = if held > 0.0 {
-        (rss_after as f64 - rss_before as f64) / held
-    } else {
-        0.0
-    };
-    Report {
-        json: json!({"scenario": "idle", "target": common.label, "sessions": sessions,
-            "held": held, "failed_to_open": failed, "dropped": dropped, "open_seconds": open_s,
-            "rss_before_kib": rss_before, "rss_after_kib": rss_after, "kib_per_session": per_session}),
-        summary: format!(
-            "idle   {:>10}: {held} sessions held, {failed} failed, {dropped} dropped, RSS {rss_before} → {rss_after} KiB = {per_session:.2} KiB/session",
-            common.label
-        ),
-    }
+    (conns, failed)
 }
