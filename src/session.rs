@@ -27,7 +27,7 @@ use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
 use prelogin::{Closed, Outcome};
-use relay::{Observe, Relay};
+use relay::{Observe, Relay, Way};
 use stream::Stream;
 use table::{LiveSession, Registration};
 use tokio_util::sync::CancellationToken;
@@ -312,6 +312,31 @@ impl Observe for SessionObserver {
             .backend_to_client
             .fetch_add(n, Ordering::Relaxed);
         self.commands.backend_bytes(bytes);
+    }
+
+    fn unseen_ahead(&self, way: Way) -> u64 {
+        match way {
+            Way::ClientToBackend => self.commands.client_literal_left(),
+            Way::BackendToClient => self.commands.backend_literal_left(),
+        }
+    }
+
+    fn passed_unseen(&mut self, way: Way, n: usize) {
+        let n = n as u64;
+        let metrics = self.commands.sink();
+        let bytes = &self.live.bytes;
+        match way {
+            Way::ClientToBackend => {
+                metrics.bytes_to_backend.inc_by(n);
+                bytes.client_to_backend.fetch_add(n, Ordering::Relaxed);
+                self.commands.client_literal_passed(n);
+            }
+            Way::BackendToClient => {
+                metrics.bytes_to_client.inc_by(n);
+                bytes.backend_to_client.fetch_add(n, Ordering::Relaxed);
+                self.commands.backend_literal_passed(n);
+            }
+        }
     }
 }
 

@@ -229,6 +229,36 @@ impl<K: Sink> Observer<K> {
         self.backend.observe(&mut self.shared, &self.sink, bytes);
     }
 
+    /// Literal octets still to come from the client that the observer would only skip.
+    pub fn client_literal_left(&self) -> u64 {
+        match self.client.mode {
+            ClientMode::Commands => self.client.framer.literal_left,
+            _ => 0,
+        }
+    }
+
+    /// Literal octets still to come from the backend that the observer would only skip.
+    pub fn backend_literal_left(&self) -> u64 {
+        if self.backend.off {
+            0
+        } else {
+            self.backend.framer.literal_left
+        }
+    }
+
+    /// `n` literal octets from the client went by without being shown (at most
+    /// `client_literal_left`).
+    pub fn client_literal_passed(&mut self, n: u64) {
+        let left = &mut self.client.framer.literal_left;
+        *left = left.saturating_sub(n);
+    }
+
+    /// `n` literal octets from the backend went by without being shown.
+    pub fn backend_literal_passed(&mut self, n: u64) {
+        let left = &mut self.backend.framer.literal_left;
+        *left = left.saturating_sub(n);
+    }
+
     pub fn sink(&self) -> &K {
         &self.sink
     }

@@ -2,7 +2,8 @@
 //!
 //! Plain TCP on both sides: each direction waits for readiness, then borrows a buffer from a
 //! per-thread pool, reads and writes until the socket has nothing more, and gives the buffer
-//! back. So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
+//! back. The body of a literal of 64 KiB or more (a FETCH'd message, an APPEND) does not pass
+//! through user space at all: it is spliced socket → pipe → socket (`relay/splice.rs`). So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
 //! the busy path allocates nothing and takes no lock. With TLS on either side each direction
 //! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk
 //! passes through the relay's `Observe` on its way, which is where the command observer and the
@@ -29,6 +30,7 @@ use tokio::net::TcpStream;
 use super::stream::Stream;
 use tcp::TcpRelay;
 
+mod splice;
 mod tcp;
 
 /// Sized for bulk FETCH bodies; only busy directions hold one.
@@ -44,6 +46,30 @@ const POOL_MAX: usize = 256;
 pub trait Observe: Send + 'static {
     fn client_to_backend(&mut self, bytes: &[u8]);
     fn backend_to_client(&mut self, bytes: &[u8]);
+
+    /// How many of the octets coming next `way` the observer has no need to see (the rest of
+    /// a literal). The plain relay moves that many with splice(2) when it is worth it, and
+    /// reports them with `passed_unseen`.
+    fn unseen_ahead(&self, _way: Way) -> u64 {
+        0
+    }
+
+    /// `n` octets went `way` unseen, within what `unseen_ahead` allowed.
+    fn passed_unseen(&mut self, _way: Way, _n: usize) {}
+
+    fn observe(&mut self, way: Way, bytes: &[u8]) {
+        match way {
+            Way::ClientToBackend => self.client_to_backend(bytes),
+            Way::BackendToClient => self.backend_to_client(bytes),
+        }
+    }
+}
+
+/// A direction of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    ClientToBackend,
+    BackendToClient,
 }
 
 /// No observation.

@@ -323,3 +323,27 @@ proptest! {
         prop_assert_eq!(whole, cut);
     }
 }
+
+#[test]
+fn literal_left_is_what_the_relay_may_splice() {
+    let recorder = Recorder::default();
+    let mut observer = Observer::new(&recorder);
+    observer.client_bytes(b"a1 FETCH 1 BODY[]\r\n");
+    observer.backend_bytes(b"* 1 FETCH (BODY[] {100000}\r\nabc");
+    assert_eq!(observer.backend_literal_left(), 100_000 - 3);
+    observer.backend_literal_passed(100_000 - 4);
+    assert_eq!(observer.backend_literal_left(), 1);
+    observer.backend_bytes(b"d)\r\na1 OK done\r\n");
+    assert_eq!(observer.backend_literal_left(), 0);
+    // A client's non-synchronizing literal: its octets may pass unseen at once.
+    observer.client_bytes(b"a2 APPEND INBOX {70000+}\r\n");
+    assert_eq!(observer.client_literal_left(), 70_000);
+    observer.client_literal_passed(70_000);
+    observer.client_bytes(b"\r\n");
+    observer.backend_bytes(b"a2 OK appended\r\n");
+    drop(observer);
+    assert_eq!(
+        recorder.0.into_inner().unwrap(),
+        [("FETCH", OK, true), ("APPEND", OK, true)]
+    );
+}

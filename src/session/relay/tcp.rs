@@ -5,8 +5,9 @@
 //! few hundred bytes, which is most of the difference between an idle session at ~3 KiB and
 //! under 2 KiB. Each direction is either waiting to read (no buffer), or holds the octets it
 //! read until the other socket took them all (a pooled buffer, or the first bytes handed over
-//! from the login). The readiness registrations are the sockets' own (tokio's `poll_*_ready`),
-//! with this task's waker.
+//! from the login), or is splicing a long literal's body (a pooled pipe, see `splice`). The
+//! readiness registrations are the sockets' own (tokio's `poll_*_ready`), with this task's
+//! waker.
 
 use std::future::Future;
 use std::io;
@@ -15,10 +16,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::{Ended, EndedBy, Observe, PooledBuffer, shut};
+use super::splice::{PIPE_CHUNK, Pipe, SPLICE_MIN};
+use super::{Ended, EndedBy, Observe, PooledBuffer, Way, shut};
 
 /// Octets read and not yet all written.
 enum Pending {
@@ -31,6 +34,13 @@ enum Pending {
     First {
         buf: Vec<u8>,
         at: usize,
+    },
+    /// A literal's body, moved with splice(2): `left` octets still to take from the source,
+    /// `in_pipe` taken and not yet given to the destination.
+    Splice {
+        pipe: Pipe,
+        in_pipe: usize,
+        left: u64,
     },
 }
 
@@ -55,13 +65,15 @@ impl Direction {
     }
 
     /// Moves octets from `from` to `to` until one of them would block (Pending) or `from`
-    /// ends (Ready(Ok)). `observe` sees each chunk as it is read.
-    fn poll_copy(
+    /// ends (Ready(Ok)). The observer sees each chunk as it is read, except literal bodies it
+    /// said it does not need to see, which are spliced.
+    fn poll_copy<O: Observe>(
         &mut self,
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        mut observe: impl FnMut(&[u8]),
+        observer: &mut O,
+        way: Way,
     ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -72,6 +84,46 @@ impl Direction {
                 Pending::None => (None, None),
                 Pending::Pooled { buf, at, end } => (Some(&buf.0[*at..*end]), Some(at)),
                 Pending::First { buf, at } => (Some(&buf[*at..]), Some(at)),
+                Pending::Splice {
+                    pipe,
+                    in_pipe,
+                    left,
+                } => {
+                    if *in_pipe > 0 {
+                        ready!(to.poll_write_ready(cx))?;
+                        match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, *in_pipe)) {
+                            Ok(n) => *in_pipe -= n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    } else if *left == 0 {
+                        // The literal is through: back to reading and showing.
+                        if let Pending::Splice { pipe, .. } =
+                            std::mem::replace(&mut self.pending, Pending::None)
+                        {
+                            pipe.give_back(true);
+                        }
+                    } else {
+                        ready!(from.poll_read_ready(cx))?;
+                        let want = (*left).min(PIPE_CHUNK as u64) as usize;
+                        match from.try_io(Interest::READABLE, || pipe.fill_from(from, want)) {
+                            Ok(0) => {
+                                // The source ended inside the literal.
+                                shut(to, Shutdown::Write);
+                                self.done = true;
+                                return Poll::Ready(Ok(()));
+                            }
+                            Ok(n) => {
+                                *in_pipe = n;
+                                *left -= n as u64;
+                                observer.passed_unseen(way, n);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                    }
+                    continue;
+                }
             };
             if let (Some(data), Some(at)) = (data, at) {
                 ready!(to.poll_write_ready(cx))?;
@@ -89,6 +141,18 @@ impl Direction {
                 }
                 continue;
             }
+            // A long literal body coming, which the observer need not see: splice it.
+            let unseen = observer.unseen_ahead(way);
+            if unseen >= SPLICE_MIN
+                && let Some(pipe) = Pipe::take()
+            {
+                self.pending = Pending::Splice {
+                    pipe,
+                    in_pipe: 0,
+                    left: unseen,
+                };
+                continue;
+            }
             // Nothing pending: read, borrowing a buffer only once there is something to read.
             ready!(from.poll_read_ready(cx))?;
             let mut buf = PooledBuffer::take();
@@ -99,7 +163,7 @@ impl Direction {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
-                    observe(&buf.0[..n]);
+                    observer.observe(way, &buf.0[..n]);
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -150,18 +214,16 @@ impl<O: Observe> TcpRelay<O> {
 
     /// Backend → client.
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let observer = &mut self.observer;
-        self.down.poll_copy(cx, &self.backend, &self.client, |b| {
-            observer.backend_to_client(b)
-        })
+        let way = Way::BackendToClient;
+        self.down
+            .poll_copy(cx, &self.backend, &self.client, &mut self.observer, way)
     }
 
     /// Client → backend.
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let observer = &mut self.observer;
-        self.up.poll_copy(cx, &self.client, &self.backend, |b| {
-            observer.client_to_backend(b)
-        })
+        let way = Way::ClientToBackend;
+        self.up
+            .poll_copy(cx, &self.client, &self.backend, &mut self.observer, way)
     }
 }
 
