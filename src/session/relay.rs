@@ -244,3 +244,138 @@ impl Drop for PooledBuffer {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::imap::scan::{CommandId, Completion, Observer, Sink};
+
+    #[derive(Default)]
+    struct Seen {
+        commands: Mutex<Vec<(&'static str, Completion)>>,
+    }
+
+    impl Sink for Seen {
+        fn command(&self, command: CommandId, completion: Completion, _: Option<Duration>) {
+            self.commands
+                .lock()
+                .unwrap()
+                .push((command.name(), completion));
+        }
+    }
+
+    /// The command observer plus counts of what it was shown and what passed unseen.
+    struct Counting {
+        observer: Observer<Arc<Seen>>,
+        shown: Arc<Mutex<[u64; 2]>>,
+        unseen: Arc<Mutex<[u64; 2]>>,
+    }
+
+    fn index(way: Way) -> usize {
+        match way {
+            Way::ClientToBackend => 0,
+            Way::BackendToClient => 1,
+        }
+    }
+
+    impl Observe for Counting {
+        fn client_to_backend(&mut self, bytes: &[u8]) {
+            self.shown.lock().unwrap()[0] += bytes.len() as u64;
+            self.observer.client_bytes(bytes);
+        }
+        fn backend_to_client(&mut self, bytes: &[u8]) {
+            self.shown.lock().unwrap()[1] += bytes.len() as u64;
+            self.observer.backend_bytes(bytes);
+        }
+        fn unseen_ahead(&self, way: Way) -> u64 {
+            match way {
+                Way::ClientToBackend => self.observer.client_literal_left(),
+                Way::BackendToClient => self.observer.backend_literal_left(),
+            }
+        }
+        fn passed_unseen(&mut self, way: Way, n: usize) {
+            self.unseen.lock().unwrap()[index(way)] += n as u64;
+            match way {
+                Way::ClientToBackend => self.observer.client_literal_passed(n as u64),
+                Way::BackendToClient => self.observer.backend_literal_passed(n as u64),
+            }
+        }
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (connected, accepted) = tokio::join!(connect, listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Large literals both ways go through the splice path: byte for byte, every octet counted
+    /// once (shown or unseen), and the commands around them observed as usual.
+    #[tokio::test]
+    async fn long_literals_are_spliced_and_counted() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let body: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let mut upload = b"a1 APPEND INBOX {700000+}\r\n".to_vec();
+        upload.extend_from_slice(&body);
+        upload.extend_from_slice(b"\r\na2 FETCH 1 BODY[]\r\n");
+        let mut answer = b"a1 OK appended\r\n* 1 FETCH (BODY[] {700000}\r\n".to_vec();
+        answer.extend_from_slice(&body);
+        answer.extend_from_slice(b")\r\na2 OK done\r\n");
+
+        let seen = Arc::new(Seen::default());
+        let shown = Arc::new(Mutex::new([0; 2]));
+        let unseen = Arc::new(Mutex::new([0; 2]));
+        let observer = Counting {
+            observer: Observer::new(seen.clone()),
+            shown: shown.clone(),
+            unseen: unseen.clone(),
+        };
+        let relay = tokio::spawn(relay(
+            Stream::Plain(proxy_client),
+            Stream::Plain(proxy_backend),
+            Duration::from_secs(5),
+            observer,
+            Vec::new(),
+            Vec::new(),
+        ));
+        let (up_len, down_len) = (upload.len(), answer.len());
+        let expected = answer.clone();
+        let backend_side = tokio::spawn(async move {
+            let mut got = vec![0u8; up_len];
+            backend.read_exact(&mut got).await.unwrap();
+            backend.write_all(&answer).await.unwrap();
+            backend.shutdown().await.unwrap();
+            got
+        });
+        client.write_all(&upload).await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let (ended_by, result) = relay.await.unwrap();
+        assert_eq!(ended_by, EndedBy::Backend);
+        result.unwrap();
+        assert_eq!(backend_side.await.unwrap(), upload, "client → backend");
+        assert!(got == expected, "backend → client differs");
+
+        let (shown, unseen) = (*shown.lock().unwrap(), *unseen.lock().unwrap());
+        assert_eq!(shown[0] + unseen[0], up_len as u64);
+        assert_eq!(shown[1] + unseen[1], down_len as u64);
+        assert!(
+            unseen[0] > 500_000,
+            "the APPEND body was spliced: {unseen:?}"
+        );
+        assert!(
+            unseen[1] > 500_000,
+            "the FETCH body was spliced: {unseen:?}"
+        );
+        assert_eq!(
+            *seen.commands.lock().unwrap(),
+            [("APPEND", Completion::Ok), ("FETCH", Completion::Ok)]
+        );
+    }
+}
