@@ -163,6 +163,16 @@ impl Direction {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
+                    if n < buf.0.len() {
+                        // A short read drained the socket: forget its readiness now rather
+                        // than learn it from one more read that fails with EAGAIN (a syscall
+                        // per message saved). Safe with edge-triggered epoll: octets arriving
+                        // after this read raise a new event, and a FIN already seen stays
+                        // (tokio never clears the closed bits).
+                        let _ = from.try_io(Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
                     observer.observe(way, &buf.0[..n]);
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
                 }
