@@ -4,17 +4,13 @@
 /// Capabilities imapgate offers before login: STARTTLS where it is on offer, and either the
 /// SASL mechanisms or LOGINDISABLED (RFC 3501 6.2.3) where plaintext login is not allowed.
 /// After login the backend's list (sent in the tagged OK's `[CAPABILITY ...]` code) replaces it.
-pub fn capabilities(starttls: bool, auth: bool) -> String {
-    let mut caps = String::from("IMAP4rev1 SASL-IR LITERAL+ ID");
-    if starttls {
-        caps.push_str(" STARTTLS");
+pub fn capabilities(starttls: bool, auth: bool) -> &'static str {
+    match (starttls, auth) {
+        (false, true) => "IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN",
+        (true, true) => "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS AUTH=PLAIN AUTH=LOGIN",
+        (false, false) => "IMAP4rev1 SASL-IR LITERAL+ ID LOGINDISABLED",
+        (true, false) => "IMAP4rev1 SASL-IR LITERAL+ ID STARTTLS LOGINDISABLED",
     }
-    caps.push_str(if auth {
-        " AUTH=PLAIN AUTH=LOGIN"
-    } else {
-        " LOGINDISABLED"
-    });
-    caps
 }
 
 pub fn greeting(capabilities: &str, text: &str) -> Vec<u8> {

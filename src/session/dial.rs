@@ -85,7 +85,7 @@ pub struct Identity {
     pub client: SocketAddr,
     /// The address the client connected to.
     pub local: SocketAddr,
-    pub session_id: String,
+    pub session_id: super::SessionId,
     /// The client's own ID fields (already filtered), merged into ours.
     pub client_id: Vec<(String, String)>,
 }
@@ -202,7 +202,6 @@ async fn greet_and_login(
         Some(caps) => caps,
         None => conn.capability().await?,
     };
-    let has = |cap: &str| caps.iter().any(|c| c.eq_ignore_ascii_case(cap));
     if backend.forward_id {
         // The answer does not matter: a backend that ignores ID still takes the login.
         conn.command(&id_command(identity)).await?;
@@ -210,11 +209,11 @@ async fn greet_and_login(
 
     let mut untagged = Vec::new();
     let parts = match credentials.mechanism {
-        Mechanism::Plain => plain_command(credentials, has("SASL-IR")),
+        Mechanism::Plain => plain_command(credentials, caps.sasl_ir),
         Mechanism::Login | Mechanism::SaslLogin => login_command(
             credentials.user.as_bytes(),
             credentials.password.expose(),
-            has("LITERAL+"),
+            caps.literal_plus,
         ),
     };
     // Each part but the last ends where the backend must say "+" before we go on.
@@ -339,15 +338,15 @@ impl BackendConn {
         }
     }
 
-    async fn capability(&mut self) -> Result<Vec<String>, DialError> {
+    async fn capability(&mut self) -> Result<Capabilities, DialError> {
         self.stream
             .write_all(format!("{PREP_TAG} CAPABILITY\r\n").as_bytes())
             .await?;
         self.stream.flush().await?;
-        let mut caps = Vec::new();
+        let mut caps = Capabilities::default();
         self.untagged_until(PREP_TAG, |line| {
             if let Some(list) = line.strip_prefix(b"* CAPABILITY ") {
-                caps = words(list);
+                caps = Capabilities::from_list(list);
             }
         })
         .await?;
@@ -355,18 +354,33 @@ impl BackendConn {
     }
 }
 
-/// The capability list from a `[CAPABILITY ...]` response code, if the line has one.
-fn capabilities_in(line: &[u8]) -> Option<Vec<String>> {
-    let start = memchr::memmem::find(line, b"[CAPABILITY ")? + b"[CAPABILITY ".len();
-    let end = start + memchr::memchr(b']', &line[start..])?;
-    Some(words(&line[start..end]))
+/// The backend capabilities the login replay cares about.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Capabilities {
+    sasl_ir: bool,
+    literal_plus: bool,
 }
 
-fn words(list: &[u8]) -> Vec<String> {
-    String::from_utf8_lossy(list)
-        .split_ascii_whitespace()
-        .map(str::to_string)
-        .collect()
+impl Capabilities {
+    /// From a space-separated capability list (read in place, nothing allocated).
+    fn from_list(list: &[u8]) -> Self {
+        let mut caps = Capabilities::default();
+        for word in list.split(|&c| c == b' ' || c == b'\r' || c == b'\n') {
+            if word.eq_ignore_ascii_case(b"SASL-IR") {
+                caps.sasl_ir = true;
+            } else if word.eq_ignore_ascii_case(b"LITERAL+") {
+                caps.literal_plus = true;
+            }
+        }
+        caps
+    }
+}
+
+/// The capabilities from a `[CAPABILITY ...]` response code, if the line has one.
+fn capabilities_in(line: &[u8]) -> Option<Capabilities> {
+    let start = memchr::memmem::find(line, b"[CAPABILITY ")? + b"[CAPABILITY ".len();
+    let end = start + memchr::memchr(b']', &line[start..])?;
+    Some(Capabilities::from_list(&line[start..end]))
 }
 
 /// `ID (...)`: Dovecot's trusted fields (honoured from `login_trusted_networks`), then the
@@ -383,7 +397,7 @@ fn id_command(identity: &Identity) -> Vec<u8> {
             identity.local.ip().to_canonical().to_string(),
         ),
         ("x-connected-port", identity.local.port().to_string()),
-        ("x-session-id", identity.session_id.clone()),
+        ("x-session-id", identity.session_id.to_string()),
         ("x-proxy-ttl", "5".to_string()),
     ];
     let mut fields: Vec<String> = Vec::new();
@@ -488,15 +502,23 @@ mod tests {
 
     #[test]
     fn capabilities_from_greeting() {
-        let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+] ready\r\n");
+        let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 sasl-ir LITERAL+] ready\r\n");
         assert_eq!(
             caps,
-            Some(vec![
-                "IMAP4rev1".into(),
-                "SASL-IR".into(),
-                "LITERAL+".into()
-            ])
+            Some(Capabilities {
+                sasl_ir: true,
+                literal_plus: true
+            })
         );
+        let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 LITERAL- SASL-IRX] ready\r\n");
+        assert_eq!(caps, Some(Capabilities::default()));
         assert_eq!(capabilities_in(b"* OK ready\r\n"), None);
+        assert_eq!(
+            Capabilities::from_list(b"IMAP4rev1 LITERAL+\r\n"),
+            Capabilities {
+                sasl_ir: false,
+                literal_plus: true
+            }
+        );
     }
 }

@@ -94,7 +94,7 @@ pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Res
     if greet {
         let caps = response::capabilities(policy.starttls, policy.auth);
         client
-            .write_all(&response::greeting(&caps, &config.greeting))
+            .write_all(&response::greeting(caps, &config.greeting))
             .await?;
     }
     let mut reader = CommandReader::new(config.limits.line_max, config.limits.literal_max);
@@ -207,7 +207,7 @@ async fn handle(
     let credentials = match command {
         PreloginCommand::Capability => {
             let caps = response::capabilities(policy.starttls, policy.auth);
-            client.write_all(&response::capability(&caps, &tag)).await?;
+            client.write_all(&response::capability(caps, &tag)).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Noop => {
@@ -448,7 +448,7 @@ async fn login(
     let identity = dial::Identity {
         client: session.peer,
         local: session.local,
-        session_id: session.id.to_string(),
+        session_id: session.id,
         client_id: client_id.to_vec(),
     };
     let user = credentials.routing_user();
