@@ -102,7 +102,7 @@ pub fn serve(
             return;
         };
         // After the login: relay until the session ends, or is cut at shutdown.
-        let mut session = LoggedInSession::start(logged_in, started);
+        let mut session = LoggedInSession::start(logged_in);
         let ended_by = tokio::select! {
             (ended_by, result) = &mut session.relay => {
                 if let Err(error) = &result {
@@ -122,6 +122,7 @@ struct LoggedIn {
     client: Stream,
     authenticated: prelogin::Authenticated,
     permit: Permit,
+    started: Instant,
 }
 
 /// Accept-side phases up to a successful login; `None` when the connection ended first (all
@@ -200,6 +201,7 @@ async fn until_login(
                     client,
                     authenticated,
                     permit,
+                    started,
                 });
             }
         }
@@ -221,12 +223,13 @@ struct LoggedInSession {
 }
 
 impl LoggedInSession {
-    fn start(logged_in: LoggedIn, started: Instant) -> Self {
+    fn start(logged_in: LoggedIn) -> Self {
         let LoggedIn {
             session,
             client,
             authenticated,
             permit,
+            started,
         } = logged_in;
         let services = &session.services;
         let metrics = services

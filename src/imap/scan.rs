@@ -26,8 +26,9 @@
 
 use std::time::{Duration, Instant};
 
-/// Octets of a logical line's start that are kept: enough for a tag and `UID FETCH`.
-const HEAD_MAX: usize = 64;
+/// Octets of a logical line's start that are kept: enough for a tracked tag (`TAG_MAX`) and
+/// the longest two-word name (`UID EXPUNGE`).
+const HEAD_MAX: usize = 48;
 /// Octets kept from the end of an unfinished physical line, to find `{n}` across reads.
 const TAIL_MAX: usize = 24;
 /// Commands in flight per session before the oldest are given up.
