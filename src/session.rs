@@ -418,7 +418,9 @@ async fn tls_handshake(
         error!(session = %session.id, "TLS listener without certificates");
         return None;
     };
-    match tokio::time::timeout_at(deadline, tls.acceptor().accept(tcp)).await {
+    // Boxed, like the backend side's: plain sessions do not carry the handshake's state.
+    let handshake = Box::pin(tls.acceptor().accept(tcp));
+    match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(stream)) => Some(Stream::ServerTls(Box::new(stream))),
         Ok(Err(error)) => {
             debug!(session = %session.id, %error, "TLS handshake failed");

@@ -146,8 +146,9 @@ pub(crate) async fn tls_connect(
     (config, name): &(Arc<rustls::ClientConfig>, ServerName<'static>),
 ) -> Result<Stream, DialError> {
     let connector = tokio_rustls::TlsConnector::from(config.clone());
-    let tls = connector
-        .connect(name.clone(), tcp)
+    // Boxed: the handshake's state is large, and inline it would make every login's future
+    // (plain backends too) that much larger.
+    let tls = Box::pin(connector.connect(name.clone(), tcp))
         .await
         .map_err(DialError::Tls)?;
     Ok(Stream::ClientTls(Box::new(tls)))
