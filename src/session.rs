@@ -296,24 +296,32 @@ struct SessionObserver {
     live: Arc<LiveSession>,
 }
 
+impl SessionObserver {
+    /// `n` octets relayed `way`: the backend's counter and the session's own.
+    fn count(&self, way: Way, n: usize) {
+        let (metric, session) = match way {
+            Way::ClientToBackend => (
+                &self.commands.sink().bytes_to_backend,
+                &self.live.bytes.client_to_backend,
+            ),
+            Way::BackendToClient => (
+                &self.commands.sink().bytes_to_client,
+                &self.live.bytes.backend_to_client,
+            ),
+        };
+        metric.inc_by(n as u64);
+        session.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 impl Observe for SessionObserver {
     fn client_to_backend(&mut self, bytes: &[u8]) {
-        let n = bytes.len() as u64;
-        self.commands.sink().bytes_to_backend.inc_by(n);
-        self.live
-            .bytes
-            .client_to_backend
-            .fetch_add(n, Ordering::Relaxed);
+        self.count(Way::ClientToBackend, bytes.len());
         self.commands.client_bytes(bytes);
     }
 
     fn backend_to_client(&mut self, bytes: &[u8]) {
-        let n = bytes.len() as u64;
-        self.commands.sink().bytes_to_client.inc_by(n);
-        self.live
-            .bytes
-            .backend_to_client
-            .fetch_add(n, Ordering::Relaxed);
+        self.count(Way::BackendToClient, bytes.len());
         self.commands.backend_bytes(bytes);
     }
 
@@ -325,20 +333,10 @@ impl Observe for SessionObserver {
     }
 
     fn passed_unseen(&mut self, way: Way, n: usize) {
-        let n = n as u64;
-        let metrics = self.commands.sink();
-        let bytes = &self.live.bytes;
+        self.count(way, n);
         match way {
-            Way::ClientToBackend => {
-                metrics.bytes_to_backend.inc_by(n);
-                bytes.client_to_backend.fetch_add(n, Ordering::Relaxed);
-                self.commands.client_literal_passed(n);
-            }
-            Way::BackendToClient => {
-                metrics.bytes_to_client.inc_by(n);
-                bytes.backend_to_client.fetch_add(n, Ordering::Relaxed);
-                self.commands.backend_literal_passed(n);
-            }
+            Way::ClientToBackend => self.commands.client_literal_passed(n as u64),
+            Way::BackendToClient => self.commands.backend_literal_passed(n as u64),
         }
     }
 }

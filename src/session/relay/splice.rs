@@ -25,7 +25,7 @@ thread_local! {
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A non-blocking pipe; back to this thread's pool on drop if it is empty.
+/// A non-blocking pipe, from and back to this thread's pool.
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -48,16 +48,15 @@ impl Pipe {
         Some(Pipe { read, write })
     }
 
-    /// Gives an empty pipe back to the pool (a pipe with octets in it is closed instead).
-    pub fn give_back(self, empty: bool) {
-        if empty {
-            PIPES.with(|p| {
-                let mut pool = p.borrow_mut();
-                if pool.len() < POOL_MAX {
-                    pool.push(self);
-                }
-            });
-        }
+    /// Gives an emptied pipe back to this thread's pool. (A pipe dropped with octets in it,
+    /// because its session ended mid-literal, is closed instead.)
+    pub fn give_back(self) {
+        PIPES.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < POOL_MAX {
+                pool.push(self);
+            }
+        });
     }
 
     /// Up to `len` octets from the socket `from` into the pipe. `Ok(0)` is the end of the stream.

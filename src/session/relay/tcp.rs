@@ -48,6 +48,8 @@ struct Direction {
     pending: Pending,
     /// The source said end-of-stream and the half-close was passed on.
     done: bool,
+    /// splice(2) failed as unsupported on these sockets: always copy.
+    no_splice: bool,
 }
 
 impl Direction {
@@ -61,6 +63,7 @@ impl Direction {
         Direction {
             pending,
             done: false,
+            no_splice: false,
         }
     }
 
@@ -92,6 +95,7 @@ impl Direction {
                     if *in_pipe > 0 {
                         ready!(to.poll_write_ready(cx))?;
                         match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, *in_pipe)) {
+                            Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                             Ok(n) => *in_pipe -= n,
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(e) => return Poll::Ready(Err(e)),
@@ -101,7 +105,7 @@ impl Direction {
                         if let Pending::Splice { pipe, .. } =
                             std::mem::replace(&mut self.pending, Pending::None)
                         {
-                            pipe.give_back(true);
+                            pipe.give_back();
                         }
                     } else {
                         ready!(from.poll_read_ready(cx))?;
@@ -119,6 +123,11 @@ impl Direction {
                                 observer.passed_unseen(way, n);
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) if splice_unsupported(&e) => {
+                                // Nothing moved yet in this chunk: copy from here on.
+                                self.no_splice = true;
+                                self.pending = Pending::None;
+                            }
                             Err(e) => return Poll::Ready(Err(e)),
                         }
                     }
@@ -142,7 +151,11 @@ impl Direction {
                 continue;
             }
             // A long literal body coming, which the observer need not see: splice it.
-            let unseen = observer.unseen_ahead(way);
+            let unseen = if self.no_splice {
+                0
+            } else {
+                observer.unseen_ahead(way)
+            };
             if unseen >= SPLICE_MIN
                 && let Some(pipe) = Pipe::take()
             {
@@ -272,4 +285,12 @@ impl<O: Observe + Unpin> Future for TcpRelay<O> {
         }
         Poll::Pending
     }
+}
+
+/// splice(2) refusing these descriptors (not the connection failing).
+fn splice_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
 }
