@@ -65,11 +65,30 @@ PY
   wait_port "$BACKEND_PORT"
 }
 
+# --- a CA and a certificate for localhost, for the TLS scenario -------------------------------
+make_certs() {
+  local c=$WORK/certs
+  mkdir -p "$c"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -keyout "$c/ca.key" -out "$c/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$c/leaf.key" -out "$c/leaf.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$c/ext"
+  openssl x509 -req -in "$c/leaf.csr" -CA "$c/ca.pem" -CAkey "$c/ca.key" -CAcreateserial -days 2 \
+    -extfile "$c/ext" -out "$c/leaf.pem" 2>/dev/null
+  cat "$c/leaf.pem" "$c/leaf.key" > "$c/haproxy.pem"
+}
+make_certs
+
 # --- the proxies ----------------------------------------------------------------------------
 start_proxies() {
   IG_PORT=$(free_port) HA_PORT=$(free_port) NG_PORT=$(free_port) AUTH_PORT=$(free_port)
+  IG_TLS_PORT=$(free_port) HA_TLS_PORT=$(free_port)
   cat > "$WORK/imapgate.yaml" <<EOF
-listeners: [{ name: imap, bind: "127.0.0.1:$IG_PORT" }]
+listeners:
+  - { name: imap, bind: "127.0.0.1:$IG_PORT" }
+  - { name: imaps, bind: "127.0.0.1:$IG_TLS_PORT", tls: implicit }
+tls: { cert: "$WORK/certs/leaf.pem", key: "$WORK/certs/leaf.key" }
 backends: [{ name: b, address: "127.0.0.1:$BACKEND_PORT" }]
 limits: { max_connections: 1000000, per_ip: 1000000 }
 EOF
@@ -87,6 +106,9 @@ defaults
   timeout server 1h
 frontend imap
   bind 127.0.0.1:$HA_PORT
+  default_backend b
+frontend imaps
+  bind 127.0.0.1:$HA_TLS_PORT ssl crt $WORK/certs/haproxy.pem
   default_backend b
 backend b
   server b1 127.0.0.1:$BACKEND_PORT
@@ -115,7 +137,7 @@ mail {
 EOF
   nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
   NG_MASTER=$!; PIDS+=("$NG_MASTER")
-  wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"
+  wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"; wait_port "$IG_TLS_PORT"; wait_port "$HA_TLS_PORT"
   NG_PIDS=$(pgrep -d, -P "$NG_MASTER" || true); NG_PIDS="$NG_MASTER${NG_PIDS:+,$NG_PIDS}"
 }
 
@@ -132,6 +154,16 @@ run_scenarios() {  # $1: backend kind
       "$LOAD" noop "${common[@]}" --workers 50 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
       "$LOAD" fetch "${common[@]}" --workers 1 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
     done
+    # Implicit TLS (993-style), where the proxy terminates it: HAProxy and imapgate.
+    if [ "$kind" = fake ]; then
+      for t in haproxy imapgate; do
+        local port=$HA_TLS_PORT; [ $t = imapgate ] && port=$IG_TLS_PORT
+        for resume in "" --resume; do
+          "$LOAD" tls --target "127.0.0.1:$port" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
+            --server-name localhost --workers 50 --seconds "$SECONDS_PER" $resume | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+        done
+      done
+    fi
   done
   for n in $IDLE_SIZES; do
     for t in haproxy nginx imapgate; do

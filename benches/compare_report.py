@@ -102,6 +102,22 @@ def checks(backend):
     return "\n".join(["| target | measured (imapgate vs anchor) | |", "|---|---|---|"] + lines)
 
 
+def tls_table():
+    def m(t, resume, key):
+        vals = [r[key] for r in rows if r["scenario"] == "tls" and r["target"] == t
+                and r.get("resumption") == resume and key in r]
+        return statistics.median(vals) if vals else None
+
+    out = ["| target | full handshakes/s | CPU-s per 1k full | with resumption: handshakes/s | resumed | CPU-s per 1k |",
+           "|---|---|---|---|---|---|"]
+    for t in ("haproxy", "imapgate"):
+        n, r = m(t, True, "handshakes"), m(t, True, "resumed")
+        share = f"{100 * r / n:.0f}%" if n and r is not None else "–"
+        out.append(f"| {t} | {fmt(m(t, False, 'handshakes_per_s'))} | {fmt(m(t, False, 'cpu_s_per_1k_handshakes'), 3)} "
+                   f"| {fmt(m(t, True, 'handshakes_per_s'))} | {share} | {fmt(m(t, True, 'cpu_s_per_1k_handshakes'), 3)} |")
+    return "\n".join(out)
+
+
 def nproc():
     try:
         return subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
@@ -131,6 +147,13 @@ for b in backends:
     print()
     print(f"### Targets ({b})\n")
     print(checks(b))
+    print()
+if any(r["scenario"] == "tls" for r in rows):
+    print("## Implicit TLS handshakes (fake backend behind; ECDSA P-256 certificate)\n")
+    print("Each of 50 workers: TCP connect, TLS handshake, greeting, close. The proxy terminates TLS "
+          "(HAProxy `bind ... ssl crt`, imapgate `tls: implicit`); nginx's mail proxy is not set up "
+          "for TLS here.\n")
+    print(tls_table())
     print()
 print("Scenarios (`imapgate-load`): login = connect, greeting, LOGIN, LOGOUT, close, 50 workers; "
       "noop = one session per worker, NOOP round trips; fetch = one session, `FETCH 1 BODY[]` of a "

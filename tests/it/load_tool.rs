@@ -173,3 +173,48 @@ async fn auth_http_answers_like_nginx_expects() {
         "{answer}"
     );
 }
+
+/// The `tls` scenario against imapgate's implicit-TLS listener: every handshake verifies and
+/// greets; with a session cache most of them resume, without none does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_scenario_full_and_resumed_handshakes() {
+    let pki = crate::support::pki::Pki::new();
+    let proxy_pair = pki.pair("proxy");
+    let proxy = Proxy::start(&format!(
+        "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:1\", tls: implicit }}\ntls: {{ cert: \"{}\", key: \"{}\" }}\nbackends:\n  - {{ name: b1, address: \"{}\" }}\n",
+        proxy_pair.cert.display(),
+        proxy_pair.key.display(),
+        crate::support::nowhere()
+    ))
+    .await;
+    let target = proxy.addr.to_string();
+    let ca = pki.ca().display().to_string();
+    let common = [
+        "tls",
+        "--target",
+        &target,
+        "--ca",
+        &ca,
+        "--server-name",
+        "imap.test",
+        "--workers",
+        "2",
+        "--seconds",
+        "0.3",
+    ];
+
+    let full = scenario(&common).await;
+    assert!(full["handshakes"].as_f64().unwrap() > 0.0, "{full}");
+    assert_eq!(full["errors"], 0, "{full}");
+    assert_eq!(full["resumed"], 0, "{full}");
+
+    let resumed = scenario(&[&common[..], &["--resume"][..]].concat()).await;
+    let (n, r) = (
+        resumed["handshakes"].as_f64().unwrap(),
+        resumed["resumed"].as_f64().unwrap(),
+    );
+    assert_eq!(resumed["errors"], 0, "{resumed}");
+    // Each worker's first handshake is a full one; after that the cache should work.
+    assert!(r <= n - 2.0 && r >= n / 2.0, "{resumed}");
+    proxy.stop().await;
+}

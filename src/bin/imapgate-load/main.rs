@@ -6,6 +6,7 @@
 //! imapgate-load noop  --target ... --workers 1
 //! imapgate-load fetch --target ... --workers 1
 //! imapgate-load idle  --target ... --sessions 2000 --hold 10 --pid PID
+//! imapgate-load tls   --target 127.0.0.1:1993 --ca ca.pem --server-name imap.test [--resume]
 //! imapgate-load auth-http --listen 127.0.0.1:9000 --backend 127.0.0.1:10143
 //! ```
 //! Each scenario prints one JSON line on stdout and a human summary on stderr.
@@ -13,6 +14,7 @@
 mod auth_http;
 mod scenarios;
 mod serve;
+mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -54,6 +56,20 @@ enum Command {
         /// Source addresses 127.0.0.2 and up to spread connections over.
         #[arg(long, default_value_t = 4)]
         sources: u8,
+    },
+    /// TLS handshakes on an implicit-TLS listener: connect, handshake, greeting, close.
+    Tls {
+        #[command(flatten)]
+        common: Common,
+        /// PEM file with the CA that signed the target's certificate.
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        /// The name to ask for (SNI) and to verify.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Keep a session cache, so handshakes after a worker's first one can resume.
+        #[arg(long)]
+        resume: bool,
     },
     /// Answers nginx's auth_http: every login OK, to `--backend`.
     AuthHttp {
@@ -114,6 +130,12 @@ async fn main() -> std::io::Result<()> {
         Command::Login(c) => scenarios::login(&c.into_scenario()).await,
         Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,
         Command::Fetch(c) => scenarios::fetch(&c.into_scenario()).await,
+        Command::Tls {
+            common,
+            ca,
+            server_name,
+            resume,
+        } => tls::tls(&common.into_scenario(), &ca, &server_name, resume).await,
         Command::Idle {
             common,
             sessions,

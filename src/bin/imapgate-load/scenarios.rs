@@ -110,10 +110,10 @@ fn literal_at_end(line: &[u8]) -> Option<u64> {
 }
 
 /// Latencies in microseconds, and their percentiles.
-struct Latencies(Vec<u32>);
+pub(crate) struct Latencies(pub(crate) Vec<u32>);
 
 impl Latencies {
-    fn percentile(&mut self, p: f64) -> u32 {
+    pub(crate) fn percentile(&mut self, p: f64) -> u32 {
         if self.0.is_empty() {
             return 0;
         }
@@ -123,7 +123,7 @@ impl Latencies {
     }
 }
 
-fn micros(d: Duration) -> u32 {
+pub(crate) fn micros(d: Duration) -> u32 {
     d.as_micros().min(u128::from(u32::MAX)) as u32
 }
 
@@ -183,7 +183,7 @@ fn rss_kib_of(pid: u32) -> u64 {
 }
 
 /// Runs `workers` copies of `work` until `seconds` pass; gathers their latencies and errors.
-async fn run_workers<F, Fut>(common: &Common, work: F) -> (Latencies, u64, u64, f64)
+pub(crate) async fn run_workers<F, Fut>(common: &Common, work: F) -> (Latencies, u64, u64, f64)
 where
     F: Fn(usize, Instant) -> Fut,
     Fut: std::future::Future<Output = (Vec<u32>, u64, u64)> + Send + 'static,
