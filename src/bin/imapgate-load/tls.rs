@@ -30,21 +30,11 @@ pub async fn tls(common: &Common, ca: &Path, server_name: &str, resume: bool) ->
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(c) => c,
-        Err(e) => {
-            return Report {
-                json: json!({"scenario": "tls", "target": common.label, "error": e.to_string()}),
-                summary: format!("tls    {:>10}: cannot set up TLS: {e}", common.label),
-            };
-        }
+        Err(e) => return failed(common, &e.to_string()),
     };
     let name = match ServerName::try_from(server_name.to_string()) {
         Ok(n) => n,
-        Err(e) => {
-            return Report {
-                json: json!({"scenario": "tls", "target": common.label, "error": e.to_string()}),
-                summary: format!("tls    {:>10}: bad server name: {e}", common.label),
-            };
-        }
+        Err(e) => return failed(common, &e.to_string()),
     };
     let target = common.target;
     let started = Instant::now();
@@ -82,6 +72,14 @@ pub async fn tls(common: &Common, ca: &Path, server_name: &str, resume: bool) ->
             "tls    {:>10}: {rate:>9.0} handshakes/s ({resumed} resumed)  p50 {p50} µs  p99 {p99} µs  errors {errors}  CPU {cpu_per_1k:.3} s/1k",
             common.label
         ),
+    }
+}
+
+/// The scenario could not start (unreadable CA file, bad server name).
+fn failed(common: &Common, error: &str) -> Report {
+    Report {
+        json: json!({"scenario": "tls", "target": common.label, "error": error}),
+        summary: format!("tls    {:>10}: cannot start: {error}", common.label),
     }
 }
 
