@@ -264,13 +264,9 @@ impl<K: Sink> Observer<K> {
         &self.sink
     }
 
-    /// The backend accepted COMPRESS: from here on only bytes are counted.
-    pub fn is_compressed(&self) -> bool {
-        self.shared.compressed
-    }
-
     /// Commands sent and not yet completed.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.shared.in_flight.len()
     }
 }
