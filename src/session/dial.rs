@@ -4,6 +4,7 @@
 //! connect (timeouts.backend_connect) ─► [PROXY header] ─► [TLS handshake, tls: implicit]
 //!   └─► greeting "* OK" ─► [STARTTLS, tls: starttls] ─► [CAPABILITY, when not known]
 //!        ─► [ID with the client's address, forward_id] ─► replay the login ─► tagged answer
+//!        ─► [OK without "[CAPABILITY ...]": CAPABILITY, its list put into the client's OK]
 //!   "* BYE" / "* PREAUTH" / silence / close / a bad certificate: unavailable (timeouts.backend_login)
 //! ```
 //!
@@ -34,6 +35,8 @@ use crate::proxy_header;
 const TAG: &str = "ig1";
 /// The tag of everything before it (STARTTLS, CAPABILITY, ID).
 const PREP_TAG: &str = "ig0";
+/// The tag of the CAPABILITY sent after the login, when the backend's OK had none.
+const POST_TAG: &str = "ig2";
 /// Longest backend line read during dial; real greetings and answers are far shorter.
 const LINE_MAX: usize = 64 * 1024;
 
@@ -237,12 +240,20 @@ async fn greet_and_login(
         .read_until_tagged_or_continuation(&mut untagged)
         .await?
     {
-        Answer::Tagged(rest) if rest.starts_with(b"OK") => Ok(LoginOutcome::LoggedIn(LoggedIn {
-            stream: conn.stream,
-            untagged,
-            tagged_rest: rest,
-            buffered: conn.buf,
-        })),
+        Answer::Tagged(mut rest) if rest.starts_with(b"OK") => {
+            let mut buffered = Vec::new();
+            if capabilities_in(&rest).is_none() {
+                conn.tell_capabilities(&mut untagged, &mut rest, &mut buffered)
+                    .await?;
+            }
+            buffered.append(&mut conn.buf);
+            Ok(LoginOutcome::LoggedIn(LoggedIn {
+                stream: conn.stream,
+                untagged,
+                tagged_rest: rest,
+                buffered,
+            }))
+        }
         Answer::Tagged(rest) => Ok(LoginOutcome::Rejected { tagged_rest: rest }),
         Answer::Continuation => Err(DialError::Protocol(
             "unexpected continuation after the login was sent".into(),
@@ -339,6 +350,70 @@ impl BackendConn {
         }
     }
 
+    /// The backend's OK carried no `[CAPABILITY ...]` code (Courier's does not). The client
+    /// would keep imapgate's pre-login list, LITERAL+ among it, and send what this backend
+    /// cannot take: Courier answers a `{n+}` it does not know with NO and then runs the
+    /// literal's lines as commands. So ask the backend, now logged in, and hand its list on:
+    /// as the OK's response code, or, when the OK has another code, as an untagged CAPABILITY
+    /// before it. Untagged lines the backend sends meanwhile go to the client after the OK.
+    async fn tell_capabilities(
+        &mut self,
+        untagged: &mut Vec<u8>,
+        ok: &mut Vec<u8>,
+        after_ok: &mut Vec<u8>,
+    ) -> Result<(), DialError> {
+        self.stream
+            .write_all(format!("{POST_TAG} CAPABILITY\r\n").as_bytes())
+            .await?;
+        self.stream.flush().await?;
+        let mut list: Option<Vec<u8>> = None;
+        let answer = loop {
+            let line = self.read_line("after the login").await?;
+            if let Some(rest) = line
+                .strip_prefix(POST_TAG.as_bytes())
+                .and_then(|r| r.strip_prefix(b" "))
+            {
+                break rest.to_vec();
+            }
+            if let Some(caps) = strip_prefix_ignore_case(&line, b"* CAPABILITY ") {
+                list = Some(caps.trim_ascii_end().to_vec());
+                continue;
+            }
+            if after_ok.len() + line.len() > LINE_MAX {
+                return Err(DialError::Protocol(
+                    "too many untagged responses after the login".into(),
+                ));
+            }
+            after_ok.extend_from_slice(&line);
+        };
+        // A backend that cannot say what it has after login gets the baseline only: the
+        // client is promised nothing the backend may lack.
+        let list = match list {
+            Some(list) if answer.starts_with(b"OK") => list,
+            _ => b"IMAP4rev1".to_vec(),
+        };
+        let text = ok.strip_prefix(b"OK").unwrap_or(ok);
+        let text = text.strip_prefix(b" ").unwrap_or(text);
+        if text.starts_with(b"[") {
+            untagged.extend_from_slice(b"* CAPABILITY ");
+            untagged.extend_from_slice(&list);
+            untagged.extend_from_slice(b"\r\n");
+        } else {
+            let text = if text.trim_ascii().is_empty() {
+                &b"Logged in.\r\n"[..]
+            } else {
+                text
+            };
+            let mut with_code = Vec::with_capacity(list.len() + text.len() + 20);
+            with_code.extend_from_slice(b"OK [CAPABILITY ");
+            with_code.extend_from_slice(&list);
+            with_code.extend_from_slice(b"] ");
+            with_code.extend_from_slice(text);
+            *ok = with_code;
+        }
+        Ok(())
+    }
+
     async fn capability(&mut self) -> Result<Capabilities, DialError> {
         self.stream
             .write_all(format!("{PREP_TAG} CAPABILITY\r\n").as_bytes())
@@ -375,6 +450,11 @@ impl Capabilities {
         }
         caps
     }
+}
+
+fn strip_prefix_ignore_case<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    (line.len() >= prefix.len() && line[..prefix.len()].eq_ignore_ascii_case(prefix))
+        .then(|| &line[prefix.len()..])
 }
 
 /// The capabilities from a `[CAPABILITY ...]` response code, if the line has one.

@@ -1,0 +1,109 @@
+//! After login the client learns the backend's capabilities, not imapgate's pre-login list:
+//! a client that kept LITERAL+ from imapgate's greeting would send `{n+}` to a backend that
+//! cannot take it (Courier then runs the literal's lines as commands).
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::support::dovecot::{self, Dovecot};
+use crate::support::{DEADLINE, Proxy, config};
+
+/// The pre-login list is imapgate's own: only what it handles itself before login.
+#[tokio::test]
+async fn prelogin_list_is_what_imapgate_handles() {
+    let proxy = Proxy::start(&config(&[("b1", crate::support::nowhere())], "")).await;
+    let mut c = proxy.connect().await;
+    let greeting = c.line().await.unwrap();
+    assert!(
+        greeting
+            .starts_with("* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID AUTH=PLAIN AUTH=LOGIN]"),
+        "{greeting}"
+    );
+    proxy.stop().await;
+}
+
+/// Dovecot's OK carries its own `[CAPABILITY ...]`: it reaches the client as it is.
+#[tokio::test]
+async fn dovecot_list_reaches_the_client() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let proxy = Proxy::start(&config(&[("b1", b1.address())], "")).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send("a LOGIN alice alice-secret\r\n").await;
+    let (_, ok) = c.until_tagged("a").await;
+    assert!(ok.starts_with("a OK [CAPABILITY IMAP4rev1 "), "{ok}");
+    // Post-login extensions imapgate never advertises itself.
+    for cap in [" IDLE", " NAMESPACE", " ENABLE"] {
+        assert!(ok.contains(cap), "{cap} missing in {ok}");
+    }
+    proxy.stop().await;
+}
+
+/// A backend that behaves like Courier: capabilities in its greeting, none in its login OK,
+/// no LITERAL+. imapgate asks it for CAPABILITY after the login and puts the answer into the
+/// client's OK; untagged lines sent meanwhile still reach the client, after the OK.
+#[tokio::test]
+async fn ok_without_capabilities_gets_the_backends_list() {
+    for (ok_text, expected) in [
+        (
+            "LOGIN Ok.",
+            vec!["a OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE CHILDREN] LOGIN Ok.\r\n"],
+        ),
+        // The OK has a code of its own: the list comes as an untagged CAPABILITY before it.
+        (
+            "[ALERT] Quota almost full.",
+            vec![
+                "* CAPABILITY IMAP4rev1 IDLE NAMESPACE CHILDREN\r\n",
+                "a OK [ALERT] Quota almost full.\r\n",
+            ],
+        ),
+    ] {
+        let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = backend.local_addr().unwrap().to_string();
+        let script = tokio::spawn(async move {
+            let (tcp, _) = backend.accept().await.unwrap();
+            let (read, mut write) = tcp.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(
+                    b"* OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE STARTTLS] Courier-IMAP ready.\r\n",
+                )
+                .await
+                .unwrap();
+            let login = lines.next_line().await.unwrap().unwrap();
+            assert!(login.starts_with("ig1 LOGIN "), "{login}");
+            write
+                .write_all(format!("ig1 OK {ok_text}\r\n").as_bytes())
+                .await
+                .unwrap();
+            let capability = lines.next_line().await.unwrap().unwrap();
+            assert_eq!(capability, "ig2 CAPABILITY");
+            write
+                .write_all(b"* 1 EXISTS\r\n* CAPABILITY IMAP4rev1 IDLE NAMESPACE CHILDREN\r\nig2 OK CAPABILITY completed\r\n")
+                .await
+                .unwrap();
+            // The relay has begun: the client's next command arrives as sent.
+            let next = lines.next_line().await.unwrap().unwrap();
+            assert_eq!(next, "b NOOP");
+            write.write_all(b"b OK NOOP done\r\n").await.unwrap();
+        });
+        let proxy = Proxy::start(&config(&[("b1", addr)], "")).await;
+        let mut c = proxy.connect().await;
+        c.line().await.unwrap();
+        c.send("a LOGIN alice secret\r\n").await;
+        for line in &expected {
+            assert_eq!(&c.line().await.unwrap(), line);
+        }
+        assert_eq!(c.line().await.unwrap(), "* 1 EXISTS\r\n");
+        c.send("b NOOP\r\n").await;
+        assert_eq!(c.line().await.unwrap(), "b OK NOOP done\r\n");
+        tokio::time::timeout(DEADLINE, script)
+            .await
+            .expect("script deadline")
+            .expect("the backend saw what it expected");
+        proxy.stop().await;
+    }
+}
