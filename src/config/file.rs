@@ -206,7 +206,8 @@ impl Default for LimitsFile {
         LimitsFile {
             max_connections: unspanned(200_000),
             per_ip: unspanned(100),
-            line_max: unspanned(8192),
+            // A maximum-size ID (RFC 2971: 30 pairs, values up to 1,024 octets) is ~32 KB.
+            line_max: unspanned(65536),
             literal_max: unspanned(8192),
             login_attempts: unspanned(3),
         }

@@ -15,13 +15,14 @@
 //! ```
 //!
 //! Bytes behind a complete command stay in the buffer: after a successful login they belong to
-//! the backend (`into_buffered`). Parsing is re-run only when a new line end has arrived, so a
-//! client dripping one byte at a time does not cost a parse per byte.
+//! the backend (`into_buffered`). A command is framed first (lines and literals) and parsed
+//! once, when whole, so every octet is scanned once: neither a client dripping one byte at a
+//! time nor a command of thousands of short lines costs more than its length.
 
 use std::io;
 
 use imap_codec::CommandCodec;
-use imap_codec::decode::{CommandDecodeError, Decoder};
+use imap_codec::decode::Decoder;
 use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::{AString, IString, LiteralMode};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -82,8 +83,11 @@ pub struct CommandReader {
     literal_max: usize,
     /// Literal octets announced in the command being read (they do not count against line_max).
     literal_octets: usize,
-    /// `buf[..quiet_upto]` was parsed as incomplete; nothing changes until a new line end.
-    quiet_upto: usize,
+    /// `buf[..framed]` is the part of the command being read whose lines and literals have
+    /// been found; the scan for the next line end starts here.
+    framed: usize,
+    /// Where the literal being received ends (`framed` when none is).
+    literal_end: usize,
 }
 
 impl CommandReader {
@@ -93,7 +97,8 @@ impl CommandReader {
             line_max,
             literal_max,
             literal_octets: 0,
-            quiet_upto: 0,
+            framed: 0,
+            literal_end: 0,
         }
     }
 
@@ -132,7 +137,8 @@ impl CommandReader {
 
     fn reset_command(&mut self) {
         self.literal_octets = 0;
-        self.quiet_upto = 0;
+        self.framed = 0;
+        self.literal_end = 0;
     }
 
     fn consume(&mut self, n: usize) {
@@ -140,70 +146,72 @@ impl CommandReader {
         self.reset_command();
     }
 
+    /// Frames the command first (lines and literals, as imap-codec's fragmentizer does) and
+    /// parses it once, when it is whole: every octet is scanned once, so a command of many
+    /// short lines costs no more than one long line (re-parsing the buffer at every line end
+    /// was quadratic).
     pub fn step(&mut self) -> Step {
-        let cap = self.line_max + self.literal_octets;
-        let from = self.quiet_upto.min(self.buf.len());
-        match memchr::memchr(b'\n', &self.buf[from..]) {
-            None if self.buf.len() > cap => return Step::TooLong,
-            None => return Step::NeedMore,
-            // The command cannot end before this line end, and it is already over the cap.
-            Some(i) if from + i > cap => return Step::TooLong,
-            Some(_) => {}
-        }
-        let decoded = CommandCodec::default().decode(&self.buf);
-        match decoded {
-            Ok((rest, command)) => {
-                let used = self.buf.len() - rest.len();
-                let parsed = Parsed {
-                    tag: command.tag.inner().to_string(),
-                    command: prelogin_command(command.body),
-                };
-                self.consume(used);
-                Step::Command(parsed)
+        loop {
+            let cap = self.line_max + self.literal_octets;
+            if self.literal_end > self.framed {
+                if self.buf.len() < self.literal_end {
+                    return Step::NeedMore;
+                }
+                self.framed = self.literal_end;
             }
-            Err(CommandDecodeError::Incomplete) => {
-                self.quiet_upto = self.buf.len();
-                if self.buf.len() > self.line_max + self.literal_octets {
+            let Some(i) = memchr::memchr(b'\n', &self.buf[self.framed..]) else {
+                return if self.buf.len() > cap {
                     Step::TooLong
                 } else {
                     Step::NeedMore
-                }
-            }
-            Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
-                let length = length as usize;
-                self.quiet_upto = self.buf.len();
-                if self.literal_octets + length > self.literal_max {
-                    return match mode {
-                        // The client waits for our "+": refusing the command is enough.
-                        LiteralMode::Sync => {
-                            let tag = tag.inner().to_string();
-                            let all = self.buf.len();
-                            self.consume(all);
-                            Step::LiteralRefused { tag }
-                        }
-                        // The octets are already on their way: we cannot find the next command.
-                        LiteralMode::NonSync => Step::LiteralTooLarge,
-                    };
-                }
-                self.literal_octets += length;
-                match mode {
-                    LiteralMode::Sync => Step::SendContinuation,
-                    LiteralMode::NonSync => Step::NeedMore,
-                }
-            }
-            Err(CommandDecodeError::Failed) => {
-                let tag = tag_of(&self.buf);
-                // Without literals the bad command ends at the first line end. With literals we
-                // cannot tell where it ends, so everything buffered goes.
-                let end = if self.literal_octets == 0 {
-                    memchr::memchr(b'\n', &self.buf).map_or(self.buf.len(), |i| i + 1)
-                } else {
-                    self.buf.len()
                 };
-                self.consume(end);
-                Step::Bad { tag }
+            };
+            let line_end = self.framed + i + 1;
+            if line_end > cap + 2 {
+                // The command cannot end before this line end, and it is already over the cap.
+                return Step::TooLong;
             }
+            let Some((length, mode)) = literal_announced(&self.buf[self.framed..line_end]) else {
+                return self.parse(line_end);
+            };
+            if self.literal_octets.saturating_add(length) > self.literal_max {
+                return match mode {
+                    // The client waits for our "+": refusing the command is enough.
+                    LiteralMode::Sync => {
+                        let tag = tag_of(&self.buf).unwrap_or_else(|| "*".to_string());
+                        let all = self.buf.len();
+                        self.consume(all);
+                        Step::LiteralRefused { tag }
+                    }
+                    // The octets are already on their way: we cannot find the next command.
+                    LiteralMode::NonSync => Step::LiteralTooLarge,
+                };
+            }
+            self.literal_octets += length;
+            self.framed = line_end;
+            self.literal_end = line_end + length;
+            if mode == LiteralMode::Sync {
+                return Step::SendContinuation;
+            }
+            // A non-synchronizing literal's octets follow at once: go on framing.
         }
+    }
+
+    /// Parses the whole command `buf[..end]` and removes it from the buffer.
+    fn parse(&mut self, end: usize) -> Step {
+        let step = match CommandCodec::default().decode(&self.buf[..end]) {
+            Ok((_, command)) => Step::Command(Parsed {
+                tag: command.tag.inner().to_string(),
+                command: prelogin_command(command.body),
+            }),
+            // A framed command the parser finds incomplete or in need of more literals is
+            // one it does not understand.
+            Err(_) => Step::Bad {
+                tag: tag_of(&self.buf[..end]),
+            },
+        };
+        self.consume(end);
+        step
     }
 
     /// One line for an AUTHENTICATE exchange, without its line end.
@@ -238,6 +246,27 @@ fn tag_of(buf: &[u8]) -> Option<String> {
                 && !matches!(c, b'(' | b')' | b'{' | b'%' | b'*' | b'"' | b'\\' | b'+')
         });
     ok.then(|| String::from_utf8_lossy(tag).into_owned())
+}
+
+/// The literal a line announces at its end (`{n}`, `{n+}`, or literal8's `~{n}`), before its
+/// CRLF or bare LF. A quoted string cannot hold a line end, so `{n}` there is always one.
+fn literal_announced(line: &[u8]) -> Option<(usize, LiteralMode)> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let inside = line.strip_suffix(b"}")?;
+    let open = memchr::memrchr(b'{', inside)?;
+    let (digits, mode) = match inside[open + 1..].strip_suffix(b"+") {
+        Some(digits) => (digits, LiteralMode::NonSync),
+        None => (&inside[open + 1..], LiteralMode::Sync),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // Longer than any cap: saturate rather than overflow.
+    let length = digits.iter().try_fold(0usize, |n, &d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    });
+    Some((length.unwrap_or(usize::MAX), mode))
 }
 
 fn astring_bytes(value: &AString<'_>) -> Vec<u8> {
@@ -513,6 +542,72 @@ mod tests {
         r.feed(b"a LOGIN {500}\r\n");
         assert_eq!(r.step(), Step::SendContinuation);
         assert_eq!(r.room(), 1026 + 500 - 15);
+    }
+
+    /// RFC 2971's largest ID: 30 pairs, 30-octet fields, 1,024-octet values (~32 KB), with
+    /// the default limits.
+    #[test]
+    fn maximum_size_id() {
+        let pairs: Vec<String> = (0..30)
+            .map(|i| {
+                format!(
+                    "\"{}\" \"{}\"",
+                    format!("f{i:02}").repeat(10),
+                    "v".repeat(1024)
+                )
+            })
+            .collect();
+        let line = format!("i ID ({})\r\n", pairs.join(" "));
+        assert!(line.len() > 31_000, "{}", line.len());
+        let mut r = CommandReader::new(65536, 8192);
+        for piece in line.as_bytes().chunks(4096) {
+            assert_eq!(r.step(), Step::NeedMore);
+            r.feed(piece);
+        }
+        let Step::Command(Parsed {
+            command: PreloginCommand::Id(Some(fields)),
+            ..
+        }) = r.step()
+        else {
+            panic!("not an ID");
+        };
+        assert_eq!(fields.len(), 30);
+        assert_eq!(fields[29].1.as_deref(), Some("v".repeat(1024).as_str()));
+    }
+
+    /// A command of thousands of short lines (each ending in a `{0+}`) is framed line by line
+    /// and parsed once, whole; the same with synchronizing literals, one "+" per literal.
+    #[test]
+    fn many_literal_lines_in_one_command() {
+        for (announce, continuations) in [("{0+}", 0), ("{0}", 2000)] {
+            let mut input = b"s LOGIN".to_vec();
+            for _ in 0..2000 {
+                input.extend_from_slice(format!(" {announce}\r\n").as_bytes());
+            }
+            input.extend_from_slice(b"\r\n");
+            let mut r = CommandReader::new(65536, 600);
+            let mut sent = 0;
+            let mut last = Step::NeedMore;
+            for piece in input.chunks(7) {
+                r.feed(piece);
+                loop {
+                    match r.step() {
+                        Step::NeedMore => break,
+                        Step::SendContinuation => sent += 1,
+                        other => last = other,
+                    }
+                }
+            }
+            assert_eq!(sent, continuations);
+            // LOGIN takes two arguments, not 2,000: one BAD for the whole command.
+            assert_eq!(
+                last,
+                Step::Bad {
+                    tag: Some("s".into())
+                }
+            );
+            assert!(r.is_empty());
+        }
     }
 
     #[test]

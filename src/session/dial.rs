@@ -464,10 +464,15 @@ fn capabilities_in(line: &[u8]) -> Option<Capabilities> {
     Some(Capabilities::from_list(&line[start..end]))
 }
 
+/// imapgate's own ID fields (`id_command`).
+const OWN_ID_FIELDS: usize = 6;
+/// How many of the client's ID fields go on beside ours: RFC 2971 allows 30 pairs in all.
+pub(crate) const CLIENT_ID_FIELDS: usize = 30 - OWN_ID_FIELDS;
+
 /// `ID (...)`: Dovecot's trusted fields (honoured from `login_trusted_networks`), then the
 /// client's own fields.
 fn id_command(identity: &Identity) -> Vec<u8> {
-    let ours = [
+    let ours: [_; OWN_ID_FIELDS] = [
         (
             "x-originating-ip",
             identity.client.ip().to_canonical().to_string(),

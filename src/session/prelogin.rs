@@ -317,8 +317,8 @@ async fn handle(
         .map(Ok)
 }
 
-/// The client's ID fields that may go on to the backend: printable ASCII, at most 30 pairs
-/// (RFC 2971), and never an `x-` field, which a backend may trust (x-originating-ip, ...):
+/// The client's ID fields that may go on to the backend: printable ASCII, no more than fit
+/// beside imapgate's own in RFC 2971's 30 pairs, and never an `x-` field, which a backend may trust (x-originating-ip, ...):
 /// those only imapgate sets.
 fn forwardable_id(fields: Vec<(String, Option<String>)>) -> Vec<(String, String)> {
     let printable = |s: &str| s.len() <= 1024 && s.bytes().all(|c| (0x20..0x7f).contains(&c));
@@ -326,7 +326,7 @@ fn forwardable_id(fields: Vec<(String, Option<String>)>) -> Vec<(String, String)
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))
         .filter(|(k, v)| printable(k) && printable(v) && !k.to_ascii_lowercase().starts_with("x-"))
-        .take(30)
+        .take(dial::CLIENT_ID_FIELDS)
         .collect()
 }
 

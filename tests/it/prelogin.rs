@@ -135,3 +135,47 @@ async fn shutdown_says_bye_to_prelogin_sessions() {
     let rest = c.rest().await;
     assert!(rest.starts_with("* BYE [UNAVAILABLE]"), "{rest:?}");
 }
+
+/// RFC 2971's largest ID (30 pairs, values of 1,024 octets: ~32 KB on one line) is answered
+/// with the default limits, and the login after it reaches a backend that takes ID fields
+/// (imapgate's own fields first, the client's after them, 30 pairs in all).
+#[tokio::test]
+async fn maximum_size_id_then_login() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start_with(
+        "b1",
+        dovecot::Options {
+            trust_proxy: true,
+            ..Default::default()
+        },
+    );
+    let proxy = Proxy::start(&format!(
+        "backends:\n  - {{ name: b1, address: \"{}\", forward_id: true }}\n",
+        b1.address()
+    ))
+    .await;
+    let pairs: Vec<String> = (0..30)
+        .map(|i| {
+            format!(
+                "\"{}\" \"{}\"",
+                format!("f{i:02}").repeat(10),
+                "v".repeat(1024)
+            )
+        })
+        .collect();
+    let id = format!("i ID ({})\r\n", pairs.join(" "));
+    assert!(id.len() > 31_000);
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send(&id).await;
+    let (untagged, answer) = c.until_tagged("i").await;
+    assert!(answer.starts_with("i OK"), "{untagged:?} {answer}");
+    c.send("l LOGIN alice alice-secret\r\n").await;
+    let (_, answer) = c.until_tagged("l").await;
+    assert!(answer.starts_with("l OK"), "{answer}");
+    b1.wait_for_info_line(|l| l.contains("Login: user=<alice>"))
+        .await;
+    proxy.stop().await;
+}
