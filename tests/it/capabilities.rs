@@ -64,17 +64,20 @@ async fn ok_without_capabilities_gets_the_backends_list() {
         let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = backend.local_addr().unwrap().to_string();
         let script = tokio::spawn(async move {
-            let (tcp, _) = backend.accept().await.unwrap();
-            let (read, mut write) = tcp.into_split();
-            let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(
-                    b"* OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE STARTTLS] Courier-IMAP ready.\r\n",
-                )
-                .await
-                .unwrap();
-            let login = lines.next_line().await.unwrap().unwrap();
-            assert!(login.starts_with("ig1 LOGIN "), "{login}");
+            // Health checks come and go (greeting, LOGOUT); the login is the one that stays.
+            let (mut lines, mut write) = loop {
+                let (tcp, _) = backend.accept().await.unwrap();
+                let (read, mut write) = tcp.into_split();
+                let mut lines = BufReader::new(read).lines();
+                write
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 IDLE NAMESPACE STARTTLS] ready.\r\n")
+                    .await
+                    .unwrap();
+                match lines.next_line().await {
+                    Ok(Some(login)) if login.starts_with("ig1 LOGIN ") => break (lines, write),
+                    _ => continue,
+                }
+            };
             write
                 .write_all(format!("ig1 OK {ok_text}\r\n").as_bytes())
                 .await
