@@ -13,7 +13,8 @@
 //!
 //! The login is replayed as it came: LOGIN as LOGIN (quoted when that is exact, else a literal,
 //! `{n+}` when the backend offers LITERAL+), AUTHENTICATE PLAIN as PLAIN (with SASL-IR when
-//! offered), so an authzid reaches the backend and the backend decides. The backend's tagged
+//! offered), so an authzid reaches the backend and the backend decides; AUTHENTICATE LOGIN as
+//! AUTHENTICATE LOGIN where the backend offers AUTH=LOGIN, else as LOGIN. The backend's tagged
 //! answer is returned without its tag, to be sent on with the client's.
 
 use std::io;
@@ -214,6 +215,8 @@ async fn greet_and_login(
     let mut untagged = Vec::new();
     let parts = match credentials.mechanism {
         Mechanism::Plain => plain_command(credentials, caps.sasl_ir),
+        Mechanism::SaslLogin if caps.auth_login => sasl_login_command(credentials, caps.sasl_ir),
+        // A backend without AUTH=LOGIN still takes the same user and password as LOGIN.
         Mechanism::Login | Mechanism::SaslLogin => login_command(
             credentials.user.as_bytes(),
             credentials.password.expose(),
@@ -435,6 +438,7 @@ impl BackendConn {
 struct Capabilities {
     sasl_ir: bool,
     literal_plus: bool,
+    auth_login: bool,
 }
 
 impl Capabilities {
@@ -446,6 +450,8 @@ impl Capabilities {
                 caps.sasl_ir = true;
             } else if word.eq_ignore_ascii_case(b"LITERAL+") {
                 caps.literal_plus = true;
+            } else if word.eq_ignore_ascii_case(b"AUTH=LOGIN") {
+                caps.auth_login = true;
             }
         }
         caps
@@ -508,6 +514,25 @@ fn plain_command(credentials: &Credentials, sasl_ir: bool) -> Vec<Vec<u8>> {
         vec![
             format!("{TAG} AUTHENTICATE PLAIN\r\n").into_bytes(),
             format!("{encoded}\r\n").into_bytes(),
+        ]
+    }
+}
+
+/// `ig1 AUTHENTICATE LOGIN`: the user, then the password, each after the backend's `+`
+/// (the user on the command line with SASL-IR).
+fn sasl_login_command(credentials: &Credentials, sasl_ir: bool) -> Vec<Vec<u8>> {
+    let user = sasl::encode(credentials.user.as_bytes());
+    let password = format!("{}\r\n", sasl::encode(credentials.password.expose())).into_bytes();
+    if sasl_ir {
+        vec![
+            format!("{TAG} AUTHENTICATE LOGIN {user}\r\n").into_bytes(),
+            password,
+        ]
+    } else {
+        vec![
+            format!("{TAG} AUTHENTICATE LOGIN\r\n").into_bytes(),
+            format!("{user}\r\n").into_bytes(),
+            password,
         ]
     }
 }
@@ -588,12 +613,15 @@ mod tests {
 
     #[test]
     fn capabilities_from_greeting() {
-        let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 sasl-ir LITERAL+] ready\r\n");
+        let caps = capabilities_in(
+            b"* OK [CAPABILITY IMAP4rev1 sasl-ir LITERAL+ AUTH=PLAIN auth=login] ready\r\n",
+        );
         assert_eq!(
             caps,
             Some(Capabilities {
                 sasl_ir: true,
-                literal_plus: true
+                literal_plus: true,
+                auth_login: true,
             })
         );
         let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 LITERAL- SASL-IRX] ready\r\n");
@@ -603,7 +631,8 @@ mod tests {
             Capabilities::from_list(b"IMAP4rev1 LITERAL+\r\n"),
             Capabilities {
                 sasl_ir: false,
-                literal_plus: true
+                literal_plus: true,
+                auth_login: false,
             }
         );
     }

@@ -186,6 +186,18 @@ async fn every_login_form_reaches_the_backend() {
         assert!(answer.starts_with("s OK"), "{name}: after login: {answer}");
         // Dovecot logged one more login (its log is written a moment after the answer).
         b1.wait_for_info_line(|_| logins() == before + 1).await;
+        // The mechanism is replayed as it came (Dovecot counts LOGIN as PLAIN).
+        let log = b1.info_log();
+        let login = log.lines().rev().find(|l| l.contains("Login: user=<"));
+        let method = if name == "AUTHENTICATE LOGIN" {
+            "method=LOGIN"
+        } else {
+            "method=PLAIN"
+        };
+        assert!(
+            login.is_some_and(|l| l.contains(method)),
+            "{name}: {login:?}"
+        );
     }
     proxy.stop().await;
 }
