@@ -2,8 +2,7 @@
 
 /// jemalloc rather than glibc's malloc: a login allocates kilobytes for a few milliseconds
 /// between a session's long-lived allocations; glibc then leaves those holes in the heap, while
-/// jemalloc keeps sizes apart. Measured side by side (imapgate-load idle, 9,900 sessions):
-/// 1.42–1.46 vs 1.54–1.69 KiB per idle session, and no loss in login CPU.
+/// jemalloc keeps sizes apart (the side-by-side figures are in BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -1,9 +1,8 @@
 //! The relay between two plain TCP sockets, as one hand-written future.
 //!
-//! Async fns for the two copy loops plus a select would cost about 1.4 KB per session in
-//! future state (each readiness wait and write is a future of its own); this state machine is a
-//! few hundred bytes, which is most of the difference between an idle session at ~3 KiB and
-//! under 2 KiB. Each direction is either waiting to read (no buffer), or holds the octets it
+//! Async fns for the two copy loops plus a select would cost several times more future state
+//! per session (each readiness wait and write is a future of its own) than this state machine,
+//! and an idle session is mostly its future (figures in BENCHMARKS.md). Each direction is either waiting to read (no buffer), or holds the octets it
 //! read until the other socket took them all (a pooled buffer, or the first bytes handed over
 //! from the login), or is splicing a long literal's body (a pooled pipe, see `splice`). The
 //! readiness registrations are the sockets' own (tokio's `poll_*_ready`), with this task's
