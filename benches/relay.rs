@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use imapgate::imap::scan::{CommandId, Completion, Observer, Sink};
 use imapgate::session::relay::{Observe, relay};
-use imapgate::session::stream::Stream;
+use imapgate::stream::Stream;
 
 struct Discard;
 impl Sink for Discard {

@@ -11,9 +11,10 @@ use std::path::Path;
 
 use serde_saphyr::{Location, Spanned};
 
+pub use file::{BackendTlsMode, ListenerTlsMode};
 pub use runtime::{
-    Backend, BackendTls, Cidr, Config, HealthChecks, Limits, ListenerConfig, ListenerTls,
-    ProxyProtocol, Routing, SendProxy, Timeouts,
+    Backend, BackendTls, Cidr, ClientTls, Config, HealthChecks, Limits, ListenerConfig,
+    ListenerTls, ProxyProtocol, Routing, SendProxy, Timeouts,
 };
 
 use crate::tls::{self, CertSource, ServerTls};
@@ -156,6 +157,26 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
     if raw.listeners.is_empty() {
         return Err(v.unplaced("listeners: at least one listener is needed"));
     }
+    let server_tls = match &raw.tls {
+        None => None,
+        Some(t) => {
+            let source =
+                |names: &[String], cert: &Spanned<String>, key: &Spanned<String>| CertSource {
+                    names: names.to_vec(),
+                    cert: cert.value.clone().into(),
+                    key: key.value.clone().into(),
+                };
+            let sni = t
+                .sni
+                .iter()
+                .map(|s| source(&s.names, &s.cert, &s.key))
+                .collect();
+            let loaded = ServerTls::load(source(&[], &t.cert, &t.key), sni)
+                .map_err(|e| v.err(&t.cert.referenced, format!("tls: {e}")))?;
+            Some(std::sync::Arc::new(loaded))
+        }
+    };
+
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut listener_names = HashSet::new();
     for l in &raw.listeners {
@@ -196,44 +217,31 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                 ),
             ));
         }
-        if l.tls != ListenerTls::None && raw.tls.is_none() {
-            return Err(v.err(
-                &l.name.referenced,
-                format!(
-                    "listeners[].tls: listener {:?} uses TLS but there is no top-level tls: {{ cert, key }}",
-                    l.name.value
-                ),
-            ));
-        }
+        let certificates = || {
+            server_tls.clone().ok_or_else(|| {
+                v.err(
+                    &l.name.referenced,
+                    format!(
+                        "listeners[].tls: listener {:?} uses TLS but there is no top-level tls: {{ cert, key }}",
+                        l.name.value
+                    ),
+                )
+            })
+        };
+        let tls = match l.tls {
+            ListenerTlsMode::None => ListenerTls::Plain,
+            ListenerTlsMode::Starttls => ListenerTls::Starttls(certificates()?),
+            ListenerTlsMode::Implicit => ListenerTls::Implicit(certificates()?),
+        };
         listeners.push(ListenerConfig {
             name: l.name.value.clone(),
             bind,
-            tls: l.tls,
+            tls,
             proxy_protocol: l.proxy_protocol,
             trusted_proxies,
             allow_plaintext_auth: l.allow_plaintext_auth,
         });
     }
-
-    let server_tls = match &raw.tls {
-        None => None,
-        Some(t) => {
-            let source =
-                |names: &[String], cert: &Spanned<String>, key: &Spanned<String>| CertSource {
-                    names: names.to_vec(),
-                    cert: cert.value.clone().into(),
-                    key: key.value.clone().into(),
-                };
-            let sni = t
-                .sni
-                .iter()
-                .map(|s| source(&s.names, &s.cert, &s.key))
-                .collect();
-            let loaded = ServerTls::load(source(&[], &t.cert, &t.key), sni)
-                .map_err(|e| v.err(&t.cert.referenced, format!("tls: {e}")))?;
-            Some(std::sync::Arc::new(loaded))
-        }
-    };
 
     if raw.backends.is_empty() {
         return Err(v.unplaced("backends: at least one backend is needed"));
@@ -252,9 +260,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
             ));
         }
         check_host_port(&v, &b.address)?;
-        let tls_client = if b.tls == BackendTls::None {
-            None
-        } else {
+        let client_tls = || {
             let verify = match (&b.ca, b.insecure_skip_verify) {
                 (_, true) => tls::Verify::Nothing,
                 (Some(ca), false) => tls::Verify::CaFile(ca.value.clone().into()),
@@ -272,14 +278,21 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                     v.err(&b.address.referenced, format!("backends[].address: {e}"))
                 })?,
             };
-            Some((client, name))
+            Ok(ClientTls {
+                config: client,
+                name,
+            })
+        };
+        let tls = match b.tls {
+            BackendTlsMode::None => BackendTls::Plain,
+            BackendTlsMode::Implicit => BackendTls::Implicit(client_tls()?),
+            BackendTlsMode::Starttls => BackendTls::Starttls(client_tls()?),
         };
         backends.push(Backend {
             name: b.name.value.as_str().into(),
             address: b.address.value.clone(),
             weight: b.weight,
-            tls: b.tls,
-            tls_client,
+            tls,
             insecure_skip_verify: b.insecure_skip_verify,
             send_proxy: b.send_proxy,
             forward_id: b.forward_id,

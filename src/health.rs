@@ -1,5 +1,5 @@
-//! Backend health: every `health.interval` each backend is dialled and must greet with `* OK`
-//! within `health.timeout`. `rise` successes in a row mark it up, `fall` failures down. The state
+//! Backend health: every `health.interval` each backend is reached as a login would reach it
+//! (`backend::open`: PROXY header, TLS or STARTTLS, greeting) within `health.timeout`. `rise` successes in a row mark it up, `fall` failures down. The state
 //! feeds `imapgate_backend_up` and `/readyz`; routing does not use it (a user's mailbox is on
 //! its backend; `routing.failover` decides what happens when that backend fails a login).
 
@@ -7,15 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::config::{Backend, BackendTls, Config, SendProxy};
+use crate::backend::{self, BackendError, ProxyOut};
+use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
-use crate::proxy_header;
-use crate::session::dial;
-use crate::session::stream::Stream;
 use crate::shutdown::Shutdown;
 
 pub struct Health {
@@ -68,7 +64,8 @@ async fn check_loop(config: &Config, index: usize, metrics: &Metrics, health: &H
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let ok = probe(backend, h.timeout).await;
+        let result = probe(backend, h.timeout).await;
+        let ok = result.is_ok();
         // The first probe decides at once; after that, `rise`/`fall` in a row change the state.
         if ok == up && !first {
             streak = 0;
@@ -81,7 +78,8 @@ async fn check_loop(config: &Config, index: usize, metrics: &Metrics, health: &H
                 if ok {
                     info!(backend = %backend.name, "backend up");
                 } else {
-                    warn!(backend = %backend.name, address = %backend.address, "backend down");
+                    let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+                    warn!(backend = %backend.name, address = %backend.address, %error, "backend down");
                 }
             }
             up = ok;
@@ -93,25 +91,16 @@ async fn check_loop(config: &Config, index: usize, metrics: &Metrics, health: &H
     }
 }
 
-/// Connects the way a login would (PROXY header, TLS), reads the greeting, says LOGOUT.
-async fn probe(backend: &Backend, timeout: Duration) -> bool {
+/// Reaches the backend exactly as a login does (PROXY header, implicit TLS or STARTTLS with
+/// certificate verification, greeting, capabilities), then says LOGOUT.
+async fn probe(backend: &Backend, timeout: Duration) -> Result<(), BackendError> {
     let attempt = async {
-        let mut tcp = TcpStream::connect(&backend.address).await.ok()?;
-        // A backend that takes PROXY headers wants one first; LOCAL/UNKNOWN says "no client".
-        match backend.send_proxy {
-            SendProxy::None => {}
-            SendProxy::V1 => tcp.write_all(b"PROXY UNKNOWN\r\n").await.ok()?,
-            SendProxy::V2 => tcp.write_all(&proxy_header::v2_local().ok()?).await.ok()?,
-        }
-        let mut stream = match (&backend.tls, &backend.tls_client) {
-            (BackendTls::Implicit, Some(tls)) => dial::tls_connect(tcp, tls).await.ok()?,
-            _ => Stream::Plain(tcp),
-        };
-        let mut greeting = [0u8; 4];
-        stream.read_exact(&mut greeting).await.ok()?;
-        let _ = stream.write_all(b"h LOGOUT\r\n").await;
-        let _ = stream.flush().await;
-        Some(&greeting == b"* OK")
+        let tcp = backend::connect(backend, timeout).await?;
+        let (conn, _) = backend::open(tcp, backend, ProxyOut::Local).await?;
+        conn.logout().await;
+        Ok(())
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| BackendError::LoginTimeout(timeout))?
 }

@@ -4,6 +4,7 @@
 //! the tests (which bind port 0) start it the same way.
 
 pub mod admin;
+pub(crate) mod backend;
 pub mod config;
 pub mod health;
 pub mod imap;
@@ -13,6 +14,7 @@ pub mod proxy_header;
 pub mod route;
 pub mod session;
 pub mod shutdown;
+pub mod stream;
 pub mod tls;
 
 use std::sync::Arc;

@@ -5,7 +5,6 @@
 pub mod dial;
 pub mod prelogin;
 pub mod relay;
-pub mod stream;
 pub mod table;
 
 use std::fmt;
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Services;
 use crate::config::{ListenerConfig, ListenerTls};
@@ -26,9 +25,10 @@ use crate::listener::{OpenConnection, Permit};
 use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
+use crate::stream::Stream;
+use crate::tls::ServerTls;
 use prelogin::{Closed, Outcome};
 use relay::{Observe, Relay, Way};
-use stream::Stream;
 use table::{LiveSession, Registration};
 use tokio_util::sync::CancellationToken;
 
@@ -144,13 +144,15 @@ async fn until_login(
     let listener = session.listener();
     info!(session = %session.id, client = %session.peer, listener = %listener.name, "session start");
 
-    let mut client = if listener.tls == ListenerTls::Implicit {
-        match tls_handshake(tcp, &session, deadline).await {
-            Some(tls) => tls,
-            None => return end_before_login(&session, started, "tls_handshake"),
+    let listener_tls = listener.tls.clone();
+    let mut client = match &listener_tls {
+        ListenerTls::Implicit(certificates) => {
+            match tls_handshake(tcp, certificates, &session, deadline).await {
+                Some(tls) => tls,
+                None => return end_before_login(&session, started, "tls_handshake"),
+            }
         }
-    } else {
-        Stream::Plain(tcp)
+        ListenerTls::Plain | ListenerTls::Starttls(_) => Stream::Plain(tcp),
     };
 
     let mut greet = true;
@@ -178,11 +180,13 @@ async fn until_login(
                 return end_before_login(&session, started, "client_error");
             }
             Ok(Ok(Outcome::StartTls)) => {
-                // prelogin offers STARTTLS only on plain connections.
-                let Stream::Plain(tcp) = client else {
+                // prelogin offers STARTTLS only on plain connections of STARTTLS listeners.
+                let (Stream::Plain(tcp), ListenerTls::Starttls(certificates)) =
+                    (client, &listener_tls)
+                else {
                     return end_before_login(&session, started, "starttls_twice");
                 };
-                client = match tls_handshake(tcp, &session, deadline).await {
+                client = match tls_handshake(tcp, certificates, &session, deadline).await {
                     Some(tls) => tls,
                     None => return end_before_login(&session, started, "tls_handshake"),
                 };
@@ -409,13 +413,10 @@ async fn accept_proxy_header(
 /// The server side of a TLS handshake, under the pre-login deadline.
 async fn tls_handshake(
     tcp: TcpStream,
+    tls: &ServerTls,
     session: &Session,
     deadline: tokio::time::Instant,
 ) -> Option<Stream> {
-    let Some(tls) = session.services.config.tls.as_ref() else {
-        error!(session = %session.id, "TLS listener without certificates");
-        return None;
-    };
     // Boxed, like the backend side's: plain sessions do not carry the handshake's state.
     let handshake = Box::pin(tls.acceptor().accept(tcp));
     match tokio::time::timeout_at(deadline, handshake).await {

@@ -38,7 +38,7 @@ pub struct ListenerFile {
     pub name: Spanned<String>,
     pub bind: Spanned<String>,
     #[serde(default)]
-    pub tls: ListenerTls,
+    pub tls: ListenerTlsMode,
     /// `required`: every connection starts with a PROXY v1/v2 header from a trusted peer.
     #[serde(default)]
     pub proxy_protocol: ProxyProtocol,
@@ -52,7 +52,7 @@ pub struct ListenerFile {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ListenerTls {
+pub enum ListenerTlsMode {
     #[default]
     None,
     Starttls,
@@ -88,7 +88,7 @@ pub struct SniFile {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum BackendTls {
+pub enum BackendTlsMode {
     #[default]
     None,
     Implicit,
@@ -141,7 +141,7 @@ pub struct BackendFile {
     #[serde(default = "default_weight")]
     pub weight: u32,
     #[serde(default)]
-    pub tls: BackendTls,
+    pub tls: BackendTlsMode,
     /// PEM file of CA certificates to verify the backend with; the system roots without it.
     #[serde(default)]
     pub ca: Option<Spanned<String>>,
@@ -248,7 +248,7 @@ fn default_listeners() -> Vec<ListenerFile> {
     vec![ListenerFile {
         name: unspanned("imap".to_string()),
         bind: unspanned("127.0.0.1:1143".to_string()),
-        tls: ListenerTls::None,
+        tls: ListenerTlsMode::None,
         proxy_protocol: ProxyProtocol::Off,
         trusted_proxies: Vec::new(),
         allow_plaintext_auth: None,

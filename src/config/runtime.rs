@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use super::file::{BackendTls, ListenerTls, ProxyProtocol, SendProxy};
+pub use super::file::{ProxyProtocol, SendProxy};
 use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]
@@ -19,7 +19,7 @@ pub struct Config {
     pub routing: Routing,
     pub limits: Limits,
     pub timeouts: Timeouts,
-    /// Certificates for TLS listeners (reloadable), when any listener uses TLS.
+    /// The certificate set the TLS listeners share (each holds it too), for SIGHUP to reload.
     pub tls: Option<Arc<ServerTls>>,
     /// The admin HTTP server's address, if it runs.
     pub admin: Option<SocketAddr>,
@@ -35,6 +35,37 @@ pub struct HealthChecks {
     pub rise: u32,
     /// Failures in a row that mark an up backend down.
     pub fall: u32,
+}
+
+/// TLS towards clients: a mode that uses TLS carries its certificates.
+#[derive(Debug, Clone)]
+pub enum ListenerTls {
+    Plain,
+    /// Plaintext first; STARTTLS offered before login.
+    Starttls(Arc<ServerTls>),
+    /// TLS from the first octet (993).
+    Implicit(Arc<ServerTls>),
+}
+
+/// TLS towards a backend: a mode that uses TLS carries the client config and the name the
+/// backend's certificate must carry.
+#[derive(Debug, Clone)]
+pub enum BackendTls {
+    Plain,
+    Implicit(ClientTls),
+    Starttls(ClientTls),
+}
+
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ClientTls").field(&self.name).finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -60,13 +91,7 @@ pub struct Backend {
     pub name: std::sync::Arc<str>,
     pub address: String,
     pub weight: u32,
-    /// TLS towards the backend: the mode and, unless `none`, the client config and the name
-    /// the certificate must carry.
     pub tls: BackendTls,
-    pub tls_client: Option<(
-        Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
     pub insecure_skip_verify: bool,
     pub send_proxy: SendProxy,
     pub forward_id: bool,

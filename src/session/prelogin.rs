@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::Session;
 use super::dial::{self, LoginOutcome};
-use super::stream::Stream;
+use crate::backend;
 use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
@@ -29,6 +29,7 @@ use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
 use crate::imap::secret::Secret;
 use crate::metrics::{LoginResult, Rejection};
 use crate::route;
+use crate::stream::Stream;
 
 /// A login the backend accepted: what the relay needs.
 #[derive(Debug)]
@@ -88,7 +89,7 @@ pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Res
     let listener = session.listener();
     let tls = client.is_tls();
     let policy = Policy {
-        starttls: listener.tls == ListenerTls::Starttls && !tls,
+        starttls: matches!(listener.tls, ListenerTls::Starttls(_)) && !tls,
         auth: tls || listener.plaintext_auth_allowed(session.peer.ip()),
     };
     if greet {
@@ -456,7 +457,7 @@ async fn login(
     for index in route::backends_for(config, user) {
         let backend = &config.backends[index];
         let started = std::time::Instant::now();
-        let outcome = match dial::connect(backend, config.timeouts.backend_connect).await {
+        let outcome = match backend::connect(backend, config.timeouts.backend_connect).await {
             Ok(stream) => {
                 session
                     .services

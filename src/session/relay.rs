@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::stream::Stream;
+use crate::stream::Stream;
 use tcp::TcpRelay;
 
 mod splice;

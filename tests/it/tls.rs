@@ -339,11 +339,12 @@ async fn tls_to_backends_and_a_wrong_certificate() {
     let ca = pki.ca().display().to_string();
     let rogue = pki.rogue_ca().display().to_string();
     let proxy = Proxy::start(&format!(
-        "backends:\n  - {{ name: implicit, address: \"{}\", tls: implicit, ca: \"{ca}\", server_name: backend.test }}\n  - {{ name: starttls, address: \"{}\", tls: starttls, ca: \"{ca}\" }}\n  - {{ name: wrong_ca, address: \"{}\", tls: implicit, ca: \"{rogue}\" }}\n\
+        "backends:\n  - {{ name: implicit, address: \"{}\", tls: implicit, ca: \"{ca}\", server_name: backend.test }}\n  - {{ name: starttls, address: \"{}\", tls: starttls, ca: \"{ca}\" }}\n  - {{ name: wrong_ca, address: \"{}\", tls: implicit, ca: \"{rogue}\" }}\n  - {{ name: starttls_wrong_ca, address: \"{}\", tls: starttls, ca: \"{rogue}\", weight: 0 }}\n\
          routing:\n  static: {{ alice: implicit, bob: starttls, carol: wrong_ca }}\nhealth: {{ interval: 100ms }}\n",
         dv.imaps_address(),
         dv.address(),
         dv.imaps_address(),
+        dv.address(),
     ))
     .await;
     for (user, password) in [("alice", "alice-secret"), ("bob", "bob-secret")] {
@@ -370,10 +371,33 @@ async fn tls_to_backends_and_a_wrong_certificate() {
         })
     })
     .await;
-    assert_eq!(
-        crate::support::sample(&m, "imapgate_backend_up", "backend=\"wrong_ca\""),
-        Some(0.0)
-    );
+    for b in ["wrong_ca", "starttls_wrong_ca"] {
+        assert_eq!(
+            crate::support::sample(&m, "imapgate_backend_up", &format!("backend=\"{b}\"")),
+            Some(0.0),
+            "{b}"
+        );
+    }
+
+    // The checks did run for both (0 is also where a backend starts): each was found down,
+    // the STARTTLS one because its certificate failed verification after STARTTLS.
+    let deadline = tokio::time::Instant::now() + crate::support::DEADLINE;
+    for b in ["backend=wrong_ca ", "backend=starttls_wrong_ca "] {
+        loop {
+            let logged = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+            if logged
+                .lines()
+                .any(|l| l.contains(b) && l.contains("backend down") && l.contains("UnknownIssuer"))
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no health check found {b}down:\n{logged}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
 
     let mut c = proxy.connect().await;
     c.line().await.unwrap();
