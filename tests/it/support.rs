@@ -1,5 +1,8 @@
 //! Test support: Dovecot instances, imapgate in-process on port 0, a scripted raw client.
 
+pub mod backends;
+pub mod courier;
+pub mod cyrus;
 pub mod dovecot;
 pub mod pki;
 
