@@ -6,6 +6,7 @@ mod capabilities;
 mod clients;
 mod config_corpus;
 mod fd_limit;
+mod interop;
 mod load_tool;
 mod login;
 mod metrics;
