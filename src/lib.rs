@@ -8,10 +8,12 @@ pub(crate) mod backend;
 pub mod config;
 pub mod health;
 pub mod imap;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_header;
 pub mod route;
+pub mod services;
 pub mod session;
 pub mod shutdown;
 pub mod stream;
@@ -24,10 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use config::Config;
-use health::Health;
-use listener::ConnectionCaps;
-use metrics::Metrics;
-use session::table::SessionTable;
+pub use services::Services;
 use shutdown::Shutdown;
 
 /// A bound client listener and its index in `config.listeners`.
@@ -120,27 +119,6 @@ pub fn raise_fd_limit() -> bool {
         }
         limit.rlim_cur = limit.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-    }
-}
-
-/// The process-wide parts every session shares.
-pub struct Services {
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub sessions: Arc<SessionTable>,
-    pub health: Arc<Health>,
-    pub caps: Arc<ConnectionCaps>,
-}
-
-impl Services {
-    pub fn new(config: Arc<Config>) -> Arc<Self> {
-        Arc::new(Services {
-            metrics: Arc::new(Metrics::new(&config)),
-            sessions: Arc::new(SessionTable::default()),
-            health: Health::new(config.backends.len()),
-            caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
-            config,
-        })
     }
 }
 

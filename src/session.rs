@@ -21,7 +21,7 @@ use crate::Services;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::Observer;
-use crate::listener::{OpenConnection, Permit};
+use crate::limits::{OpenConnection, Permit};
 use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
@@ -397,8 +397,8 @@ async fn accept_proxy_header(
     }
     match services.caps.admit(session.peer.ip()) {
         Ok(permit) => Some(permit),
-        Err(which) => {
-            warn!(session = %session.id, client = %session.peer, limit = which, "connection refused by limit");
+        Err(limit) => {
+            warn!(session = %session.id, client = %session.peer, limit = limit.as_str(), "connection refused by limit");
             services.metrics.rejected(Rejection::connection_limit);
             last_word(
                 tcp,

@@ -1,0 +1,31 @@
+//! The process-wide parts every session shares: the config snapshot, metrics, the session
+//! table, backend health and the connection caps.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::health::Health;
+use crate::limits::ConnectionCaps;
+use crate::metrics::Metrics;
+use crate::session::table::SessionTable;
+
+/// The process-wide parts every session shares.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<SessionTable>,
+    pub health: Arc<Health>,
+    pub caps: Arc<ConnectionCaps>,
+}
+
+impl Services {
+    pub fn new(config: Arc<Config>) -> Arc<Self> {
+        Arc::new(Services {
+            metrics: Arc::new(Metrics::new(&config)),
+            sessions: Arc::new(SessionTable::default()),
+            health: Health::new(config.backends.len()),
+            caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
+            config,
+        })
+    }
+}
