@@ -170,10 +170,20 @@ async fn one_run(server: &[u8], observed: bool, clock: Clock) -> Duration {
             observer,
             Vec::new(),
             Vec::new(),
+            true,
         )
         .await;
     } else {
-        let _ = relay(client, backend, half_close, (), Vec::new(), Vec::new()).await;
+        let _ = relay(
+            client,
+            backend,
+            half_close,
+            (),
+            Vec::new(),
+            Vec::new(),
+            true,
+        )
+        .await;
     }
     let got = reader.await.unwrap();
     let elapsed = match clock {

@@ -296,6 +296,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
             insecure_skip_verify: b.insecure_skip_verify,
             send_proxy: b.send_proxy,
             forward_id: b.forward_id,
+            quickack: b.quickack,
         });
     }
     if backends.iter().all(|b| b.weight == 0) {

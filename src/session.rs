@@ -262,6 +262,7 @@ impl LoggedInSession {
             observer,
             authenticated.client_buffered,
             backend.buffered,
+            services.config.backends[authenticated.backend_index].quickack,
         );
         LoggedInSession {
             relay,

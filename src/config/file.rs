@@ -157,6 +157,9 @@ pub struct BackendFile {
     /// Send Dovecot's trusted ID fields (x-originating-ip, ...) before the login.
     #[serde(default)]
     pub forward_id: bool,
+    /// Acknowledge the backend's data at once (TCP_QUICKACK) instead of Linux's delayed ACK.
+    #[serde(default = "yes")]
+    pub quickack: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -95,6 +95,8 @@ pub struct Backend {
     pub insecure_skip_verify: bool,
     pub send_proxy: SendProxy,
     pub forward_id: bool,
+    /// TCP_QUICKACK on the backend socket whenever the relay drained it (see relay/tcp.rs).
+    pub quickack: bool,
 }
 
 impl std::fmt::Debug for Backend {
@@ -106,6 +108,7 @@ impl std::fmt::Debug for Backend {
             .field("tls", &self.tls)
             .field("send_proxy", &self.send_proxy)
             .field("forward_id", &self.forward_id)
+            .field("quickack", &self.quickack)
             .finish()
     }
 }

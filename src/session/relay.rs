@@ -110,6 +110,7 @@ pub fn relay<O: Observe>(
     observer: O,
     client_first: Vec<u8>,
     backend_first: Vec<u8>,
+    backend_quickack: bool,
 ) -> Relay<O> {
     match (client, backend) {
         (Stream::Plain(client), Stream::Plain(backend)) => Relay::Tcp(TcpRelay::new(
@@ -117,8 +118,8 @@ pub fn relay<O: Observe>(
             backend,
             half_close,
             observer,
-            client_first,
-            backend_first,
+            (client_first, backend_first),
+            backend_quickack,
         )),
         // Boxed so that plain sessions do not carry the TLS path's state.
         (client, backend) => Relay::Tls(Box::pin(async move {
@@ -343,6 +344,7 @@ mod tests {
             observer,
             Vec::new(),
             Vec::new(),
+            true,
         ));
         let (up_len, down_len) = (upload.len(), answer.len());
         let expected = answer.clone();

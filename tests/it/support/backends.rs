@@ -220,6 +220,25 @@ impl Client {
         }
     }
 
+    /// APPENDs `message` to `mailbox` with a synchronizing literal (benches/pipelining.rs).
+    #[allow(dead_code)]
+    pub fn append(&mut self, mailbox: &str, message: &str) -> Result<(), String> {
+        let tag = self.tag();
+        self.write(format!("{tag} APPEND {mailbox} {{{}}}\r\n", message.len()).as_bytes())?;
+        let go_ahead = self.line()?;
+        if !go_ahead.starts_with('+') {
+            return Err(format!("APPEND: no continuation: {go_ahead}"));
+        }
+        self.write(message.as_bytes())?;
+        self.write(b"\r\n")?;
+        let (_, answer) = self.until_tagged(&tag)?;
+        if answer.starts_with(&format!("{tag} OK")) {
+            Ok(())
+        } else {
+            Err(format!("APPEND: {answer}"))
+        }
+    }
+
     /// Every mailbox name `LIST "" "*"` returns.
     pub fn list_all(&mut self) -> Result<Vec<String>, String> {
         let untagged = self.ok("LIST \"\" \"*\"")?;
