@@ -149,7 +149,7 @@ async fn until_login(
         ListenerTls::Implicit(certificates) => {
             match tls_handshake(tcp, certificates, &session, deadline).await {
                 Some(tls) => tls,
-                None => return end_before_login(&session, started, "tls_handshake"),
+                None => return end_before_login(&session, started, EndReason::TlsHandshake),
             }
         }
         ListenerTls::Plain | ListenerTls::Starttls(_) => Stream::Plain(tcp),
@@ -162,7 +162,7 @@ async fn until_login(
             _ = session.shutdown.drain.cancelled() => {
                 services.metrics.rejected(Rejection::shutdown);
                 last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
-                return end_before_login(&session, started, "shutdown");
+                return end_before_login(&session, started, EndReason::Shutdown);
             }
         };
         match step {
@@ -173,28 +173,28 @@ async fn until_login(
                     &response::bye("", "Autologout; idle for too long."),
                 )
                 .await;
-                return end_before_login(&session, started, "prelogin_timeout");
+                return end_before_login(&session, started, EndReason::PreloginTimeout);
             }
             Ok(Err(error)) => {
                 debug!(session = %session.id, %error, "client connection error before login");
-                return end_before_login(&session, started, "client_error");
+                return end_before_login(&session, started, EndReason::ClientError);
             }
             Ok(Ok(Outcome::StartTls)) => {
                 // prelogin offers STARTTLS only on plain connections of STARTTLS listeners.
                 let (Stream::Plain(tcp), ListenerTls::Starttls(certificates)) =
                     (client, &listener_tls)
                 else {
-                    return end_before_login(&session, started, "starttls_twice");
+                    return end_before_login(&session, started, EndReason::StartTlsTwice);
                 };
                 client = match tls_handshake(tcp, certificates, &session, deadline).await {
                     Some(tls) => tls,
-                    None => return end_before_login(&session, started, "tls_handshake"),
+                    None => return end_before_login(&session, started, EndReason::TlsHandshake),
                 };
                 // No new greeting after STARTTLS; the client asks for capabilities again.
                 greet = false;
             }
             Ok(Ok(Outcome::Closed(Closed::ByClient))) => {
-                return end_before_login(&session, started, "client");
+                return end_before_login(&session, started, EndReason::Client);
             }
             Ok(Ok(Outcome::Closed(Closed::Bye(reason)))) => {
                 return end_before_login(&session, started, reason);
@@ -346,10 +346,43 @@ impl Observe for SessionObserver {
     }
 }
 
-fn end_before_login<T>(session: &Session, started: Instant, reason: &str) -> Option<T> {
+/// Why a session ended before a login: a closed set, logged as `ended_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The client closed or said LOGOUT.
+    Client,
+    /// A socket error on the client's side.
+    ClientError,
+    TlsHandshake,
+    /// STARTTLS where it cannot be (already TLS, or not a STARTTLS listener).
+    StartTlsTwice,
+    Shutdown,
+    PreloginTimeout,
+    LineTooLong,
+    LiteralTooLarge,
+    LoginAttempts,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Client => "client",
+            EndReason::ClientError => "client_error",
+            EndReason::TlsHandshake => "tls_handshake",
+            EndReason::StartTlsTwice => "starttls_twice",
+            EndReason::Shutdown => "shutdown",
+            EndReason::PreloginTimeout => "prelogin_timeout",
+            EndReason::LineTooLong => "line_too_long",
+            EndReason::LiteralTooLarge => "literal_too_large",
+            EndReason::LoginAttempts => "login_attempts",
+        }
+    }
+}
+
+fn end_before_login<T>(session: &Session, started: Instant, reason: EndReason) -> Option<T> {
     info!(
         session = %session.id,
-        ended_by = reason,
+        ended_by = reason.as_str(),
         duration_ms = started.elapsed().as_millis() as u64,
         "session end before login"
     );

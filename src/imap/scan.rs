@@ -101,6 +101,28 @@ pub struct CommandId(pub u8);
 
 impl CommandId {
     pub const OTHER: CommandId = CommandId(0);
+    /// The commands the observer treats specially; a misspelt name fails the build.
+    pub const IDLE: CommandId = CommandId::named("IDLE");
+    pub const AUTHENTICATE: CommandId = CommandId::named("AUTHENTICATE");
+    pub const COMPRESS: CommandId = CommandId::named("COMPRESS");
+
+    const fn named(name: &str) -> CommandId {
+        let mut i = 0;
+        while i < COMMAND_NAMES.len() {
+            let (a, b) = (COMMAND_NAMES[i].as_bytes(), name.as_bytes());
+            if a.len() == b.len() {
+                let mut j = 0;
+                while j < a.len() && a[j] == b[j] {
+                    j += 1;
+                }
+                if j == a.len() {
+                    return CommandId(i as u8);
+                }
+            }
+            i += 1;
+        }
+        panic!("not in COMMAND_NAMES");
+    }
 
     pub fn name(self) -> &'static str {
         COMMAND_NAMES[self.0 as usize]
@@ -133,10 +155,6 @@ impl CommandId {
             .iter()
             .position(|n| n.as_bytes() == wanted)
             .map_or(CommandId::OTHER, |i| CommandId(i as u8))
-    }
-
-    fn is(self, name: &str) -> bool {
-        self.name() == name
     }
 }
 
@@ -356,7 +374,9 @@ impl Shared {
             .position(|e| &e.tag[..e.tag_len as usize] == tag)?;
         let entry = self.in_flight.remove(i);
         let latency = match entry.sent {
-            Some(sent) if !entry.command.is("IDLE") => Some(at.saturating_duration_since(sent)),
+            Some(sent) if entry.command != CommandId::IDLE => {
+                Some(at.saturating_duration_since(sent))
+            }
             _ => None,
         };
         sink.command(entry.command, completion, latency);
@@ -632,13 +652,13 @@ impl ClientScanner {
                 if in_command {
                     in_command = false;
                     shared.command_sent(Instant::now());
-                    if current.is("IDLE") {
+                    if current == CommandId::IDLE {
                         mode = ClientMode::Idle {
                             continuations: shared.continuations,
                         };
-                    } else if current.is("AUTHENTICATE") {
+                    } else if current == CommandId::AUTHENTICATE {
                         shared.sasl_open = true;
-                    } else if current.is("COMPRESS") {
+                    } else if current == CommandId::COMPRESS {
                         mode = ClientMode::CompressPending;
                         return Flow::Stop;
                     }
@@ -708,8 +728,8 @@ impl BackendScanner {
                     };
                     if let Some(completion) = completion {
                         match shared.complete(sink, tag, completion, now) {
-                            Some(c) if c.is("AUTHENTICATE") => shared.sasl_open = false,
-                            Some(c) if c.is("COMPRESS") && completion == Completion::Ok => {
+                            Some(c) if c == CommandId::AUTHENTICATE => shared.sasl_open = false,
+                            Some(c) if c == CommandId::COMPRESS && completion == Completion::Ok => {
                                 compress_accepted = true;
                             }
                             _ => {}

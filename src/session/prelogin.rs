@@ -19,8 +19,8 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use super::Session;
 use super::dial::{self, LoginOutcome};
+use super::{EndReason, Session};
 use crate::backend;
 use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
@@ -61,7 +61,7 @@ pub enum Closed {
     /// The client went away or said LOGOUT.
     ByClient,
     /// imapgate sent BYE: a limit, a timeout, or shutdown.
-    Bye(&'static str),
+    Bye(EndReason),
 }
 
 /// What a login attempt came to, for the pre-login loop.
@@ -148,14 +148,26 @@ pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Res
             }
             Step::TooLong => {
                 session.services.metrics.rejected(Rejection::line_too_long);
-                return bye(client, "LIMIT", "Command line too long.", "line_too_long").await;
+                return bye(
+                    client,
+                    "LIMIT",
+                    "Command line too long.",
+                    EndReason::LineTooLong,
+                )
+                .await;
             }
             Step::LiteralTooLarge => {
                 session
                     .services
                     .metrics
                     .rejected(Rejection::literal_too_large);
-                return bye(client, "LIMIT", "Literal too large.", "literal_too_large").await;
+                return bye(
+                    client,
+                    "LIMIT",
+                    "Literal too large.",
+                    EndReason::LiteralTooLarge,
+                )
+                .await;
             }
         };
 
@@ -171,7 +183,13 @@ pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Res
                 failures += 1;
                 if failures >= config.limits.login_attempts {
                     session.services.metrics.rejected(Rejection::login_attempts);
-                    return bye(client, "", "Too many failed logins.", "login_attempts").await;
+                    return bye(
+                        client,
+                        "",
+                        "Too many failed logins.",
+                        EndReason::LoginAttempts,
+                    )
+                    .await;
                 }
             }
             Ok(Attempt::Answered) => {}
@@ -295,7 +313,13 @@ async fn handle(
             }
             Sasl::TooLong => {
                 session.services.metrics.rejected(Rejection::line_too_long);
-                return bye(client, "LIMIT", "SASL response too long.", "line_too_long").await;
+                return bye(
+                    client,
+                    "LIMIT",
+                    "SASL response too long.",
+                    EndReason::LineTooLong,
+                )
+                .await;
             }
             Sasl::ClientGone => return Ok(Err(Closed::ByClient)),
         },
@@ -336,7 +360,7 @@ async fn bye<T: From<Closed>>(
     client: &mut Stream,
     code: &str,
     text: &str,
-    reason: &'static str,
+    reason: EndReason,
 ) -> io::Result<T> {
     client.write_all(&response::bye(code, text)).await?;
     client.flush().await?;
