@@ -184,5 +184,8 @@ if [ "$DOVECOT" = 1 ]; then
   run_scenarios dovecot
 fi
 
+# Sections other benchmarks wrote (below the marker) survive this run.
+kept="$(sed -n '/^<!-- kept by compare.sh/,$p' "$OUT" 2>/dev/null || true)"
 python3 benches/compare_report.py "$RESULTS" "$ROUNDS" "$SECONDS_PER" "$ARGS" > "$OUT"
+if [ -n "$kept" ]; then printf '%s\n' "$kept" >> "$OUT"; fi
 echo "wrote $OUT (raw results: $RESULTS)"

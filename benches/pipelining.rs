@@ -4,7 +4,8 @@
 //! the first's ACK; a peer with delayed ACKs makes every answer wait ~40 ms.
 //!
 //! `cargo bench --bench pipelining` (needs Dovecot and the unpacked Courier: see the README's
-//! test section). Prints a Markdown table for BENCHMARKS.md.
+//! test section; HAProxy for its column). imapgate runs as its own process (the release
+//! binary, one worker thread), as HAProxy does. Prints a Markdown table for BENCHMARKS.md.
 
 // The integration tests' helpers (Dovecot, Courier, imapgate in-process), as they are.
 #[path = "../tests/it"]
@@ -23,7 +24,6 @@ use tokio::net::TcpStream;
 use support::backends::Client;
 use support::courier::Courier;
 use support::dovecot::Dovecot;
-use support::{Proxy, config};
 
 const SECONDS: f64 = 3.0;
 const ROUNDS: usize = 3;
@@ -99,49 +99,70 @@ fn put_message(address: &str) {
     c.logout();
 }
 
-/// HAProxy in TCP mode in front of `backend`, when it is installed (the anchor every proxy is
-/// measured against); killed on drop.
-struct HaProxy {
+/// A proxy process in front of a backend, killed on drop: HAProxy in TCP mode (the anchor every
+/// proxy is measured against) or the imapgate binary, each in its own process as in production.
+struct Process {
     child: std::process::Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
 
-impl HaProxy {
-    fn start(backend: &str) -> Option<HaProxy> {
+impl Process {
+    fn haproxy(backend: &str) -> Option<Process> {
         if !std::path::Path::new("/usr/sbin/haproxy").exists() {
             eprintln!("haproxy is not installed: no HAProxy column");
             return None;
         }
+        Process::start(
+            |port| {
+                format!(
+                    "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+                     listen imap\n  bind 127.0.0.1:{port}\n  server b {backend}\n"
+                )
+            },
+            "/usr/sbin/haproxy",
+            &["-db", "-f"],
+        )
+    }
+
+    fn imapgate(backend: &str, quickack: bool) -> Option<Process> {
+        Process::start(
+            |port| {
+                format!(
+                    "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\n\
+                     backends:\n  - {{ name: b, address: \"{backend}\", quickack: {quickack} }}\n"
+                )
+            },
+            env!("CARGO_BIN_EXE_imapgate"),
+            &["run", "--threads", "1", "--config"],
+        )
+    }
+
+    /// Writes the config for a free port, runs `program args.. config`, and waits until the
+    /// backend's greeting comes through it.
+    fn start(config: impl Fn(u16) -> String, program: &str, args: &[&str]) -> Option<Process> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .ok()?
             .port();
         let dir = tempfile::tempdir().ok()?;
-        let config = dir.path().join("haproxy.cfg");
-        std::fs::write(
-            &config,
-            format!(
-                "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-                 listen imap\n  bind 127.0.0.1:{port}\n  server b {backend}\n"
-            ),
-        )
-        .ok()?;
-        let child = std::process::Command::new("/usr/sbin/haproxy")
-            .arg("-f")
-            .arg(&config)
-            .arg("-db")
+        let path = dir.path().join("proxy.cfg");
+        std::fs::write(&path, config(port)).ok()?;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .arg(&path)
+            .env("IMAPGATE_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-        // Ready when it accepts and the backend's greeting comes through.
+        // Ready when it accepts and a greeting comes through (no other event to wait on).
         let deadline = Instant::now() + std::time::Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(c) = Client::connect(&addr.to_string()) {
                 c.logout();
-                return Some(HaProxy {
+                return Some(Process {
                     child,
                     addr,
                     _dir: dir,
@@ -153,7 +174,7 @@ impl HaProxy {
     }
 }
 
-impl Drop for HaProxy {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -174,12 +195,9 @@ async fn main() {
     ] {
         put_message(&address);
         let direct: SocketAddr = address.parse().unwrap();
-        let with = Proxy::start(&config(&[("b", address.clone())], "")).await;
-        let without = Proxy::start(&format!(
-            "backends:\n  - {{ name: b, address: \"{address}\", quickack: false }}\n"
-        ))
-        .await;
-        let haproxy = HaProxy::start(&address);
+        let with = Process::imapgate(&address, true).expect("imapgate starts");
+        let without = Process::imapgate(&address, false).expect("imapgate starts");
+        let haproxy = Process::haproxy(&address);
         let mut targets = vec![direct, without.addr, with.addr];
         targets.extend(haproxy.as_ref().map(|h| h.addr));
         for window in [1, 10] {
@@ -200,8 +218,6 @@ async fn main() {
                 cell(rates[2]),
             ));
         }
-        with.stop().await;
-        without.stop().await;
     }
     println!(
         "| backend | in flight | direct cmd/s | HAProxy 2.6 (TCP mode) | imapgate, quickack: false | imapgate, quickack: true (default) |"

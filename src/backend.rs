@@ -35,6 +35,8 @@ pub enum BackendError {
     ConnectTimeout(Duration),
     #[error("greeting and login timed out after {0:?}")]
     LoginTimeout(Duration),
+    #[error("health check timed out after {0:?}")]
+    CheckTimeout(Duration),
     #[error("backend closed the connection {0}")]
     Closed(&'static str),
     #[error("i/o error with the backend: {0}")]
@@ -106,9 +108,9 @@ pub(crate) async fn open(
         buf: Vec::with_capacity(1024),
     };
     let greeting = conn.read_line("before its greeting").await?;
-    let mut caps = if greeting.starts_with(b"* OK") {
+    let mut caps = if strip_prefix_ignore_case(&greeting, b"* OK").is_some() {
         capabilities_in(&greeting)
-    } else if greeting.starts_with(b"* BYE") {
+    } else if strip_prefix_ignore_case(&greeting, b"* BYE").is_some() {
         return Err(BackendError::Refused(printable(&greeting)));
     } else {
         return Err(BackendError::Protocol(format!(
@@ -118,7 +120,7 @@ pub(crate) async fn open(
     };
     if let BackendTls::Starttls(tls) = &backend.tls {
         let answer = conn.command(b"STARTTLS").await?;
-        if !answer.starts_with(b"OK") {
+        if !is_ok(&answer) {
             return Err(BackendError::Refused(format!(
                 "STARTTLS: {}",
                 printable(&answer)
@@ -265,6 +267,14 @@ pub(crate) fn capabilities_in(line: &[u8]) -> Option<Capabilities> {
     let start = memchr::memmem::find(line, b"[CAPABILITY ")? + b"[CAPABILITY ".len();
     let end = start + memchr::memchr(b']', &line[start..])?;
     Some(Capabilities::from_list(&line[start..end]))
+}
+
+/// Whether a tagged answer (without its tag) is OK; status words are case-insensitive.
+pub(crate) fn is_ok(answer: &[u8]) -> bool {
+    answer
+        .get(..2)
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"OK"))
+        && answer.get(2).is_none_or(|c| !c.is_ascii_alphanumeric())
 }
 
 pub(crate) fn strip_prefix_ignore_case<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {

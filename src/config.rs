@@ -331,8 +331,8 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
     let limits = Limits {
         max_connections: at_least(&v, "limits.max_connections", &l.max_connections, 1)? as usize,
         per_ip: at_least(&v, "limits.per_ip", &l.per_ip, 1)? as usize,
-        line_max: at_least(&v, "limits.line_max", &l.line_max, 1024)? as usize,
-        literal_max: at_least(&v, "limits.literal_max", &l.literal_max, 256)? as usize,
+        line_max: between(&v, "limits.line_max", &l.line_max, 1024, PRELOGIN_MAX)? as usize,
+        literal_max: between(&v, "limits.literal_max", &l.literal_max, 256, PRELOGIN_MAX)? as usize,
         login_attempts: at_least(&v, "limits.login_attempts", &l.login_attempts, 1)?,
     };
 
@@ -449,6 +449,28 @@ fn at_least(
         Err(v.err(
             &value.referenced,
             format!("{field}: {} is too small, the least is {min}", value.value),
+        ))
+    }
+}
+
+/// The most any pre-login command may buffer, line or literals: what is held before anyone
+/// logged in must stay small.
+const PRELOGIN_MAX: u32 = 16 * 1024 * 1024;
+
+fn between(
+    v: &Validator,
+    field: &str,
+    value: &Spanned<u32>,
+    min: u32,
+    max: u32,
+) -> Result<u32, ConfigError> {
+    let n = at_least(v, field, value, min)?;
+    if n <= max {
+        Ok(n)
+    } else {
+        Err(v.err(
+            &value.referenced,
+            format!("{field}: {n} is too large, the most is {max}"),
         ))
     }
 }

@@ -102,5 +102,5 @@ async fn probe(backend: &Backend, timeout: Duration) -> Result<(), BackendError>
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|_| BackendError::LoginTimeout(timeout))?
+        .map_err(|_| BackendError::CheckTimeout(timeout))?
 }

@@ -160,7 +160,8 @@ impl CommandReader {
                 self.framed = self.literal_end;
             }
             let Some(i) = memchr::memchr(b'\n', &self.buf[self.framed..]) else {
-                return if self.buf.len() > cap {
+                // Room for a CR whose LF is still on its way, as when both are here.
+                return if self.buf.len() > cap + 1 {
                     Step::TooLong
                 } else {
                     Step::NeedMore
@@ -179,8 +180,7 @@ impl CommandReader {
                     // The client waits for our "+": refusing the command is enough.
                     LiteralMode::Sync => {
                         let tag = tag_of(&self.buf).unwrap_or_else(|| "*".to_string());
-                        let all = self.buf.len();
-                        self.consume(all);
+                        self.consume(line_end);
                         Step::LiteralRefused { tag }
                     }
                     // The octets are already on their way: we cannot find the next command.
@@ -200,13 +200,15 @@ impl CommandReader {
     /// Parses the whole command `buf[..end]` and removes it from the buffer.
     fn parse(&mut self, end: usize) -> Step {
         let step = match CommandCodec::default().decode(&self.buf[..end]) {
-            Ok((_, command)) => Step::Command(Parsed {
+            // The parser must take the whole framed command; if it ever stopped short, the
+            // framing and the parser would disagree about where the next command starts.
+            Ok(([], command)) => Step::Command(Parsed {
                 tag: command.tag.inner().to_string(),
                 command: prelogin_command(command.body),
             }),
             // A framed command the parser finds incomplete or in need of more literals is
             // one it does not understand.
-            Err(_) => Step::Bad {
+            Ok(_) | Err(_) => Step::Bad {
                 tag: tag_of(&self.buf[..end]),
             },
         };
@@ -533,6 +535,37 @@ mod tests {
         r.feed(&[b'u'; 400]);
         r.feed(b" {400}\r\n");
         assert_eq!(r.step(), Step::LiteralRefused { tag: "a".into() });
+    }
+
+    /// A line of exactly `line_max` octets fits wherever the reads split it, CR and LF too.
+    #[test]
+    fn a_line_of_exactly_line_max_fits_however_it_is_split() {
+        let mut line = b"a LOGIN u ".to_vec();
+        line.resize(1024, b'x');
+        line.extend_from_slice(b"\r\n");
+        for split in [line.len() - 2, line.len() - 1, line.len()] {
+            let mut r = reader();
+            r.feed(&line[..split]);
+            if split < line.len() {
+                assert_eq!(r.step(), Step::NeedMore, "split at {split}");
+                r.feed(&line[split..]);
+            }
+            assert!(
+                matches!(r.step(), Step::Command(Parsed { ref tag, .. }) if tag == "a"),
+                "split at {split}"
+            );
+        }
+    }
+
+    /// A refused synchronizing literal drops its own line only; the next command stands.
+    #[test]
+    fn refused_literal_leaves_the_next_command() {
+        let mut r = reader();
+        r.feed(b"a LOGIN {601}\r\nb NOOP\r\n");
+        assert_eq!(r.step(), Step::LiteralRefused { tag: "a".into() });
+        assert!(
+            matches!(r.step(), Step::Command(Parsed { tag, command: PreloginCommand::Noop }) if tag == "b")
+        );
     }
 
     #[test]

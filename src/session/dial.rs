@@ -116,7 +116,7 @@ async fn open_and_login(
         }
     }
     match tagged_or_continuation(&mut conn, &mut untagged).await? {
-        Answer::Tagged(mut rest) if rest.starts_with(b"OK") => {
+        Answer::Tagged(mut rest) if backend::is_ok(&rest) => {
             let mut buffered = Vec::new();
             if backend::capabilities_in(&rest).is_none() {
                 tell_capabilities(&mut conn, &mut untagged, &mut rest, &mut buffered).await?;
@@ -164,7 +164,7 @@ async fn tagged_or_continuation(
 }
 
 /// The backend's OK carried no `[CAPABILITY ...]` code (Courier's does not). The client
-/// would keep imapgate's pre-login list, LITERAL+ among it, and send what this backend
+/// would keep imapgate's pre-login list (or what it assumed before login) and send what this backend
 /// cannot take: Courier answers a `{n+}` it does not know with NO and then runs the
 /// literal's lines as commands. So ask the backend, now logged in, and hand its list on:
 /// as the OK's response code, or, when the OK has another code, as an untagged CAPABILITY
@@ -175,37 +175,12 @@ async fn tell_capabilities(
     ok: &mut Vec<u8>,
     after_ok: &mut Vec<u8>,
 ) -> Result<(), BackendError> {
-    conn.stream
-        .write_all(format!("{POST_TAG} CAPABILITY\r\n").as_bytes())
-        .await?;
-    conn.stream.flush().await?;
-    let mut list: Option<Vec<u8>> = None;
-    let answer = loop {
-        let line = conn.read_line("after the login").await?;
-        if let Some(rest) = line
-            .strip_prefix(POST_TAG.as_bytes())
-            .and_then(|r| r.strip_prefix(b" "))
-        {
-            break rest.to_vec();
-        }
-        if let Some(caps) = backend::strip_prefix_ignore_case(&line, b"* CAPABILITY ") {
-            list = Some(caps.trim_ascii_end().to_vec());
-            continue;
-        }
-        if after_ok.len() + line.len() > LINE_MAX {
-            return Err(BackendError::Protocol(
-                "too many untagged responses after the login".into(),
-            ));
-        }
-        after_ok.extend_from_slice(&line);
-    };
-    // A backend that cannot say what it has after login gets the baseline only: the
-    // client is promised nothing the backend may lack.
-    let list = match list {
-        Some(list) if answer.starts_with(b"OK") => list,
-        _ => b"IMAP4rev1".to_vec(),
-    };
-    let text = ok.strip_prefix(b"OK").unwrap_or(ok);
+    // A backend that cannot say what it has after login gets the baseline only: the client is
+    // promised nothing the backend may lack.
+    let list = ask_capabilities(conn, after_ok)
+        .await?
+        .unwrap_or_else(|| b"IMAP4rev1".to_vec());
+    let text = ok.get(2..).unwrap_or_default();
     let text = text.strip_prefix(b" ").unwrap_or(text);
     if text.starts_with(b"[") {
         untagged.extend_from_slice(b"* CAPABILITY ");
@@ -225,6 +200,50 @@ async fn tell_capabilities(
         *ok = with_code;
     }
     Ok(())
+}
+
+/// `ig2 CAPABILITY` on a logged-in backend connection: its list, or `None` when it answers
+/// anything but OK with a list, says BYE, or goes away. The login stands either way (the
+/// backend accepted it; a BYE or a close reaches the client through the relay): only a backend
+/// that floods untagged lines is an error.
+async fn ask_capabilities(
+    conn: &mut Conn,
+    after_ok: &mut Vec<u8>,
+) -> Result<Option<Vec<u8>>, BackendError> {
+    let asked = async {
+        conn.stream
+            .write_all(format!("{POST_TAG} CAPABILITY\r\n").as_bytes())
+            .await?;
+        conn.stream.flush().await
+    };
+    if asked.await.is_err() {
+        return Ok(None);
+    }
+    let mut list = None;
+    loop {
+        let Ok(line) = conn.read_line("after the login").await else {
+            return Ok(None);
+        };
+        if let Some(rest) = line
+            .strip_prefix(POST_TAG.as_bytes())
+            .and_then(|r| r.strip_prefix(b" "))
+        {
+            return Ok(list.filter(|_| backend::is_ok(rest)));
+        }
+        if let Some(caps) = backend::strip_prefix_ignore_case(&line, b"* CAPABILITY ") {
+            list = Some(caps.trim_ascii_end().to_vec());
+            continue;
+        }
+        if after_ok.len() + line.len() > LINE_MAX {
+            return Err(BackendError::Protocol(
+                "too many untagged responses after the login".into(),
+            ));
+        }
+        after_ok.extend_from_slice(&line);
+        if backend::strip_prefix_ignore_case(&line, b"* BYE").is_some() {
+            return Ok(None);
+        }
+    }
 }
 
 /// imapgate's own ID fields (`id_command`).

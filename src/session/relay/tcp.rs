@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::splice::{PIPE_CHUNK, Pipe, SPLICE_MIN};
-use super::{Ended, EndedBy, Observe, PooledBuffer, Way, shut};
+use super::{Ended, EndedBy, Observe, PooledBuffer, Way, ack_now, shut};
 
 /// Octets read and not yet all written.
 enum Pending {
@@ -187,8 +188,9 @@ impl Direction {
                         let _ = from.try_io(Interest::READABLE, || {
                             Err::<(), _>(io::ErrorKind::WouldBlock.into())
                         });
+                        // Drained: no further data of ours would carry the ACK.
                         if self.quickack {
-                            ack_now(from);
+                            ack_now(from.as_fd());
                         }
                     }
                     observer.observe(way, &buf.0[..n]);
@@ -290,16 +292,6 @@ impl<O: Observe + Unpin> Future for TcpRelay<O> {
         }
         Poll::Pending
     }
-}
-
-/// Acknowledges what was read at once instead of up to 40 ms later (Linux's delayed ACK).
-/// A backend with Nagle on (Courier) writes an answer in two pieces and holds the second
-/// until the first is acknowledged; with delayed ACKs every such answer would wait ~40 ms, and a
-/// pipelining client through any TCP hop ran ~10x slower than direct. Done after a short read
-/// only (the socket drained, so no further data would carry the ACK); quick-ACK mode is not
-/// sticky on Linux, hence once per drain. Best effort: a failure changes nothing but timing.
-fn ack_now(socket: &TcpStream) {
-    let _ = socket2::SockRef::from(socket).set_tcp_quickack(true);
 }
 
 /// splice(2) refusing these descriptors (not the connection failing).

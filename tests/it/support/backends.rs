@@ -97,9 +97,16 @@ impl Drop for Group {
     }
 }
 
-/// Waits until `port` answers with an IMAP greeting and returns it (there is no other event to
-/// wait for); fails early when one of `group`'s processes exits. Gives up after 20 s.
-pub fn wait_greeting(port: u16, group: &mut Group, log: &Path) -> Result<String, String> {
+/// Waits until `port` answers with an IMAP greeting naming `server` and returns it (there is no
+/// other event to wait for); fails early when one of `group`'s processes exits, or when another
+/// server answers there (tests pick ports in parallel: the caller tries another). Gives up
+/// after 20 s.
+pub fn wait_greeting(
+    port: u16,
+    server: &str,
+    group: &mut Group,
+    log: &Path,
+) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = group.exited() {
@@ -109,6 +116,9 @@ pub fn wait_greeting(port: u16, group: &mut Group, log: &Path) -> Result<String,
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
             let mut line = String::new();
             if BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("* OK") {
+                if !line.contains(server) {
+                    return Err(format!("port {port} answered by another server: {line}"));
+                }
                 return Ok(line.trim_end().to_string());
             }
         }

@@ -153,7 +153,7 @@ impl Courier {
             .spawn()
             .map_err(|e| format!("cannot run couriertcpd: {e}"))?;
         group.children.push(child);
-        let greeting = backends::wait_greeting(port, &mut group, &log)?;
+        let greeting = backends::wait_greeting(port, "Courier-IMAP", &mut group, &log)?;
         Ok(Courier {
             port,
             greeting,

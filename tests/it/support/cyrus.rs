@@ -139,7 +139,7 @@ impl Cyrus {
         let mut group = Group {
             children: vec![child],
         };
-        let greeting = backends::wait_greeting(port, &mut group, &log)?;
+        let greeting = backends::wait_greeting(port, "Cyrus IMAP", &mut group, &log)?;
         let cyrus = Cyrus {
             port,
             greeting,
