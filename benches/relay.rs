@@ -10,9 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use imapgate::imap::scan::{CommandId, Completion, Observer, Sink};
-use imapgate::session::relay::{Observe, relay};
-use imapgate::stream::Stream;
+use imapgate::{CommandId, Completion, Observe, Observer, Sink, Stream, relay};
 
 struct Discard;
 impl Sink for Discard {

@@ -25,12 +25,6 @@ impl Health {
         })
     }
 
-    pub fn is_up(&self, backend: usize) -> bool {
-        self.up
-            .get(backend)
-            .is_some_and(|u| u.load(Ordering::Relaxed))
-    }
-
     pub fn any_up(&self) -> bool {
         self.up.iter().any(|u| u.load(Ordering::Relaxed))
     }

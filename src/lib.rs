@@ -3,21 +3,29 @@
 //! `run` takes bound sockets, a validated config and a shutdown handle, so that the binary and
 //! the tests (which bind port 0) start it the same way.
 
-pub mod admin;
+pub(crate) mod admin;
 pub(crate) mod backend;
 pub mod config;
-pub mod health;
-pub mod imap;
-pub mod limits;
-pub mod listener;
-pub mod metrics;
-pub mod proxy_header;
-pub mod route;
-pub mod services;
-pub mod session;
+pub(crate) mod health;
+pub(crate) mod imap;
+pub(crate) mod limits;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod proxy_header;
+pub(crate) mod route;
+pub(crate) mod services;
+pub(crate) mod session;
 pub mod shutdown;
-pub mod stream;
-pub mod tls;
+pub(crate) mod stream;
+pub(crate) mod tls;
+
+// The public façade, for the binaries, the integration tests and the benches; everything else
+// is the crate's own (so the compiler reports what nothing uses).
+pub use imap::scan::{CommandId, Completion, Observer, Sink};
+pub use route::backends_for;
+pub use session::relay::{Observe, relay};
+pub use stream::Stream;
+pub use tls::ServerTls;
 
 use std::sync::Arc;
 

@@ -76,10 +76,7 @@ fn main() -> ExitCode {
         },
         Command::Route { user, config } => match config::load(&config) {
             Ok(c) => {
-                for (n, i) in imapgate::route::backends_for(&c, &user)
-                    .into_iter()
-                    .enumerate()
-                {
+                for (n, i) in imapgate::backends_for(&c, &user).into_iter().enumerate() {
                     let b = &c.backends[i];
                     println!("{}\t{}\t{}", n + 1, b.name, b.address);
                 }
@@ -203,7 +200,7 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
 
 /// SIGHUP: read the TLS certificates again. A file that does not load leaves the old
 /// certificates in place; sessions already running keep theirs either way.
-async fn reload_certificates_on_sighup(tls: Arc<imapgate::tls::ServerTls>) {
+async fn reload_certificates_on_sighup(tls: Arc<imapgate::ServerTls>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot watch SIGHUP; certificates will not reload");

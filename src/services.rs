@@ -11,11 +11,11 @@ use crate::session::table::SessionTable;
 
 /// The process-wide parts every session shares.
 pub struct Services {
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub sessions: Arc<SessionTable>,
-    pub health: Arc<Health>,
-    pub caps: Arc<ConnectionCaps>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) sessions: Arc<SessionTable>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) caps: Arc<ConnectionCaps>,
 }
 
 impl Services {

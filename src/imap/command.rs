@@ -107,6 +107,7 @@ impl CommandReader {
         (self.line_max + self.literal_octets + 2).saturating_sub(self.buf.len())
     }
 
+    #[cfg(test)]
     pub fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -120,6 +121,7 @@ impl CommandReader {
     }
 
     /// Whether the client sent nothing yet that is not consumed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -127,12 +129,6 @@ impl CommandReader {
     /// The bytes the client sent behind the last consumed command.
     pub fn into_buffered(self) -> Vec<u8> {
         self.buf
-    }
-
-    /// Drops everything buffered (after STARTTLS, plaintext sent early must not survive).
-    pub fn discard_buffered(&mut self) {
-        self.reset_command();
-        self.buf.clear();
     }
 
     fn reset_command(&mut self) {

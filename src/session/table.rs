@@ -58,14 +58,6 @@ impl SessionTable {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// `[{"id", "client", "user", "backend", "started", "client_to_backend", "backend_to_client"}]`,
     /// oldest first; `started` in seconds since the Unix epoch.
     pub fn to_json(&self) -> String {

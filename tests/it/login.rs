@@ -21,7 +21,7 @@ async fn static_and_hashed_users_land_on_their_backend() {
     let backends = [("b1", b1.address()), ("b2", b2.address())];
     // alice is pinned to the backend the hash would NOT give her, so the map must win.
     let hashed = imapgate::config::parse(&config(&backends, ""), "t").unwrap();
-    let alice_hashed = &hashed.backends[imapgate::route::backends_for(&hashed, "alice")[0]].name;
+    let alice_hashed = &hashed.backends[imapgate::backends_for(&hashed, "alice")[0]].name;
     let pinned = if &**alice_hashed == "b1" { "b2" } else { "b1" };
     let proxy = Proxy::start(&config(
         &backends,
@@ -34,8 +34,7 @@ async fn static_and_hashed_users_land_on_their_backend() {
     assert_eq!(c.backend().await, pinned, "static map");
 
     for (user, password) in &dovecot::USERS[1..5] {
-        let expected =
-            &proxy.config.backends[imapgate::route::backends_for(&proxy.config, user)[0]].name;
+        let expected = &proxy.config.backends[imapgate::backends_for(&proxy.config, user)[0]].name;
         let mut c = proxy.connect().await;
         c.login(user, password).await;
         let actual = c.backend().await;
