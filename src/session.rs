@@ -98,11 +98,11 @@ pub fn serve(
     // An async block, not an async fn: an async fn's arguments are moved into locals, so
     // they take their room twice.
     async move {
-        let Some(logged_in) = login.await else {
+        let Some(handover) = login.await else {
             return;
         };
         // After the login: relay until the session ends, or is cut at shutdown.
-        let mut session = LoggedInSession::start(logged_in);
+        let mut session = LoggedInSession::start(handover);
         let ended_by = tokio::select! {
             (ended_by, result) = &mut session.relay => {
                 if let Err(error) = &result {
@@ -117,7 +117,7 @@ pub fn serve(
 }
 
 /// What the login phase hands to the relay phase.
-struct LoggedIn {
+struct Handover {
     session: Session,
     client: Stream,
     authenticated: prelogin::Authenticated,
@@ -132,7 +132,7 @@ async fn until_login(
     mut session: Session,
     permit: Option<Permit>,
     started: Instant,
-) -> Option<LoggedIn> {
+) -> Option<Handover> {
     let services = session.services.clone();
     let deadline = tokio::time::Instant::now() + services.config.timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
@@ -200,7 +200,7 @@ async fn until_login(
                 return end_before_login(&session, started, reason);
             }
             Ok(Ok(Outcome::LoggedIn(authenticated))) => {
-                return Some(LoggedIn {
+                return Some(Handover {
                     session,
                     client,
                     authenticated,
@@ -227,14 +227,14 @@ struct LoggedInSession {
 }
 
 impl LoggedInSession {
-    fn start(logged_in: LoggedIn) -> Self {
-        let LoggedIn {
+    fn start(handover: Handover) -> Self {
+        let Handover {
             session,
             client,
             authenticated,
             permit,
             started,
-        } = logged_in;
+        } = handover;
         let services = &session.services;
         let metrics = services
             .metrics

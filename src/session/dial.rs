@@ -30,9 +30,9 @@ const TAG: &str = "ig1";
 /// The tag of the CAPABILITY sent after the login, when the backend's OK had none.
 const POST_TAG: &str = "ig2";
 
-/// A backend session that accepted the login.
+/// A backend connection that accepted the login, handed to the relay.
 #[derive(Debug)]
-pub struct LoggedIn {
+pub struct BackendSession {
     pub stream: Stream,
     /// Untagged responses the backend sent during the login, to be passed to the client.
     pub untagged: Vec<u8>,
@@ -44,7 +44,7 @@ pub struct LoggedIn {
 
 #[derive(Debug)]
 pub enum LoginOutcome {
-    LoggedIn(LoggedIn),
+    LoggedIn(BackendSession),
     /// The backend said NO or BAD; `tagged_rest` is its answer without the tag.
     Rejected {
         tagged_rest: Vec<u8>,
@@ -62,8 +62,8 @@ pub struct Identity {
     pub client_id: Vec<(String, String)>,
 }
 
-/// Everything after the TCP connect, under `timeout`.
-pub async fn login(
+/// Everything after the TCP connect, under `timeout`: reach the backend, replay the login.
+pub async fn replay(
     tcp: TcpStream,
     backend: &Backend,
     credentials: &Credentials,
@@ -122,7 +122,7 @@ async fn open_and_login(
                 tell_capabilities(&mut conn, &mut untagged, &mut rest, &mut buffered).await?;
             }
             buffered.append(&mut conn.buf);
-            Ok(LoginOutcome::LoggedIn(LoggedIn {
+            Ok(LoginOutcome::LoggedIn(BackendSession {
                 stream: conn.stream,
                 untagged,
                 tagged_rest: rest,

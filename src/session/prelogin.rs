@@ -34,7 +34,7 @@ use crate::stream::Stream;
 /// A login the backend accepted: what the relay needs.
 #[derive(Debug)]
 pub struct Authenticated {
-    pub backend: dial::LoggedIn,
+    pub backend: dial::BackendSession,
     /// Index in `Config::backends`.
     pub backend_index: usize,
     pub backend_name: std::sync::Arc<str>,
@@ -337,7 +337,7 @@ async fn handle(
             return Ok(Ok(Attempt::Failed));
         }
     };
-    login(client, session, &tag, &credentials, client_id)
+    route_and_dial(client, session, &tag, &credentials, client_id)
         .await
         .map(Ok)
 }
@@ -462,7 +462,7 @@ where
 }
 
 /// Routes the user, tries its backends in order, and answers the client with its own tag.
-async fn login(
+async fn route_and_dial(
     client: &mut Stream,
     session: &Session,
     tag: &str,
@@ -487,7 +487,7 @@ async fn login(
                     .services
                     .metrics
                     .backend_connected(index, started.elapsed());
-                dial::login(
+                dial::replay(
                     stream,
                     backend,
                     credentials,
