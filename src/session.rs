@@ -1,13 +1,16 @@
-//! One client connection: greet → pre-login → route → dial → relay → close.
-//! Each phase is an `async fn` in its own module and owns its deadline and its error answers;
-//! this file runs them in order and writes the session's start and end log lines.
+//! One client connection: [PROXY header] → [TLS] → pre-login (`prelogin`) ⇄ route and dial
+//! (`login`, `dial`) → relay → close. Each phase lives in its own module and owns its error
+//! answers; this file runs them in order under the pre-login deadline and writes the session's
+//! start and end log lines.
 
 pub mod dial;
+pub mod login;
 pub mod prelogin;
 pub mod relay;
 pub mod table;
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +30,8 @@ use crate::proxy_header;
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
 use crate::tls::ServerTls;
-use prelogin::{Closed, Outcome};
+use login::{Authenticated, LoginAttempt};
+use prelogin::{Closed, LoginRequest, Outcome, Prelogin};
 use relay::{Observe, Relay, Way};
 use table::{LiveSession, Registration};
 use tokio_util::sync::CancellationToken;
@@ -120,7 +124,7 @@ pub fn serve(
 struct Handover {
     session: Session,
     client: Stream,
-    authenticated: prelogin::Authenticated,
+    authenticated: Authenticated,
     permit: Permit,
     started: Instant,
 }
@@ -158,7 +162,7 @@ async fn until_login(
     let mut greet = true;
     loop {
         let step = tokio::select! {
-            result = tokio::time::timeout_at(deadline, prelogin::run(&mut client, &session, greet)) => result,
+            result = tokio::time::timeout_at(deadline, authenticate(&mut client, &session, greet)) => result,
             _ = session.shutdown.drain.cancelled() => {
                 services.metrics.rejected(Rejection::shutdown);
                 last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
@@ -179,7 +183,7 @@ async fn until_login(
                 debug!(session = %session.id, %error, "client connection error before login");
                 return end_before_login(&session, started, EndReason::ClientError);
             }
-            Ok(Ok(Outcome::StartTls)) => {
+            Ok(Ok(Phase::StartTls)) => {
                 // prelogin offers STARTTLS only on plain connections of STARTTLS listeners.
                 let (Stream::Plain(tcp), ListenerTls::Starttls(certificates)) =
                     (client, &listener_tls)
@@ -193,13 +197,13 @@ async fn until_login(
                 // No new greeting after STARTTLS; the client asks for capabilities again.
                 greet = false;
             }
-            Ok(Ok(Outcome::Closed(Closed::ByClient))) => {
+            Ok(Ok(Phase::Closed(Closed::ByClient))) => {
                 return end_before_login(&session, started, EndReason::Client);
             }
-            Ok(Ok(Outcome::Closed(Closed::Bye(reason)))) => {
+            Ok(Ok(Phase::Closed(Closed::Bye(reason)))) => {
                 return end_before_login(&session, started, reason);
             }
-            Ok(Ok(Outcome::LoggedIn(authenticated))) => {
+            Ok(Ok(Phase::LoggedIn(authenticated))) => {
                 return Some(Handover {
                     session,
                     client,
@@ -208,6 +212,42 @@ async fn until_login(
                     started,
                 });
             }
+        }
+    }
+}
+
+/// How the pre-login and login phases on one stream ended.
+enum Phase {
+    LoggedIn(Authenticated),
+    /// STARTTLS was answered OK: the handshake comes next, then pre-login again.
+    StartTls,
+    Closed(Closed),
+}
+
+/// Pre-login on `client` and the logins it asks for, until one succeeds, STARTTLS begins or
+/// the connection ends: pre-login speaks IMAP, `login` routes and dials, this loop joins them.
+async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io::Result<Phase> {
+    let mut prelogin = Prelogin::start(client, session, greet).await?;
+    loop {
+        let LoginRequest { tag, credentials } = match prelogin.next(client, session).await? {
+            Outcome::Login(request) => request,
+            Outcome::StartTls => return Ok(Phase::StartTls),
+            Outcome::Closed(closed) => return Ok(Phase::Closed(closed)),
+        };
+        let client_id = prelogin.client_id();
+        match login::route_and_dial(client, session, &tag, &credentials, client_id).await? {
+            LoginAttempt::LoggedIn(authenticated) => {
+                client.flush().await?;
+                let mut authenticated = *authenticated;
+                authenticated.client_buffered = prelogin.take_buffered();
+                return Ok(Phase::LoggedIn(authenticated));
+            }
+            LoginAttempt::Rejected => {
+                if let Some(closed) = prelogin.login_failed(client, session).await? {
+                    return Ok(Phase::Closed(closed));
+                }
+            }
+            LoginAttempt::Unavailable => {}
         }
     }
 }

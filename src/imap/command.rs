@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Bytes behind a complete command stay in the buffer: after a successful login they belong to
-//! the backend (`into_buffered`). A command is framed first (lines and literals) and parsed
+//! the backend (`take_buffered`). A command is framed first (lines and literals) and parsed
 //! once, when whole, so every octet is scanned once: neither a client dripping one byte at a
 //! time nor a command of thousands of short lines costs more than its length.
 
@@ -126,9 +126,10 @@ impl CommandReader {
         self.buf.is_empty()
     }
 
-    /// The bytes the client sent behind the last consumed command.
-    pub fn into_buffered(self) -> Vec<u8> {
-        self.buf
+    /// The bytes the client sent behind the last consumed command (the reader is done).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        self.reset_command();
+        std::mem::take(&mut self.buf)
     }
 
     fn reset_command(&mut self) {
@@ -429,7 +430,7 @@ mod tests {
         let mut r = reader();
         r.feed(b"a LOGIN u p\r\nb SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
         assert_eq!(r.step(), login("a", b"u", b"p"));
-        assert_eq!(r.into_buffered(), b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
+        assert_eq!(r.take_buffered(), b"b SELECT INBOX\r\nc FETCH 1 BODY[]\r\n");
     }
 
     #[test]

@@ -3,12 +3,12 @@
 //! ```text
 //!           ┌──────────── CAPABILITY, NOOP, ID, BAD syntax, NO wrong state ───────┐
 //!           ▼                                                                     │
-//!  greet ─► reading a command ─► LOGIN / AUTHENTICATE ─► route ─► dial each ──────┤ backend NO:
-//!           │                     (SASL "+" exchange)              │              │ attempts left
-//!           │                                                      ▼              │
-//!           │                                           backend OK: tagged OK ─► relay
-//!           ├─► LOGOUT: BYE + OK, close      no backend: NO [UNAVAILABLE] ────────┘
-//!           └─► too long / timeout / too many failures / shutdown: BYE, close
+//!  greet ─► reading a command ─► LOGIN / AUTHENTICATE ─► Outcome::Login ──────────┤ login_failed:
+//!           │                     (SASL "+" exchange)    (the session routes,     │ attempts left
+//!           │                                            dials and answers)       │
+//!           ├─► STARTTLS: OK, Outcome::StartTls (a new Prelogin after the handshake)
+//!           ├─► LOGOUT: BYE + OK, close
+//!           └─► too long / too many failures: BYE, close
 //! ```
 //!
 //! The whole phase runs under one deadline (`timeouts.prelogin`), so a client that drips bytes
@@ -17,37 +17,24 @@
 use std::io;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
-use super::dial::{self, LoginOutcome};
+use super::dial;
 use super::{EndReason, Session};
-use crate::backend;
 use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
 use crate::imap::secret::Secret;
-use crate::metrics::{LoginResult, Rejection};
-use crate::route;
+use crate::metrics::Rejection;
 use crate::stream::Stream;
 
-/// A login the backend accepted: what the relay needs.
-#[derive(Debug)]
-pub struct Authenticated {
-    pub backend: dial::BackendSession,
-    /// Index in `Config::backends`.
-    pub backend_index: usize,
-    pub backend_name: std::sync::Arc<str>,
-    /// The user as routed (authzid or login name), for logs and `/sessions`.
-    pub user: String,
-    /// Bytes the client sent behind its login command; they go to the backend first.
-    pub client_buffered: Vec<u8>,
-}
-
-/// How pre-login ended.
+/// What pre-login came to.
 #[derive(Debug)]
 pub enum Outcome {
-    LoggedIn(Authenticated),
+    /// LOGIN or AUTHENTICATE with well-formed credentials: the session routes, dials and
+    /// answers; on failure it calls `login_failed` and pre-login goes on.
+    Login(LoginRequest),
     /// The client asked for STARTTLS and got OK: the caller does the handshake and runs
     /// pre-login again. Whatever the client sent after the STARTTLS line is dropped with the
     /// reader (command injection, CVE-2011-0411).
@@ -64,9 +51,19 @@ pub enum Closed {
     Bye(EndReason),
 }
 
-/// What a login attempt came to, for the pre-login loop.
+/// A login to route and replay. Credentials are secrets: never logged.
+#[derive(Debug)]
+pub struct LoginRequest {
+    pub tag: String,
+    pub credentials: Credentials,
+}
+
+/// What answering one command came to, for the pre-login loop.
 enum Attempt {
-    LoggedIn(Box<Authenticated>),
+    Login {
+        tag: String,
+        credentials: Credentials,
+    },
     StartTls,
     /// The answer has been sent; the client may try again.
     Failed,
@@ -83,117 +80,167 @@ struct Policy {
     auth: bool,
 }
 
-/// Runs pre-login on `client` (greeting first when `greet`; not after STARTTLS).
-pub async fn run(client: &mut Stream, session: &Session, greet: bool) -> io::Result<Outcome> {
-    let config = &session.services.config;
-    let listener = session.listener();
-    let tls = client.is_tls();
-    let policy = Policy {
-        starttls: matches!(listener.tls, ListenerTls::Starttls(_)) && !tls,
-        auth: tls || listener.plaintext_auth_allowed(session.peer.ip()),
-    };
-    if greet {
-        let caps = response::capabilities(policy.starttls, policy.auth);
-        client
-            .write_all(&response::greeting(caps, &config.greeting))
-            .await?;
-    }
-    let mut reader = CommandReader::new(config.limits.line_max, config.limits.literal_max);
-    let mut client_id = Vec::new();
-    let mut failures = 0u32;
-    loop {
-        let parsed = match reader.step() {
-            Step::Command(parsed) => parsed,
-            Step::NeedMore => {
-                // Answers so far must be out before we wait (TLS buffers writes).
-                client.flush().await?;
-                if reader.read_from(client).await? == 0 {
-                    return Ok(Outcome::Closed(Closed::ByClient));
-                }
-                continue;
-            }
-            Step::SendContinuation => {
-                client
-                    .write_all(&response::continuation("Ready for literal data"))
-                    .await?;
-                continue;
-            }
-            Step::Bad { tag } => {
-                session.services.metrics.rejected(Rejection::syntax);
-                let tag = tag.as_deref().unwrap_or("*");
-                client
-                    .write_all(&response::tagged(
-                        tag,
-                        Status::Bad,
-                        "",
-                        "Syntax error in command.",
-                    ))
-                    .await?;
-                continue;
-            }
-            Step::LiteralRefused { tag } => {
-                session
-                    .services
-                    .metrics
-                    .rejected(Rejection::literal_too_large);
-                client
-                    .write_all(&response::tagged(
-                        &tag,
-                        Status::Bad,
-                        "LIMIT",
-                        "Literal too large.",
-                    ))
-                    .await?;
-                continue;
-            }
-            Step::TooLong => {
-                session.services.metrics.rejected(Rejection::line_too_long);
-                return bye(
-                    client,
-                    "LIMIT",
-                    "Command line too long.",
-                    EndReason::LineTooLong,
-                )
-                .await;
-            }
-            Step::LiteralTooLarge => {
-                session
-                    .services
-                    .metrics
-                    .rejected(Rejection::literal_too_large);
-                return bye(
-                    client,
-                    "LIMIT",
-                    "Literal too large.",
-                    EndReason::LiteralTooLarge,
-                )
-                .await;
-            }
-        };
+/// The pre-login server on one connection (a new one after STARTTLS: nothing read before the
+/// handshake survives it).
+pub struct Prelogin {
+    reader: CommandReader,
+    client_id: Vec<(String, String)>,
+    failures: u32,
+    policy: Policy,
+}
 
-        match handle(client, session, policy, &mut reader, &mut client_id, parsed).await? {
-            Ok(Attempt::LoggedIn(authenticated)) => {
-                client.flush().await?;
-                let mut authenticated = *authenticated;
-                authenticated.client_buffered = reader.into_buffered();
-                return Ok(Outcome::LoggedIn(authenticated));
-            }
-            Ok(Attempt::StartTls) => return Ok(Outcome::StartTls),
-            Ok(Attempt::Failed) => {
-                failures += 1;
-                if failures >= config.limits.login_attempts {
-                    session.services.metrics.rejected(Rejection::login_attempts);
+impl Prelogin {
+    /// Pre-login on `client`, greeting first when `greet` (not after STARTTLS).
+    pub async fn start(client: &mut Stream, session: &Session, greet: bool) -> io::Result<Self> {
+        let config = &session.services.config;
+        let listener = session.listener();
+        let tls = client.is_tls();
+        let policy = Policy {
+            starttls: matches!(listener.tls, ListenerTls::Starttls(_)) && !tls,
+            auth: tls || listener.plaintext_auth_allowed(session.peer.ip()),
+        };
+        if greet {
+            let caps = response::capabilities(policy.starttls, policy.auth);
+            client
+                .write_all(&response::greeting(caps, &config.greeting))
+                .await?;
+        }
+        Ok(Prelogin {
+            reader: CommandReader::new(config.limits.line_max, config.limits.literal_max),
+            client_id: Vec::new(),
+            failures: 0,
+            policy,
+        })
+    }
+
+    /// A login failed (the backend said NO, or the credentials were malformed): counted, and
+    /// after `limits.login_attempts` of them, BYE.
+    pub async fn login_failed(
+        &mut self,
+        client: &mut Stream,
+        session: &Session,
+    ) -> io::Result<Option<Closed>> {
+        self.failures += 1;
+        if self.failures < session.services.config.limits.login_attempts {
+            return Ok(None);
+        }
+        session.services.metrics.rejected(Rejection::login_attempts);
+        let closed = bye(
+            client,
+            "",
+            "Too many failed logins.",
+            EndReason::LoginAttempts,
+        )
+        .await?;
+        Ok(Some(closed))
+    }
+
+    /// The client's own ID fields, filtered, for the backend's ID.
+    pub fn client_id(&self) -> &[(String, String)] {
+        &self.client_id
+    }
+
+    /// What the client sent behind its login command: after a successful login it belongs to
+    /// the backend.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        self.reader.take_buffered()
+    }
+
+    /// Answers commands until a login is to be made, STARTTLS begins, or the connection ends.
+    pub async fn next(&mut self, client: &mut Stream, session: &Session) -> io::Result<Outcome> {
+        loop {
+            let parsed = match self.reader.step() {
+                Step::Command(parsed) => parsed,
+                Step::NeedMore => {
+                    // Answers so far must be out before we wait (TLS buffers writes).
+                    client.flush().await?;
+                    if self.reader.read_from(client).await? == 0 {
+                        return Ok(Outcome::Closed(Closed::ByClient));
+                    }
+                    continue;
+                }
+                Step::SendContinuation => {
+                    client
+                        .write_all(&response::continuation("Ready for literal data"))
+                        .await?;
+                    continue;
+                }
+                Step::Bad { tag } => {
+                    session.services.metrics.rejected(Rejection::syntax);
+                    let tag = tag.as_deref().unwrap_or("*");
+                    client
+                        .write_all(&response::tagged(
+                            tag,
+                            Status::Bad,
+                            "",
+                            "Syntax error in command.",
+                        ))
+                        .await?;
+                    continue;
+                }
+                Step::LiteralRefused { tag } => {
+                    session
+                        .services
+                        .metrics
+                        .rejected(Rejection::literal_too_large);
+                    client
+                        .write_all(&response::tagged(
+                            &tag,
+                            Status::Bad,
+                            "LIMIT",
+                            "Literal too large.",
+                        ))
+                        .await?;
+                    continue;
+                }
+                Step::TooLong => {
+                    session.services.metrics.rejected(Rejection::line_too_long);
                     return bye(
                         client,
-                        "",
-                        "Too many failed logins.",
-                        EndReason::LoginAttempts,
+                        "LIMIT",
+                        "Command line too long.",
+                        EndReason::LineTooLong,
                     )
                     .await;
                 }
+                Step::LiteralTooLarge => {
+                    session
+                        .services
+                        .metrics
+                        .rejected(Rejection::literal_too_large);
+                    return bye(
+                        client,
+                        "LIMIT",
+                        "Literal too large.",
+                        EndReason::LiteralTooLarge,
+                    )
+                    .await;
+                }
+            };
+
+            match handle(
+                client,
+                session,
+                self.policy,
+                &mut self.reader,
+                &mut self.client_id,
+                parsed,
+            )
+            .await?
+            {
+                Ok(Attempt::Login { tag, credentials }) => {
+                    client.flush().await?;
+                    return Ok(Outcome::Login(LoginRequest { tag, credentials }));
+                }
+                Ok(Attempt::StartTls) => return Ok(Outcome::StartTls),
+                Ok(Attempt::Failed) => {
+                    if let Some(closed) = self.login_failed(client, session).await? {
+                        return Ok(Outcome::Closed(closed));
+                    }
+                }
+                Ok(Attempt::Answered) => {}
+                Err(closed) => return Ok(Outcome::Closed(closed)),
             }
-            Ok(Attempt::Answered) => {}
-            Err(closed) => return Ok(Outcome::Closed(closed)),
         }
     }
 }
@@ -337,9 +384,7 @@ async fn handle(
             return Ok(Ok(Attempt::Failed));
         }
     };
-    route_and_dial(client, session, &tag, &credentials, client_id)
-        .await
-        .map(Ok)
+    Ok(Ok(Attempt::Login { tag, credentials }))
 }
 
 /// The client's ID fields that may go on to the backend: printable ASCII, no more than fit
@@ -458,105 +503,5 @@ where
             }
             Err(_too_long) => return Ok(Err(Sasl::TooLong)),
         }
-    }
-}
-
-/// Routes the user, tries its backends in order, and answers the client with its own tag.
-async fn route_and_dial(
-    client: &mut Stream,
-    session: &Session,
-    tag: &str,
-    credentials: &Credentials,
-    client_id: &[(String, String)],
-) -> io::Result<Attempt> {
-    let config = &session.services.config;
-    let identity = dial::Identity {
-        client: session.peer,
-        local: session.local,
-        session_id: session.id,
-        client_id: client_id.to_vec(),
-    };
-    let user = credentials.routing_user();
-    let mechanism = credentials.mechanism.as_str();
-    for index in route::backends_for(config, user) {
-        let backend = &config.backends[index];
-        let started = std::time::Instant::now();
-        let outcome = match backend::connect(backend, config.timeouts.backend_connect).await {
-            Ok(stream) => {
-                session
-                    .services
-                    .metrics
-                    .backend_connected(index, started.elapsed());
-                dial::replay(
-                    stream,
-                    backend,
-                    credentials,
-                    &identity,
-                    config.timeouts.backend_login,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        let took = started.elapsed();
-        let elapsed_ms = took.as_millis() as u64;
-        let result = match &outcome {
-            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::ok,
-            Ok(LoginOutcome::Rejected { .. }) => LoginResult::rejected,
-            Err(e) if e.is_protocol() => LoginResult::error,
-            Err(_) => LoginResult::unavailable,
-        };
-        session
-            .services
-            .metrics
-            .login(index, credentials.mechanism, result, took);
-        match outcome {
-            Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
-                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
-                // Untagged responses first, then the tagged OK with the client's tag; the
-                // backend's [CAPABILITY ...] code in it tells the client what it has now.
-                let mut out = std::mem::take(&mut logged_in.untagged);
-                out.extend_from_slice(tag.as_bytes());
-                out.push(b' ');
-                out.extend_from_slice(&logged_in.tagged_rest);
-                client.write_all(&out).await?;
-                return Ok(Attempt::LoggedIn(Box::new(Authenticated {
-                    backend: logged_in,
-                    backend_index: index,
-                    backend_name: backend.name.clone(),
-                    user: user.to_string(),
-                    client_buffered: Vec::new(),
-                })));
-            }
-            Ok(LoginOutcome::Rejected { tagged_rest }) => {
-                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, "login");
-                let mut out = tag.as_bytes().to_vec();
-                out.push(b' ');
-                out.extend_from_slice(&tagged_rest);
-                client.write_all(&out).await?;
-                return Ok(Attempt::Failed);
-            }
-            Err(error) => {
-                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result_name(result), elapsed_ms, %error, "login");
-            }
-        }
-    }
-    client
-        .write_all(&response::tagged(
-            tag,
-            Status::No,
-            "UNAVAILABLE",
-            "Backend for this user is not available.",
-        ))
-        .await?;
-    Ok(Attempt::Answered)
-}
-
-fn result_name(result: LoginResult) -> &'static str {
-    match result {
-        LoginResult::ok => "ok",
-        LoginResult::rejected => "rejected",
-        LoginResult::unavailable => "unavailable",
-        LoginResult::error => "error",
     }
 }

@@ -1,0 +1,140 @@
+//! Login orchestration: route the user, dial its backends in order (failover), replay the
+//! login (`dial`), and answer the client under its own tag. Pre-login hands over a login
+//! request; this module decides where it goes and records how it went.
+
+use std::io;
+
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::Session;
+use super::dial::{self, LoginOutcome};
+use crate::backend;
+use crate::imap::response::{self, Status};
+use crate::imap::sasl::Credentials;
+use crate::metrics::LoginResult;
+use crate::route;
+use crate::stream::Stream;
+
+/// What a login came to; the client has its answer in every case.
+#[derive(Debug)]
+pub enum LoginAttempt {
+    LoggedIn(Box<Authenticated>),
+    /// The backend said NO or BAD: a failed login, pre-login goes on.
+    Rejected,
+    /// No backend could be used (`NO [UNAVAILABLE]`): pre-login goes on, nothing counted.
+    Unavailable,
+}
+
+/// A login the backend accepted: what the relay needs.
+#[derive(Debug)]
+pub struct Authenticated {
+    pub backend: dial::BackendSession,
+    /// Index in `Config::backends`.
+    pub backend_index: usize,
+    pub backend_name: std::sync::Arc<str>,
+    /// The user as routed (authzid or login name), for logs and `/sessions`.
+    pub user: String,
+    /// Bytes the client sent behind its login command; they go to the backend first.
+    pub client_buffered: Vec<u8>,
+}
+
+/// Routes the user, tries its backends in order, and answers the client with its own tag.
+pub async fn route_and_dial(
+    client: &mut Stream,
+    session: &Session,
+    tag: &str,
+    credentials: &Credentials,
+    client_id: &[(String, String)],
+) -> io::Result<LoginAttempt> {
+    let config = &session.services.config;
+    let identity = dial::Identity {
+        client: session.peer,
+        local: session.local,
+        session_id: session.id,
+        client_id: client_id.to_vec(),
+    };
+    let user = credentials.routing_user();
+    let mechanism = credentials.mechanism.as_str();
+    for index in route::backends_for(config, user) {
+        let backend = &config.backends[index];
+        let started = std::time::Instant::now();
+        let outcome = match backend::connect(backend, config.timeouts.backend_connect).await {
+            Ok(stream) => {
+                session
+                    .services
+                    .metrics
+                    .backend_connected(index, started.elapsed());
+                dial::replay(
+                    stream,
+                    backend,
+                    credentials,
+                    &identity,
+                    config.timeouts.backend_login,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let took = started.elapsed();
+        let elapsed_ms = took.as_millis() as u64;
+        let result = match &outcome {
+            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::ok,
+            Ok(LoginOutcome::Rejected { .. }) => LoginResult::rejected,
+            Err(e) if e.is_protocol() => LoginResult::error,
+            Err(_) => LoginResult::unavailable,
+        };
+        session
+            .services
+            .metrics
+            .login(index, credentials.mechanism, result, took);
+        match outcome {
+            Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
+                // Untagged responses first, then the tagged OK with the client's tag; the
+                // backend's [CAPABILITY ...] code in it tells the client what it has now.
+                let mut out = std::mem::take(&mut logged_in.untagged);
+                out.extend_from_slice(tag.as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(&logged_in.tagged_rest);
+                client.write_all(&out).await?;
+                return Ok(LoginAttempt::LoggedIn(Box::new(Authenticated {
+                    backend: logged_in,
+                    backend_index: index,
+                    backend_name: backend.name.clone(),
+                    user: user.to_string(),
+                    client_buffered: Vec::new(),
+                })));
+            }
+            Ok(LoginOutcome::Rejected { tagged_rest }) => {
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, "login");
+                let mut out = tag.as_bytes().to_vec();
+                out.push(b' ');
+                out.extend_from_slice(&tagged_rest);
+                client.write_all(&out).await?;
+                return Ok(LoginAttempt::Rejected);
+            }
+            Err(error) => {
+                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result_name(result), elapsed_ms, %error, "login");
+            }
+        }
+    }
+    client
+        .write_all(&response::tagged(
+            tag,
+            Status::No,
+            "UNAVAILABLE",
+            "Backend for this user is not available.",
+        ))
+        .await?;
+    Ok(LoginAttempt::Unavailable)
+}
+
+fn result_name(result: LoginResult) -> &'static str {
+    match result {
+        LoginResult::ok => "ok",
+        LoginResult::rejected => "rejected",
+        LoginResult::unavailable => "unavailable",
+        LoginResult::error => "error",
+    }
+}
