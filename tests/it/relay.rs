@@ -7,42 +7,6 @@ fn one_backend() -> Option<Dovecot> {
     dovecot::available().then(|| Dovecot::start("b1"))
 }
 
-/// LOGIN, SELECT and FETCH in one write: the commands behind LOGIN reach the backend after the
-/// login succeeded, in order, and their answers come back.
-#[tokio::test]
-async fn pipelined_login_select_fetch() {
-    let Some(b1) = one_backend() else { return };
-    let proxy = Proxy::start(&config(&[("b1", b1.address())], "")).await;
-    // Put one message in erin's INBOX first.
-    let mut c = proxy.connect().await;
-    c.login("erin", "erin-secret").await;
-    c.send("a APPEND INBOX {19}\r\nSubject: pipe\r\n\r\nhi\r\n")
-        .await;
-    assert!(c.line().await.unwrap().starts_with("+"));
-    assert!(c.until_tagged("a").await.1.starts_with("a OK"));
-
-    let mut c = proxy.connect().await;
-    c.line().await.unwrap();
-    c.send("1 LOGIN erin erin-secret\r\n2 SELECT INBOX\r\n3 FETCH 1 BODY[HEADER.FIELDS (SUBJECT)]\r\n4 LOGOUT\r\n")
-        .await;
-    assert!(c.until_tagged("1").await.1.starts_with("1 OK"));
-    let (untagged, answer) = c.until_tagged("2").await;
-    assert!(answer.starts_with("2 OK [READ-WRITE]"), "{answer}");
-    assert!(
-        untagged.iter().any(|l| l.contains("EXISTS")),
-        "{untagged:?}"
-    );
-    let (untagged, answer) = c.until_tagged("3").await;
-    assert!(answer.starts_with("3 OK"), "{answer}");
-    assert!(
-        untagged.iter().any(|l| l.contains("Subject: pipe")),
-        "{untagged:?}"
-    );
-    let rest = c.rest().await;
-    assert!(rest.contains("4 OK"), "{rest:?}");
-    proxy.stop().await;
-}
-
 /// A 10 MiB message in and out, compared byte for byte.
 #[tokio::test]
 async fn ten_mib_append_and_fetch_are_byte_exact() {
