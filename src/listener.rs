@@ -53,12 +53,12 @@ pub async fn accept_loop(
                 // the kernel's backlog and we retry after a pause. Logged once per episode,
                 // counted every time.
                 let reason = match e.raw_os_error() {
-                    Some(libc::EMFILE | libc::ENFILE) => AcceptError::fd_limit,
-                    _ => AcceptError::other,
+                    Some(libc::EMFILE | libc::ENFILE) => AcceptError::FdLimit,
+                    _ => AcceptError::Other,
                 };
                 counters.accept_failed(reason);
                 if !failing {
-                    error!(listener = %name, error = %e, ?reason, "accept failed; backing off");
+                    error!(listener = %name, error = %e, reason = reason.as_str(), "accept failed; backing off");
                     failing = true;
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -88,7 +88,7 @@ pub async fn accept_loop(
             }
             Err(limit) => {
                 warn!(listener = %name, client = %peer, limit = limit.as_str(), "connection refused by limit");
-                services.metrics.rejected(Rejection::connection_limit);
+                services.metrics.rejected(Rejection::ConnectionLimit);
                 tracker.spawn(refuse(stream));
             }
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -24,18 +24,54 @@ use crate::config::Config;
 use crate::imap::sasl::Mechanism;
 use crate::imap::scan::{COMMAND_NAMES, CommandId, Completion, Sink};
 
+/// A closed set of label values: the enum, each value's text as exported, `ALL` in a fixed order
+/// and `index()` into it, so per-value handles live in arrays indexed without a search.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        #[allow(dead_code)]
+        impl $name {
+            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The position in `ALL`.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
 }
 
-/// Why an accept failed: out of file descriptors (EMFILE/ENFILE, the one that matters) or
-/// anything else.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum AcceptError {
-    fd_limit,
-    other,
+label_values! {
+    /// Why an accept failed: out of file descriptors (EMFILE/ENFILE, the one that matters) or
+    /// anything else.
+    pub enum AcceptError {
+        FdLimit => "fd_limit",
+        Other => "other",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,8 +91,8 @@ pub struct ListenerMetrics {
 impl ListenerMetrics {
     pub fn accept_failed(&self, reason: AcceptError) {
         match reason {
-            AcceptError::fd_limit => self.fd_limit.inc(),
-            AcceptError::other => self.other_error.inc(),
+            AcceptError::FdLimit => self.fd_limit.inc(),
+            AcceptError::Other => self.other_error.inc(),
         };
     }
 }
@@ -102,115 +138,97 @@ struct VersionLabels {
     version: String,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum MechanismLabel {
-    login,
-    plain,
-    sasl_login,
+label_values! {
+    enum MechanismLabel {
+        Login => "login",
+        Plain => "plain",
+        SaslLogin => "sasl_login",
+    }
 }
 
 impl From<Mechanism> for MechanismLabel {
     fn from(m: Mechanism) -> Self {
         match m {
-            Mechanism::Login => MechanismLabel::login,
-            Mechanism::Plain => MechanismLabel::plain,
-            Mechanism::SaslLogin => MechanismLabel::sasl_login,
+            Mechanism::Login => MechanismLabel::Login,
+            Mechanism::Plain => MechanismLabel::Plain,
+            Mechanism::SaslLogin => MechanismLabel::SaslLogin,
         }
     }
 }
 
-/// How a login attempt on one backend ended.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum LoginResult {
-    /// The backend accepted the credentials.
-    ok,
-    /// The backend said NO or BAD.
-    rejected,
-    /// The backend could not be reached (refused, timeout, BYE greeting).
-    unavailable,
-    /// The backend answered out of protocol.
-    error,
+label_values! {
+    /// How a login attempt on one backend ended.
+    pub enum LoginResult {
+        /// The backend accepted the credentials.
+        Ok => "ok",
+        /// The backend said NO or BAD.
+        Rejected => "rejected",
+        /// The backend could not be reached (refused, timeout, BYE greeting).
+        Unavailable => "unavailable",
+        /// The backend answered out of protocol.
+        Error => "error",
+    }
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum StatusLabel {
-    ok,
-    no,
-    bad,
-    bye,
-    unfinished,
+label_values! {
+    enum StatusLabel {
+        Ok => "ok",
+        No => "no",
+        Bad => "bad",
+        Bye => "bye",
+        Unfinished => "unfinished",
+    }
 }
 
 impl From<Completion> for StatusLabel {
     fn from(c: Completion) -> Self {
         match c {
-            Completion::Ok => StatusLabel::ok,
-            Completion::No => StatusLabel::no,
-            Completion::Bad => StatusLabel::bad,
-            Completion::Bye => StatusLabel::bye,
-            Completion::Unfinished => StatusLabel::unfinished,
+            Completion::Ok => StatusLabel::Ok,
+            Completion::No => StatusLabel::No,
+            Completion::Bad => StatusLabel::Bad,
+            Completion::Bye => StatusLabel::Bye,
+            Completion::Unfinished => StatusLabel::Unfinished,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum DirectionLabel {
-    client_to_backend,
-    backend_to_client,
+label_values! {
+    enum DirectionLabel {
+        ClientToBackend => "client_to_backend",
+        BackendToClient => "backend_to_client",
+    }
 }
 
-/// Why imapgate refused or ended a connection before login.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum Rejection {
-    /// A command line over `limits.line_max` (BYE).
-    line_too_long,
-    /// A literal over `limits.literal_max` (BAD, or BYE for a non-synchronizing one).
-    literal_too_large,
-    /// A command imapgate could not parse (BAD).
-    syntax,
-    /// A command that needs a login (BAD).
-    needs_login,
-    /// AUTHENTICATE with a mechanism imapgate does not offer (NO).
-    unsupported_mechanism,
-    /// Malformed credentials: PLAIN fields, NUL, a user name that is not UTF-8 (BAD).
-    bad_credentials,
-    /// `limits.login_attempts` failed logins (BYE).
-    login_attempts,
-    /// `timeouts.prelogin` passed (BYE).
-    prelogin_timeout,
-    /// `limits.max_connections` or `limits.per_ip` (BYE).
-    connection_limit,
-    /// imapgate is shutting down (BYE).
-    shutdown,
-    /// LOGIN/AUTHENTICATE without TLS where plaintext login is off (NO [PRIVACYREQUIRED]).
-    privacy_required,
-    /// On a PROXY listener: a peer not in trusted_proxies, or no valid header (closed).
-    proxy_header,
-    /// A TLS handshake that failed or timed out (closed).
-    tls_handshake,
-}
-
-impl Rejection {
-    const ALL: [Rejection; 13] = [
-        Rejection::privacy_required,
-        Rejection::proxy_header,
-        Rejection::tls_handshake,
-        Rejection::line_too_long,
-        Rejection::literal_too_large,
-        Rejection::syntax,
-        Rejection::needs_login,
-        Rejection::unsupported_mechanism,
-        Rejection::bad_credentials,
-        Rejection::login_attempts,
-        Rejection::prelogin_timeout,
-        Rejection::connection_limit,
-        Rejection::shutdown,
-    ];
+label_values! {
+    /// Why imapgate refused or ended a connection before login.
+    pub enum Rejection {
+        /// A command line over `limits.line_max` (BYE).
+        LineTooLong => "line_too_long",
+        /// A literal over `limits.literal_max` (BAD, or BYE for a non-synchronizing one).
+        LiteralTooLarge => "literal_too_large",
+        /// A command imapgate could not parse (BAD).
+        Syntax => "syntax",
+        /// A command that needs a login (BAD).
+        NeedsLogin => "needs_login",
+        /// AUTHENTICATE with a mechanism imapgate does not offer (NO).
+        UnsupportedMechanism => "unsupported_mechanism",
+        /// Malformed credentials: PLAIN fields, NUL, a user name that is not UTF-8 (BAD).
+        BadCredentials => "bad_credentials",
+        /// `limits.login_attempts` failed logins (BYE).
+        LoginAttempts => "login_attempts",
+        /// `timeouts.prelogin` passed (BYE).
+        PreloginTimeout => "prelogin_timeout",
+        /// `limits.max_connections` or `limits.per_ip` (BYE).
+        ConnectionLimit => "connection_limit",
+        /// imapgate is shutting down (BYE).
+        Shutdown => "shutdown",
+        /// LOGIN/AUTHENTICATE without TLS where plaintext login is off (NO [PRIVACYREQUIRED]).
+        PrivacyRequired => "privacy_required",
+        /// On a PROXY listener: a peer not in trusted_proxies, or no valid header (closed).
+        ProxyHeader => "proxy_header",
+        /// A TLS handshake that failed or timed out (closed).
+        TlsHandshake => "tls_handshake",
+    }
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -233,36 +251,21 @@ pub struct Metrics {
 
 /// One backend's hot-path handles.
 pub struct BackendMetrics {
-    /// `[command][status]`, in `COMMAND_NAMES` and `Completion::ALL` order.
-    commands: Vec<[Counter; 5]>,
+    /// `[command][status]`, by `CommandId` and `StatusLabel::index`.
+    commands: Vec<[Counter; StatusLabel::ALL.len()]>,
     durations: Vec<Histogram>,
     pub bytes_to_backend: Counter<u64, AtomicU64>,
     pub bytes_to_client: Counter<u64, AtomicU64>,
     pub sessions_active: Gauge,
-    /// `[mechanism][result]`, in `MECHANISMS` and `RESULTS` order.
-    logins: [[Counter; 4]; 3],
+    /// `[mechanism][result]`, by `MechanismLabel::index` and `LoginResult::index`.
+    logins: [[Counter; LoginResult::ALL.len()]; MechanismLabel::ALL.len()],
     login_duration: Histogram,
     connect_duration: Histogram,
 }
 
-const MECHANISMS: [MechanismLabel; 3] = [
-    MechanismLabel::login,
-    MechanismLabel::plain,
-    MechanismLabel::sasl_login,
-];
-const RESULTS: [LoginResult; 4] = [
-    LoginResult::ok,
-    LoginResult::rejected,
-    LoginResult::unavailable,
-    LoginResult::error,
-];
-
 impl Sink for BackendMetrics {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
-        let status = Completion::ALL
-            .iter()
-            .position(|c| *c == completion)
-            .unwrap_or(0);
+        let status = StatusLabel::from(completion).index();
         let i = command.0 as usize;
         self.commands[i][status].inc();
         if let Some(latency) = latency {
@@ -370,7 +373,7 @@ impl Metrics {
             };
             let _ = connections_total.get_or_create(&labels);
             let _ = connections_active.get_or_create(&labels);
-            for reason in [AcceptError::fd_limit, AcceptError::other] {
+            for reason in AcceptError::ALL {
                 let _ = accept_errors.get_or_create(&AcceptErrorLabels {
                     listener: l.name.clone(),
                     reason,
@@ -383,8 +386,8 @@ impl Metrics {
                 backend: b.name.to_string(),
             };
             let _ = backend_up.get_or_create(&backend);
-            let logins = MECHANISMS.map(|mechanism| {
-                RESULTS.map(|result| {
+            let logins = MechanismLabel::ALL.map(|mechanism| {
+                LoginResult::ALL.map(|result| {
                     logins_total
                         .get_or_create(&LoginLabels {
                             backend: b.name.to_string(),
@@ -397,12 +400,12 @@ impl Metrics {
             let commands = COMMAND_NAMES
                 .iter()
                 .map(|name| {
-                    Completion::ALL.map(|c| {
+                    StatusLabel::ALL.map(|status| {
                         commands_total
                             .get_or_create(&CommandLabels {
                                 backend: b.name.to_string(),
                                 command: name.to_string(),
-                                status: c.into(),
+                                status,
                             })
                             .clone()
                     })
@@ -430,8 +433,8 @@ impl Metrics {
             backends.push(Arc::new(BackendMetrics {
                 commands,
                 durations,
-                bytes_to_backend: bytes(DirectionLabel::client_to_backend),
-                bytes_to_client: bytes(DirectionLabel::backend_to_client),
+                bytes_to_backend: bytes(DirectionLabel::ClientToBackend),
+                bytes_to_client: bytes(DirectionLabel::BackendToClient),
                 sessions_active: sessions_active.get_or_create(&backend).clone(),
                 logins,
                 login_duration: login_duration.get_or_create(&backend).clone(),
@@ -484,21 +487,16 @@ impl Metrics {
         ListenerMetrics {
             accepted: self.connections_total.get_or_create(&labels).clone(),
             open: self.connections_active.get_or_create(&labels).clone(),
-            fd_limit: error(AcceptError::fd_limit),
-            other_error: error(AcceptError::other),
+            fd_limit: error(AcceptError::FdLimit),
+            other_error: error(AcceptError::Other),
         }
     }
 
     /// A login attempt on backend `index` (of `Config::backends`).
     pub fn login(&self, index: usize, mechanism: Mechanism, result: LoginResult, took: Duration) {
         let b = &self.backends[index];
-        let m = MECHANISMS
-            .iter()
-            .position(|&m| m == mechanism.into())
-            .unwrap_or(0);
-        let r = RESULTS.iter().position(|&r| r == result).unwrap_or(0);
-        b.logins[m][r].inc();
-        if result == LoginResult::ok || result == LoginResult::rejected {
+        b.logins[MechanismLabel::from(mechanism).index()][result.index()].inc();
+        if result == LoginResult::Ok || result == LoginResult::Rejected {
             b.login_duration.observe(took.as_secs_f64());
         }
     }

@@ -164,14 +164,14 @@ async fn until_login(
         let step = tokio::select! {
             result = tokio::time::timeout_at(deadline, authenticate(&mut client, &session, greet)) => result,
             _ = session.shutdown.drain.cancelled() => {
-                services.metrics.rejected(Rejection::shutdown);
+                services.metrics.rejected(Rejection::Shutdown);
                 last_word(&mut client, &response::bye("UNAVAILABLE", "Server shutting down.")).await;
                 return end_before_login(&session, started, EndReason::Shutdown);
             }
         };
         match step {
             Err(_elapsed) => {
-                services.metrics.rejected(Rejection::prelogin_timeout);
+                services.metrics.rejected(Rejection::PreloginTimeout);
                 last_word(
                     &mut client,
                     &response::bye("", "Autologout; idle for too long."),
@@ -453,7 +453,7 @@ async fn accept_proxy_header(
         .any(|c| c.contains(session.peer.ip()))
     {
         warn!(session = %session.id, peer = %session.peer, listener = %listener.name, "connection from a peer not in trusted_proxies refused");
-        services.metrics.rejected(Rejection::proxy_header);
+        services.metrics.rejected(Rejection::ProxyHeader);
         return None;
     }
     match tokio::time::timeout_at(deadline, proxy_header::read(tcp)).await {
@@ -461,11 +461,11 @@ async fn accept_proxy_header(
         Ok(Ok(None)) => {}
         Ok(Err(error)) => {
             warn!(session = %session.id, peer = %session.peer, %error, "bad or missing PROXY header");
-            services.metrics.rejected(Rejection::proxy_header);
+            services.metrics.rejected(Rejection::ProxyHeader);
             return None;
         }
         Err(_) => {
-            services.metrics.rejected(Rejection::prelogin_timeout);
+            services.metrics.rejected(Rejection::PreloginTimeout);
             return None;
         }
     }
@@ -473,7 +473,7 @@ async fn accept_proxy_header(
         Ok(permit) => Some(permit),
         Err(limit) => {
             warn!(session = %session.id, client = %session.peer, limit = limit.as_str(), "connection refused by limit");
-            services.metrics.rejected(Rejection::connection_limit);
+            services.metrics.rejected(Rejection::ConnectionLimit);
             last_word(
                 tcp,
                 &response::bye("LIMIT", "Too many connections, try again later."),
@@ -497,12 +497,12 @@ async fn tls_handshake(
         Ok(Ok(stream)) => Some(Stream::ServerTls(Box::new(stream))),
         Ok(Err(error)) => {
             debug!(session = %session.id, %error, "TLS handshake failed");
-            session.services.metrics.rejected(Rejection::tls_handshake);
+            session.services.metrics.rejected(Rejection::TlsHandshake);
             None
         }
         Err(_) => {
             debug!(session = %session.id, "TLS handshake timed out");
-            session.services.metrics.rejected(Rejection::tls_handshake);
+            session.services.metrics.rejected(Rejection::TlsHandshake);
             None
         }
     }

@@ -79,10 +79,10 @@ pub async fn route_and_dial(
         let took = started.elapsed();
         let elapsed_ms = took.as_millis() as u64;
         let result = match &outcome {
-            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::ok,
-            Ok(LoginOutcome::Rejected { .. }) => LoginResult::rejected,
-            Err(e) if e.is_protocol() => LoginResult::error,
-            Err(_) => LoginResult::unavailable,
+            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::Ok,
+            Ok(LoginOutcome::Rejected { .. }) => LoginResult::Rejected,
+            Err(e) if e.is_protocol() => LoginResult::Error,
+            Err(_) => LoginResult::Unavailable,
         };
         session
             .services
@@ -115,7 +115,7 @@ pub async fn route_and_dial(
                 return Ok(LoginAttempt::Rejected);
             }
             Err(error) => {
-                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result_name(result), elapsed_ms, %error, "login");
+                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result.as_str(), elapsed_ms, %error, "login");
             }
         }
     }
@@ -128,13 +128,4 @@ pub async fn route_and_dial(
         ))
         .await?;
     Ok(LoginAttempt::Unavailable)
-}
-
-fn result_name(result: LoginResult) -> &'static str {
-    match result {
-        LoginResult::ok => "ok",
-        LoginResult::rejected => "rejected",
-        LoginResult::unavailable => "unavailable",
-        LoginResult::error => "error",
-    }
 }

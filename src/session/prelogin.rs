@@ -124,7 +124,7 @@ impl Prelogin {
         if self.failures < session.services.config.limits.login_attempts {
             return Ok(None);
         }
-        session.services.metrics.rejected(Rejection::login_attempts);
+        session.services.metrics.rejected(Rejection::LoginAttempts);
         let closed = bye(
             client,
             "",
@@ -166,7 +166,7 @@ impl Prelogin {
                     continue;
                 }
                 Step::Bad { tag } => {
-                    session.services.metrics.rejected(Rejection::syntax);
+                    session.services.metrics.rejected(Rejection::Syntax);
                     let tag = tag.as_deref().unwrap_or("*");
                     client
                         .write_all(&response::tagged(
@@ -182,7 +182,7 @@ impl Prelogin {
                     session
                         .services
                         .metrics
-                        .rejected(Rejection::literal_too_large);
+                        .rejected(Rejection::LiteralTooLarge);
                     client
                         .write_all(&response::tagged(
                             &tag,
@@ -194,7 +194,7 @@ impl Prelogin {
                     continue;
                 }
                 Step::TooLong => {
-                    session.services.metrics.rejected(Rejection::line_too_long);
+                    session.services.metrics.rejected(Rejection::LineTooLong);
                     return bye(
                         client,
                         "LIMIT",
@@ -207,7 +207,7 @@ impl Prelogin {
                     session
                         .services
                         .metrics
-                        .rejected(Rejection::literal_too_large);
+                        .rejected(Rejection::LiteralTooLarge);
                     return bye(
                         client,
                         "LIMIT",
@@ -263,7 +263,7 @@ async fn handle(
         session
             .services
             .metrics
-            .rejected(Rejection::privacy_required);
+            .rejected(Rejection::PrivacyRequired);
         let text = "Plaintext authentication is disabled; use STARTTLS or port 993.";
         client
             .write_all(&answer(Status::No, "PRIVACYREQUIRED", text))
@@ -323,7 +323,7 @@ async fn handle(
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::NeedsLogin { name } => {
-            session.services.metrics.rejected(Rejection::needs_login);
+            session.services.metrics.rejected(Rejection::NeedsLogin);
             debug!(session = %session.id, command = name, "command before login");
             client
                 .write_all(&answer(Status::Bad, "", "Log in first."))
@@ -348,7 +348,7 @@ async fn handle(
                 session
                     .services
                     .metrics
-                    .rejected(Rejection::unsupported_mechanism);
+                    .rejected(Rejection::UnsupportedMechanism);
                 client
                     .write_all(&answer(
                         Status::No,
@@ -359,7 +359,7 @@ async fn handle(
                 return Ok(Ok(Attempt::Answered));
             }
             Sasl::TooLong => {
-                session.services.metrics.rejected(Rejection::line_too_long);
+                session.services.metrics.rejected(Rejection::LineTooLong);
                 return bye(
                     client,
                     "LIMIT",
@@ -374,10 +374,7 @@ async fn handle(
     let credentials = match credentials {
         Ok(c) => c,
         Err(why) => {
-            session
-                .services
-                .metrics
-                .rejected(Rejection::bad_credentials);
+            session.services.metrics.rejected(Rejection::BadCredentials);
             client
                 .write_all(&answer(Status::Bad, "CLIENTBUG", why))
                 .await?;
