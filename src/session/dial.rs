@@ -29,6 +29,8 @@ use crate::stream::Stream;
 const TAG: &str = "ig1";
 /// The tag of the CAPABILITY sent after the login, when the backend's OK had none.
 const POST_TAG: &str = "ig2";
+/// How long that CAPABILITY may take before the client is told the baseline instead.
+const CAPABILITY_WAIT: Duration = Duration::from_secs(5);
 
 /// A backend connection that accepted the login, handed to the relay.
 #[derive(Debug)]
@@ -177,8 +179,11 @@ async fn tell_capabilities(
 ) -> Result<(), BackendError> {
     // A backend that cannot say what it has after login gets the baseline only: the client is
     // promised nothing the backend may lack.
-    let list = ask_capabilities(conn, after_ok)
-        .await?
+    // A backend that accepted the login and then says nothing must not turn the login into a
+    // timeout (with failover, the credentials would go to the next backend).
+    let asked = tokio::time::timeout(CAPABILITY_WAIT, ask_capabilities(conn, after_ok)).await;
+    let list = asked
+        .unwrap_or(Ok(None))?
         .unwrap_or_else(|| b"IMAP4rev1".to_vec());
     let text = ok.get(2..).unwrap_or_default();
     let text = text.strip_prefix(b" ").unwrap_or(text);

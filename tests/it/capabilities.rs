@@ -89,6 +89,13 @@ async fn ok_without_capabilities_gets_the_backends_list() {
             ],
             true,
         ),
+        // No answer at all: after a few seconds the baseline, and the session goes on.
+        (
+            "ig1 OK LOGIN Ok.\r\n",
+            String::new(),
+            &["a OK [CAPABILITY IMAP4rev1] LOGIN Ok.\r\n"],
+            true,
+        ),
         // BYE right after the login: the login stands, the BYE and the close reach the client.
         (
             "ig1 OK LOGIN Ok.\r\n",
