@@ -1,7 +1,7 @@
 //! imapgate: a transparent IMAP proxy and load balancer.
 //!
-//! `run` takes bound sockets, a validated config and a shutdown handle, so that the binary and
-//! the tests (which bind port 0) start it the same way.
+//! A `Server` takes bound sockets, the shared services (config snapshot, metrics, ...) and a
+//! shutdown handle, so that the binary and the tests (which bind port 0) start it the same way.
 
 pub(crate) mod admin;
 pub(crate) mod backend;
@@ -13,6 +13,7 @@ pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod proxy_header;
 pub(crate) mod route;
+pub(crate) mod server;
 pub(crate) mod services;
 pub(crate) mod session;
 pub mod shutdown;
@@ -34,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use config::Config;
+pub use server::Server;
 pub use services::Services;
 use shutdown::Shutdown;
 
@@ -75,7 +77,7 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
 /// Binds the client listeners again, for another worker thread: every worker has its own
 /// sockets on the same addresses (SO_REUSEPORT), and the kernel spreads connections over them.
 /// Plain std sockets: each worker registers them with its own runtime (`into_bound`).
-pub fn bind_more(config: &Config) -> std::io::Result<Vec<(usize, std::net::TcpListener)>> {
+fn bind_more(config: &Config) -> std::io::Result<Vec<(usize, std::net::TcpListener)>> {
     config
         .listeners
         .iter()
@@ -85,7 +87,7 @@ pub fn bind_more(config: &Config) -> std::io::Result<Vec<(usize, std::net::TcpLi
 }
 
 /// Registers listeners from `bind_more` with the current runtime.
-pub fn into_bound(
+fn into_bound(
     listeners: Vec<(usize, std::net::TcpListener)>,
 ) -> std::io::Result<Vec<BoundListener>> {
     listeners
@@ -130,19 +132,8 @@ pub fn raise_fd_limit() -> bool {
     }
 }
 
-/// Serves until `shutdown.drain` is cancelled, then lets logged-in sessions finish for
-/// `timeouts.shutdown_grace` before cutting them. One worker: what the tests run; `main` runs
-/// the same pieces on one runtime per core.
-pub async fn run(bound: Bound, services: Arc<Services>, shutdown: Shutdown) {
-    start_services(bound.admin, &services, &shutdown);
-    serve_listeners(bound.listeners, services, shutdown.clone()).await;
-    // Stops the admin server and anything else still waiting on `cut`.
-    shutdown.cut.cancel();
-    info!("stopped");
-}
-
 /// The once-per-process tasks: health checks and the admin server, on the current runtime.
-pub fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shutdown: &Shutdown) {
+fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shutdown: &Shutdown) {
     let config = &services.config;
     for b in &config.backends {
         if b.insecure_skip_verify {
@@ -168,9 +159,9 @@ pub fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shut
     }
 }
 
-/// Accepts on `listeners` until `shutdown.drain`, then drains this thread's sessions. `run`
-/// calls it for the first worker; `main` runs it on each further worker thread.
-pub async fn serve_listeners(
+/// Accepts on `listeners` until `shutdown.drain`, then drains this thread's sessions: what
+/// each worker of a `Server` runs.
+async fn serve_listeners(
     listeners: Vec<BoundListener>,
     services: Arc<Services>,
     shutdown: Shutdown,

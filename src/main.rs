@@ -118,62 +118,20 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     let shutdown = Shutdown::new();
     let workers = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
-    // One single-threaded runtime per worker thread, each with its own listening sockets on
-    // the same addresses (SO_REUSEPORT): a session lives on one thread, its wakeups never cross
-    // threads, and nothing is shared but the config, the metrics and the caps.
-    let runtime = |name: String| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_name(name)
-            .build()
-    };
-    let primary = match runtime("imapgate-0".into()) {
+    // The first worker's runtime; the server starts the others (see server.rs).
+    let primary = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("imapgate-0")
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
             return ExitCode::FAILURE;
         }
     };
-    let bound = match primary.block_on(imapgate::bind(&config)) {
-        Ok(b) => b,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut others = Vec::new();
-    for n in 1..workers {
-        let listeners = match imapgate::bind_more(&config) {
-            Ok(l) => l,
-            Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let (services, shutdown) = (services.clone(), shutdown.clone());
-        let name = format!("imapgate-{n}");
-        let Ok(rt) = runtime(name.clone()) else {
-            error!("cannot start worker runtime {n}");
-            return ExitCode::FAILURE;
-        };
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            rt.block_on(async {
-                match imapgate::into_bound(listeners) {
-                    Ok(bound) => imapgate::serve_listeners(bound, services, shutdown).await,
-                    Err(e) => error!(error = %e, "worker cannot use its listeners"),
-                }
-            });
-        });
-        match spawned {
-            Ok(handle) => others.push(handle),
-            Err(e) => {
-                error!(error = %e, "cannot start worker thread {n}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    info!(workers, "worker threads started");
-    primary.block_on(async {
+    let served = primary.block_on(async {
+        let bound = imapgate::bind(&config).await?;
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             shutdown::signal().await;
@@ -183,19 +141,17 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
         if let Some(tls) = config.tls.clone() {
             tokio::spawn(reload_certificates_on_sighup(tls));
         }
-        imapgate::start_services(bound.admin, &services, &shutdown);
-        imapgate::serve_listeners(bound.listeners, services, shutdown.clone()).await;
-        // Every worker drains within the same grace period; only then is the rest cut.
-        let _ = tokio::task::spawn_blocking(move || {
-            for handle in others {
-                let _ = handle.join();
-            }
-        })
-        .await;
-        shutdown.cut.cancel();
-        info!("stopped");
+        imapgate::Server::new(bound, services, shutdown, workers)
+            .run()
+            .await
     });
-    ExitCode::SUCCESS
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// SIGHUP: read the TLS certificates again. A file that does not load leaves the old

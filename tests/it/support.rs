@@ -53,15 +53,20 @@ impl Proxy {
         let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let admin = admin_listener.local_addr().expect("admin addr");
         let shutdown = Shutdown::new();
+        let (config_for_server, shutdown_for_server) = (config.clone(), shutdown.clone());
         let bound = Bound {
             listeners,
             admin: Some(admin_listener),
         };
-        let task = tokio::spawn(imapgate::run(
-            bound,
-            Services::new(config.clone()),
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(async move {
+            let server = imapgate::Server::new(
+                bound,
+                Services::new(config_for_server),
+                shutdown_for_server,
+                1,
+            );
+            server.run().await.expect("the server runs");
+        });
         Proxy {
             addr,
             addrs,
