@@ -370,6 +370,10 @@ impl Observe for SessionObserver {
         self.commands.backend_bytes(bytes);
     }
 
+    fn awaits_backend(&self) -> bool {
+        self.commands.in_flight() > 0
+    }
+
     fn unseen_ahead(&self, way: Way) -> u64 {
         match way {
             Way::ClientToBackend => self.commands.client_literal_left(),

@@ -283,8 +283,7 @@ impl<K: Sink> Observer<K> {
     }
 
     /// Commands sent and not yet completed.
-    #[cfg(test)]
-    fn in_flight(&self) -> usize {
+    pub fn in_flight(&self) -> usize {
         self.shared.in_flight.len()
     }
 }

@@ -58,6 +58,13 @@ pub trait Observe: Send + 'static {
     /// `n` octets went `way` unseen, within what `unseen_ahead` allowed.
     fn passed_unseen(&mut self, _way: Way, _n: usize) {}
 
+    /// Whether the backend still owes answers (commands in flight). Only then can it be
+    /// holding a piece back for our ACK (Nagle), so only then is an immediate ACK worth its
+    /// packet; once every command is answered, the client's next command carries the ACK.
+    fn awaits_backend(&self) -> bool {
+        true
+    }
+
     fn observe(&mut self, way: Way, bytes: &[u8]) {
         match way {
             Way::ClientToBackend => self.client_to_backend(bytes),
@@ -134,12 +141,12 @@ pub fn relay<O: Observe>(
                 observe().client_to_backend(b)
             }));
             let down = pin!(copy_io(backend_read, client_write, backend_first, |b| {
-                if backend_quickack {
+                observe().backend_to_client(b);
+                if backend_quickack && observe().awaits_backend() {
                     // SAFETY: the descriptor belongs to `backend`, which `backend_read` and
                     // `backend_write` own and keep open for as long as this copy runs.
                     ack_now(unsafe { BorrowedFd::borrow_raw(backend_fd) });
                 }
-                observe().backend_to_client(b)
             }));
             finish(up, down, half_close).await
         })),

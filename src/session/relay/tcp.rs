@@ -188,12 +188,12 @@ impl Direction {
                         let _ = from.try_io(Interest::READABLE, || {
                             Err::<(), _>(io::ErrorKind::WouldBlock.into())
                         });
-                        // Drained: no further data of ours would carry the ACK.
-                        if self.quickack {
-                            ack_now(from.as_fd());
-                        }
                     }
                     observer.observe(way, &buf.0[..n]);
+                    // Drained while the backend still owes answers: ACK now (see ack_now).
+                    if n < buf.0.len() && self.quickack && observer.awaits_backend() {
+                        ack_now(from.as_fd());
+                    }
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
