@@ -10,22 +10,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use imapgate::{CommandId, Completion, Observe, Observer, Sink, Stream, relay};
+use imapgate::{CommandId, CommandSink, Completion, Observer, Stream, Way, relay};
 
 struct Discard;
-impl Sink for Discard {
+impl CommandSink for Discard {
     fn command(&self, _: CommandId, _: Completion, _: Option<Duration>) {}
-}
-
-/// The command observer on the relay, as in a session (less the byte counters).
-struct Commands(Observer<Discard>);
-impl Observe for Commands {
-    fn client_to_backend(&mut self, bytes: &[u8]) {
-        self.0.client_bytes(bytes);
-    }
-    fn backend_to_client(&mut self, bytes: &[u8]) {
-        self.0.backend_bytes(bytes);
-    }
 }
 
 /// One round of traffic: the client's commands and the backend's answers, FETCH bodies from
@@ -68,10 +57,10 @@ fn observer(c: &mut Criterion) {
             let mut observer = Observer::new(Discard);
             for _ in 0..rounds {
                 for chunk in client.chunks(32 * 1024) {
-                    observer.client_bytes(chunk);
+                    observer.observe(Way::ClientToBackend, chunk);
                 }
                 for chunk in server.chunks(32 * 1024) {
-                    observer.backend_bytes(chunk);
+                    observer.observe(Way::BackendToClient, chunk);
                 }
             }
         })
@@ -90,7 +79,7 @@ fn observer(c: &mut Criterion) {
             let mut observer = Observer::new(Discard);
             for _ in 0..rounds {
                 for chunk in lines.chunks(32 * 1024) {
-                    observer.backend_bytes(chunk);
+                    observer.observe(Way::BackendToClient, chunk);
                 }
             }
         })
@@ -160,7 +149,7 @@ async fn one_run(server: &[u8], observed: bool, clock: Clock) -> Duration {
     let (client, backend) = (Stream::Plain(proxy_client), Stream::Plain(proxy_backend));
     let half_close = Duration::from_secs(10);
     if observed {
-        let observer = Commands(Observer::new(Discard));
+        let observer = Observer::new(Discard);
         let _ = relay(
             client,
             backend,

@@ -84,7 +84,7 @@ pub async fn accept_loop(
                 };
                 // The session future itself, not wrapped: a wrapper would hold the arguments
                 // next to it for the session's whole life.
-                tracker.spawn(session::serve(stream, session, permit));
+                tracker.spawn(session::handle(stream, session, permit));
             }
             Err(limit) => {
                 warn!(listener = %name, client = %peer, limit = limit.as_str(), "connection refused by limit");

@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use crate::config::Config;
 use crate::imap::sasl::Mechanism;
-use crate::imap::scan::{COMMAND_NAMES, CommandId, Completion, Sink};
+use crate::imap::scan::{COMMAND_NAMES, CommandId, CommandSink, Completion};
 
 /// A closed set of label values: the enum, each value's text as exported, `ALL` in a fixed order
 /// and `index()` into it, so per-value handles live in arrays indexed without a search.
@@ -263,7 +263,7 @@ pub struct BackendMetrics {
     connect_duration: Histogram,
 }
 
-impl Sink for BackendMetrics {
+impl CommandSink for BackendMetrics {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         let status = StatusLabel::from(completion).index();
         let i = command.0 as usize;

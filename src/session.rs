@@ -29,10 +29,11 @@ use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
+use crate::tap::{Tap, Way};
 use crate::tls::ServerTls;
 use login::{Authenticated, LoginAttempt};
 use prelogin::{Closed, LoginRequest, Outcome, Prelogin};
-use relay::{Observe, Relay, Way};
+use relay::Relay;
 use table::{LiveSession, Registration};
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +85,7 @@ impl fmt::Display for SessionId {
 /// How long a last word (BYE) to a client that may not be reading may take.
 const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serves one accepted connection. `permit` holds its place under the connection caps; when
+/// Handles one accepted connection, from the PROXY header to the end of the relay. `permit` holds its place under the connection caps; when
 /// the listener takes PROXY headers it is `None` and the place is taken here, for the address
 /// the header carries.
 ///
@@ -92,7 +93,7 @@ const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
 /// logged-in session needs (an async fn would keep its arguments in every state):
 /// everything before the login (PROXY header, TLS handshake, pre-login, the dial) is large and
 /// short-lived, and runs boxed; what stays for the session's life is `LoggedInSession`.
-pub fn serve(
+pub fn handle(
     tcp: TcpStream,
     session: Session,
     permit: Option<Permit>,
@@ -252,10 +253,10 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
     }
 }
 
-/// A logged-in session: the relay (which owns both sockets and the observer) and what the
+/// A logged-in session: the relay (which owns both sockets and the tap) and what the
 /// session's end needs. This is what an idle session costs, so it holds nothing else.
 struct LoggedInSession {
-    relay: Relay<SessionObserver>,
+    relay: Relay<SessionTap>,
     cut: CancellationToken,
     id: SessionId,
     started: Instant,
@@ -290,7 +291,7 @@ impl LoggedInSession {
         });
         let registration = services.sessions.register(live.clone());
         metrics.sessions_active.inc();
-        let observer = SessionObserver {
+        let tap = SessionTap {
             commands: Observer::new(metrics.clone()),
             live: live.clone(),
         };
@@ -299,7 +300,7 @@ impl LoggedInSession {
             client,
             backend.stream,
             services.config.timeouts.half_close,
-            observer,
+            tap,
             authenticated.client_buffered,
             backend.buffered,
             services.config.backends[authenticated.backend_index].quickack,
@@ -334,14 +335,14 @@ impl LoggedInSession {
     }
 }
 
-/// The relay's observer for one session: the command observer, the backend's byte counters
+/// The relay's tap for one session: the command observer, the backend's byte counters
 /// and the session's own (for `/sessions`).
-struct SessionObserver {
+struct SessionTap {
     commands: Observer<Arc<BackendMetrics>>,
     live: Arc<LiveSession>,
 }
 
-impl SessionObserver {
+impl SessionTap {
     /// `n` octets relayed `way`: the backend's counter and the session's own.
     fn count(&self, way: Way, n: usize) {
         let (metric, session) = match way {
@@ -359,34 +360,23 @@ impl SessionObserver {
     }
 }
 
-impl Observe for SessionObserver {
-    fn client_to_backend(&mut self, bytes: &[u8]) {
-        self.count(Way::ClientToBackend, bytes.len());
-        self.commands.client_bytes(bytes);
-    }
-
-    fn backend_to_client(&mut self, bytes: &[u8]) {
-        self.count(Way::BackendToClient, bytes.len());
-        self.commands.backend_bytes(bytes);
+impl Tap for SessionTap {
+    fn observe(&mut self, way: Way, bytes: &[u8]) {
+        self.count(way, bytes.len());
+        self.commands.observe(way, bytes);
     }
 
     fn awaits_backend(&self) -> bool {
-        self.commands.in_flight() > 0
+        self.commands.awaits_backend()
     }
 
     fn unseen_ahead(&self, way: Way) -> u64 {
-        match way {
-            Way::ClientToBackend => self.commands.client_literal_left(),
-            Way::BackendToClient => self.commands.backend_literal_left(),
-        }
+        self.commands.unseen_ahead(way)
     }
 
     fn passed_unseen(&mut self, way: Way, n: usize) {
         self.count(way, n);
-        match way {
-            Way::ClientToBackend => self.commands.client_literal_passed(n as u64),
-            Way::BackendToClient => self.commands.backend_literal_passed(n as u64),
-        }
+        self.commands.passed_unseen(way, n);
     }
 }
 
@@ -533,7 +523,7 @@ mod tests {
             shutdown: Shutdown::new(),
             open: OpenConnection::new(&Default::default()),
         };
-        let future = serve(tcp, session, None);
+        let future = handle(tcp, session, None);
         let size = std::mem::size_of_val(&future);
         eprintln!("session future: {size} bytes");
         assert!(size < 1024, "the session future grew to {size} bytes");

@@ -26,6 +26,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::tap::{Tap, Way};
+
 /// Octets of a logical line's start that are kept: enough for a tracked tag (`TAG_MAX`) and
 /// the longest two-word name (`UID EXPUNGE`).
 const HEAD_MAX: usize = 48;
@@ -190,20 +192,20 @@ impl Completion {
 }
 
 /// Where observations go: metrics in the proxy, a list in tests.
-pub trait Sink: Send + Sync {
+pub trait CommandSink: Send + Sync {
     /// A command completed. `latency` is from its last octet leaving the client side to its
     /// completion arriving; `None` for IDLE (its duration is the client's choice) and for
     /// commands that never completed.
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>);
 }
 
-impl<T: Sink + ?Sized> Sink for &T {
+impl<T: CommandSink + ?Sized> CommandSink for &T {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         (**self).command(command, completion, latency);
     }
 }
 
-impl<T: Sink + ?Sized> Sink for std::sync::Arc<T> {
+impl<T: CommandSink + ?Sized> CommandSink for std::sync::Arc<T> {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         (**self).command(command, completion, latency);
     }
@@ -221,14 +223,14 @@ struct InFlight {
 /// The observer of one session: both directions' scanners, what they share, and where the
 /// observations go. One owner (the session's relay), so nothing in it is atomic or locked.
 /// Dropping it reports what is still in flight (`unfinished`, or `bye` after a BYE).
-pub struct Observer<K: Sink> {
+pub struct Observer<K: CommandSink> {
     sink: K,
     shared: Shared,
     client: ClientScanner,
     backend: BackendScanner,
 }
 
-impl<K: Sink> Observer<K> {
+impl<K: CommandSink> Observer<K> {
     pub fn new(sink: K) -> Self {
         Observer {
             sink,
@@ -238,43 +240,32 @@ impl<K: Sink> Observer<K> {
         }
     }
 
-    /// Octets on their way from the client to the backend.
-    pub fn client_bytes(&mut self, bytes: &[u8]) {
-        self.client.observe(&mut self.shared, &self.sink, bytes);
-    }
-
-    /// Octets on their way from the backend to the client.
-    pub fn backend_bytes(&mut self, bytes: &[u8]) {
-        self.backend.observe(&mut self.shared, &self.sink, bytes);
-    }
-
-    /// Literal octets still to come from the client that the observer would only skip.
-    pub fn client_literal_left(&self) -> u64 {
-        match self.client.mode {
-            ClientMode::Commands => self.client.framer.literal_left,
-            _ => 0,
+    /// Octets on their way `way`.
+    pub fn observe(&mut self, way: Way, bytes: &[u8]) {
+        match way {
+            Way::ClientToBackend => self.client.observe(&mut self.shared, &self.sink, bytes),
+            Way::BackendToClient => self.backend.observe(&mut self.shared, &self.sink, bytes),
         }
     }
 
-    /// Literal octets still to come from the backend that the observer would only skip.
-    pub fn backend_literal_left(&self) -> u64 {
-        if self.backend.off {
-            0
-        } else {
-            self.backend.framer.literal_left
+    /// Literal octets still to come `way` that the observer would only skip.
+    pub fn literal_left(&self, way: Way) -> u64 {
+        match way {
+            Way::ClientToBackend => match self.client.mode {
+                ClientMode::Commands => self.client.framer.literal_left,
+                _ => 0,
+            },
+            Way::BackendToClient if self.backend.off => 0,
+            Way::BackendToClient => self.backend.framer.literal_left,
         }
     }
 
-    /// `n` literal octets from the client went by without being shown (at most
-    /// `client_literal_left`).
-    pub fn client_literal_passed(&mut self, n: u64) {
-        let left = &mut self.client.framer.literal_left;
-        *left = left.saturating_sub(n);
-    }
-
-    /// `n` literal octets from the backend went by without being shown.
-    pub fn backend_literal_passed(&mut self, n: u64) {
-        let left = &mut self.backend.framer.literal_left;
+    /// `n` literal octets went `way` without being shown (at most `literal_left(way)`).
+    pub fn literal_passed(&mut self, way: Way, n: u64) {
+        let left = match way {
+            Way::ClientToBackend => &mut self.client.framer.literal_left,
+            Way::BackendToClient => &mut self.backend.framer.literal_left,
+        };
         *left = left.saturating_sub(n);
     }
 
@@ -288,7 +279,26 @@ impl<K: Sink> Observer<K> {
     }
 }
 
-impl<K: Sink> Drop for Observer<K> {
+/// The observer on the relay as it is (the session's tap adds byte counters around it).
+impl<K: CommandSink + 'static> Tap for Observer<K> {
+    fn observe(&mut self, way: Way, bytes: &[u8]) {
+        Observer::observe(self, way, bytes);
+    }
+
+    fn unseen_ahead(&self, way: Way) -> u64 {
+        self.literal_left(way)
+    }
+
+    fn passed_unseen(&mut self, way: Way, n: usize) {
+        self.literal_passed(way, n as u64);
+    }
+
+    fn awaits_backend(&self) -> bool {
+        self.in_flight() > 0
+    }
+}
+
+impl<K: CommandSink> Drop for Observer<K> {
     fn drop(&mut self) {
         let completion = if self.shared.bye {
             Completion::Bye
@@ -328,7 +338,7 @@ impl Shared {
         }
     }
 
-    fn start_command(&mut self, sink: &dyn Sink, tag: &[u8], command: CommandId) {
+    fn start_command(&mut self, sink: &dyn CommandSink, tag: &[u8], command: CommandId) {
         if tag.len() > TAG_MAX {
             sink.command(command, Completion::Unfinished, None);
             return;
@@ -362,7 +372,7 @@ impl Shared {
 
     fn complete(
         &mut self,
-        sink: &dyn Sink,
+        sink: &dyn CommandSink,
         tag: &[u8],
         completion: Completion,
         at: Instant,
@@ -585,7 +595,7 @@ impl ClientScanner {
         }
     }
 
-    fn observe(&mut self, shared: &mut Shared, sink: &dyn Sink, mut bytes: &[u8]) {
+    fn observe(&mut self, shared: &mut Shared, sink: &dyn CommandSink, mut bytes: &[u8]) {
         match self.mode {
             ClientMode::Off => return,
             ClientMode::CompressPending if !bytes.is_empty() => {
@@ -695,7 +705,7 @@ impl BackendScanner {
         }
     }
 
-    fn observe(&mut self, shared: &mut Shared, sink: &dyn Sink, bytes: &[u8]) {
+    fn observe(&mut self, shared: &mut Shared, sink: &dyn CommandSink, bytes: &[u8]) {
         if self.off {
             return;
         }

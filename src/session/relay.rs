@@ -6,8 +6,8 @@
 //! through user space at all: it is spliced socket → pipe → socket (`relay/splice.rs`). So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
 //! the busy path allocates nothing and takes no lock. With TLS on either side each direction
 //! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk
-//! passes through the relay's `Observe` on its way, which is where the command observer and the
-//! byte counters sit; it sees the relay's own buffer, it never copies or delays.
+//! passes through the relay's `Tap` (`tap.rs`) on its way, which is where the command observer and
+//! the byte counters sit; it sees the relay's own buffer, it never copies or delays.
 //!
 //! Ends:
 //! - backend closes (or fails): the client's side is shut and the session is over;
@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::stream::Stream;
+use crate::tap::{Tap, Way};
 use tcp::TcpRelay;
 
 mod splice;
@@ -40,51 +41,6 @@ const BUFFER_SIZE: usize = 32 * 1024;
 const TLS_BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers a worker thread keeps for reuse; more than this are freed.
 const POOL_MAX: usize = 256;
-
-/// Sees every chunk of both directions, in order, as it is read. The session's observer
-/// (commands, byte counters) implements it. It must be quick and cannot change the bytes. The
-/// relay owns it, so it lives exactly as long as the relay (and may report on drop).
-pub trait Observe: Send + 'static {
-    fn client_to_backend(&mut self, bytes: &[u8]);
-    fn backend_to_client(&mut self, bytes: &[u8]);
-
-    /// How many of the octets coming next `way` the observer has no need to see (the rest of
-    /// a literal). The plain relay moves that many with splice(2) when it is worth it, and
-    /// reports them with `passed_unseen`.
-    fn unseen_ahead(&self, _way: Way) -> u64 {
-        0
-    }
-
-    /// `n` octets went `way` unseen, within what `unseen_ahead` allowed.
-    fn passed_unseen(&mut self, _way: Way, _n: usize) {}
-
-    /// Whether the backend still owes answers (commands in flight). Only then can it be
-    /// holding a piece back for our ACK (Nagle), so only then is an immediate ACK worth its
-    /// packet; once every command is answered, the client's next command carries the ACK.
-    fn awaits_backend(&self) -> bool {
-        true
-    }
-
-    fn observe(&mut self, way: Way, bytes: &[u8]) {
-        match way {
-            Way::ClientToBackend => self.client_to_backend(bytes),
-            Way::BackendToClient => self.backend_to_client(bytes),
-        }
-    }
-}
-
-/// A direction of the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Way {
-    ClientToBackend,
-    BackendToClient,
-}
-
-/// No observation.
-impl Observe for () {
-    fn client_to_backend(&mut self, _: &[u8]) {}
-    fn backend_to_client(&mut self, _: &[u8]) {}
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndedBy {
@@ -111,11 +67,11 @@ pub type Ended = (EndedBy, io::Result<()>);
 /// Relays until the session ends. `client_first` and `backend_first` are octets that arrived
 /// before the relay started (pipelined commands, responses read past the login); they are
 /// observed and sent first.
-pub fn relay<O: Observe>(
+pub fn relay<O: Tap>(
     client: Stream,
     backend: Stream,
     half_close: Duration,
-    observer: O,
+    tap: O,
     client_first: Vec<u8>,
     backend_first: Vec<u8>,
     backend_quickack: bool,
@@ -125,24 +81,24 @@ pub fn relay<O: Observe>(
             client,
             backend,
             half_close,
-            observer,
+            tap,
             (client_first, backend_first),
             backend_quickack,
         )),
         // Boxed so that plain sessions do not carry the TLS path's state.
         (client, backend) => Relay::Tls(Box::pin(async move {
             // The two directions run in this one task; the lock is never contended.
-            let observer = Mutex::new(observer);
-            let observe = || observer.lock().unwrap_or_else(|p| p.into_inner());
+            let shared = Mutex::new(tap);
+            let tap = || shared.lock().unwrap_or_else(|p| p.into_inner());
             let backend_fd = backend.tcp().as_raw_fd();
             let (client_read, client_write) = tokio::io::split(client);
             let (backend_read, backend_write) = tokio::io::split(backend);
             let up = pin!(copy_io(client_read, backend_write, client_first, |b| {
-                observe().client_to_backend(b)
+                tap().observe(Way::ClientToBackend, b)
             }));
             let down = pin!(copy_io(backend_read, client_write, backend_first, |b| {
-                observe().backend_to_client(b);
-                if backend_quickack && observe().awaits_backend() {
+                tap().observe(Way::BackendToClient, b);
+                if backend_quickack && tap().awaits_backend() {
                     // SAFETY: the descriptor belongs to `backend`, which `backend_read` and
                     // `backend_write` own and keep open for as long as this copy runs.
                     ack_now(unsafe { BorrowedFd::borrow_raw(backend_fd) });
@@ -161,7 +117,7 @@ pub enum Relay<O> {
     Tls(Pin<Box<dyn Future<Output = Ended> + Send>>),
 }
 
-impl<O: Observe + Unpin> Future for Relay<O> {
+impl<O: Tap + Unpin> Future for Relay<O> {
     type Output = Ended;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
@@ -277,14 +233,14 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::imap::scan::{CommandId, Completion, Observer, Sink};
+    use crate::imap::scan::{CommandId, CommandSink, Completion, Observer};
 
     #[derive(Default)]
     struct Seen {
         commands: Mutex<Vec<(&'static str, Completion)>>,
     }
 
-    impl Sink for Seen {
+    impl CommandSink for Seen {
         fn command(&self, command: CommandId, completion: Completion, _: Option<Duration>) {
             self.commands
                 .lock()
@@ -307,27 +263,17 @@ mod tests {
         }
     }
 
-    impl Observe for Counting {
-        fn client_to_backend(&mut self, bytes: &[u8]) {
-            self.shown.lock().unwrap()[0] += bytes.len() as u64;
-            self.observer.client_bytes(bytes);
-        }
-        fn backend_to_client(&mut self, bytes: &[u8]) {
-            self.shown.lock().unwrap()[1] += bytes.len() as u64;
-            self.observer.backend_bytes(bytes);
+    impl Tap for Counting {
+        fn observe(&mut self, way: Way, bytes: &[u8]) {
+            self.shown.lock().unwrap()[index(way)] += bytes.len() as u64;
+            self.observer.observe(way, bytes);
         }
         fn unseen_ahead(&self, way: Way) -> u64 {
-            match way {
-                Way::ClientToBackend => self.observer.client_literal_left(),
-                Way::BackendToClient => self.observer.backend_literal_left(),
-            }
+            self.observer.literal_left(way)
         }
         fn passed_unseen(&mut self, way: Way, n: usize) {
             self.unseen.lock().unwrap()[index(way)] += n as u64;
-            match way {
-                Way::ClientToBackend => self.observer.client_literal_passed(n as u64),
-                Way::BackendToClient => self.observer.backend_literal_passed(n as u64),
-            }
+            self.observer.literal_passed(way, n as u64);
         }
     }
 

@@ -12,8 +12,8 @@
 //! Each scenario prints one JSON line on stdout and a human summary on stderr.
 
 mod auth_http;
+mod fake_backend;
 mod scenarios;
-mod serve;
 mod tls;
 
 use std::net::SocketAddr;
@@ -121,11 +121,11 @@ async fn main() -> std::io::Result<()> {
         Command::Serve { listen, body_size } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
             eprintln!("fake backend on {}", listener.local_addr()?);
-            return serve::serve(listener, body_size).await;
+            return fake_backend::run(listener, body_size).await;
         }
         Command::AuthHttp { listen, backend } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            return auth_http::serve(listener, backend).await;
+            return auth_http::run(listener, backend).await;
         }
         Command::Login(c) => scenarios::login(&c.into_scenario()).await,
         Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,

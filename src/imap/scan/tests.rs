@@ -11,7 +11,7 @@ use super::*;
 #[derive(Default)]
 struct Recorder(Mutex<Vec<(&'static str, Completion, bool)>>);
 
-impl Sink for Recorder {
+impl CommandSink for Recorder {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         self.0
             .lock()
@@ -45,8 +45,8 @@ fn run_with(
                 let piece = &bytes[at..cut.max(at)];
                 at = cut.max(at);
                 match step {
-                    C(_) => observer.client_bytes(piece),
-                    S(_) => observer.backend_bytes(piece),
+                    C(_) => observer.observe(Way::ClientToBackend, piece),
+                    S(_) => observer.observe(Way::BackendToClient, piece),
                 }
             }
         }
@@ -243,7 +243,7 @@ fn in_flight_table_is_bounded() {
     );
     let recorder = Recorder::default();
     let mut observer = Observer::new(&recorder);
-    observer.client_bytes(many);
+    observer.observe(Way::ClientToBackend, many);
     assert_eq!(observer.in_flight(), IN_FLIGHT_MAX);
     assert_eq!(
         recorder.0.lock().unwrap().len(),
@@ -328,19 +328,19 @@ proptest! {
 fn literal_left_is_what_the_relay_may_splice() {
     let recorder = Recorder::default();
     let mut observer = Observer::new(&recorder);
-    observer.client_bytes(b"a1 FETCH 1 BODY[]\r\n");
-    observer.backend_bytes(b"* 1 FETCH (BODY[] {100000}\r\nabc");
-    assert_eq!(observer.backend_literal_left(), 100_000 - 3);
-    observer.backend_literal_passed(100_000 - 4);
-    assert_eq!(observer.backend_literal_left(), 1);
-    observer.backend_bytes(b"d)\r\na1 OK done\r\n");
-    assert_eq!(observer.backend_literal_left(), 0);
+    observer.observe(Way::ClientToBackend, b"a1 FETCH 1 BODY[]\r\n");
+    observer.observe(Way::BackendToClient, b"* 1 FETCH (BODY[] {100000}\r\nabc");
+    assert_eq!(observer.literal_left(Way::BackendToClient), 100_000 - 3);
+    observer.literal_passed(Way::BackendToClient, 100_000 - 4);
+    assert_eq!(observer.literal_left(Way::BackendToClient), 1);
+    observer.observe(Way::BackendToClient, b"d)\r\na1 OK done\r\n");
+    assert_eq!(observer.literal_left(Way::BackendToClient), 0);
     // A client's non-synchronizing literal: its octets may pass unseen at once.
-    observer.client_bytes(b"a2 APPEND INBOX {70000+}\r\n");
-    assert_eq!(observer.client_literal_left(), 70_000);
-    observer.client_literal_passed(70_000);
-    observer.client_bytes(b"\r\n");
-    observer.backend_bytes(b"a2 OK appended\r\n");
+    observer.observe(Way::ClientToBackend, b"a2 APPEND INBOX {70000+}\r\n");
+    assert_eq!(observer.literal_left(Way::ClientToBackend), 70_000);
+    observer.literal_passed(Way::ClientToBackend, 70_000);
+    observer.observe(Way::ClientToBackend, b"\r\n");
+    observer.observe(Way::BackendToClient, b"a2 OK appended\r\n");
     drop(observer);
     assert_eq!(
         recorder.0.into_inner().unwrap(),

@@ -1,7 +1,7 @@
 //! Moving a literal's body socket → pipe → socket with splice(2), never through user space.
 //!
 //! The observer skips literal octets by count anyway, so once it says how many are coming
-//! (`Observe::unseen_ahead`) the relay does not need to read them at all. On Linux, splicing a
+//! (`Tap::unseen_ahead`) the relay does not need to read them at all. On Linux, splicing a
 //! TCP socket into a pipe takes references to the received pages and splicing the pipe into
 //! the other socket hands them on: the two copies a read/write relay makes per byte are gone.
 //! This is what makes a large FETCH cheaper through imapgate than through a proxy that copies.

@@ -21,7 +21,8 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use super::splice::{PIPE_CHUNK, Pipe, SPLICE_MIN};
-use super::{Ended, EndedBy, Observe, PooledBuffer, Way, ack_now, shut};
+use super::{Ended, EndedBy, PooledBuffer, ack_now, shut};
+use crate::tap::{Tap, Way};
 
 /// Octets read and not yet all written.
 enum Pending {
@@ -71,14 +72,14 @@ impl Direction {
     }
 
     /// Moves octets from `from` to `to` until one of them would block (Pending) or `from`
-    /// ends (Ready(Ok)). The observer sees each chunk as it is read, except literal bodies it
+    /// ends (Ready(Ok)). The tap sees each chunk as it is read, except literal bodies it
     /// said it does not need to see, which are spliced.
-    fn poll_copy<O: Observe>(
+    fn poll_copy<O: Tap>(
         &mut self,
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        observer: &mut O,
+        tap: &mut O,
         way: Way,
     ) -> Poll<io::Result<()>> {
         if self.done {
@@ -123,7 +124,7 @@ impl Direction {
                             Ok(n) => {
                                 *in_pipe = n;
                                 *left -= n as u64;
-                                observer.passed_unseen(way, n);
+                                tap.passed_unseen(way, n);
                             }
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(e) if splice_unsupported(&e) => {
@@ -153,11 +154,11 @@ impl Direction {
                 }
                 continue;
             }
-            // A long literal body coming, which the observer need not see: splice it.
+            // A long literal body coming, which the tap need not see: splice it.
             let unseen = if self.no_splice {
                 0
             } else {
-                observer.unseen_ahead(way)
+                tap.unseen_ahead(way)
             };
             if unseen >= SPLICE_MIN
                 && let Some(pipe) = Pipe::take()
@@ -189,9 +190,9 @@ impl Direction {
                             Err::<(), _>(io::ErrorKind::WouldBlock.into())
                         });
                     }
-                    observer.observe(way, &buf.0[..n]);
+                    tap.observe(way, &buf.0[..n]);
                     // Drained while the backend still owes answers: ACK now (see ack_now).
-                    if n < buf.0.len() && self.quickack && observer.awaits_backend() {
+                    if n < buf.0.len() && self.quickack && tap.awaits_backend() {
                         ack_now(from.as_fd());
                     }
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
@@ -208,7 +209,7 @@ impl Direction {
 pub struct TcpRelay<O> {
     client: TcpStream,
     backend: TcpStream,
-    observer: O,
+    tap: O,
     up: Direction,
     down: Direction,
     half_close: Duration,
@@ -216,25 +217,25 @@ pub struct TcpRelay<O> {
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl<O: Observe> TcpRelay<O> {
+impl<O: Tap> TcpRelay<O> {
     pub fn new(
         client: TcpStream,
         backend: TcpStream,
         half_close: Duration,
-        mut observer: O,
+        mut tap: O,
         (client_first, backend_first): (Vec<u8>, Vec<u8>),
         backend_quickack: bool,
     ) -> Self {
         if !client_first.is_empty() {
-            observer.client_to_backend(&client_first);
+            tap.observe(Way::ClientToBackend, &client_first);
         }
         if !backend_first.is_empty() {
-            observer.backend_to_client(&backend_first);
+            tap.observe(Way::BackendToClient, &backend_first);
         }
         TcpRelay {
             client,
             backend,
-            observer,
+            tap,
             up: Direction::new(client_first, false),
             down: Direction::new(backend_first, backend_quickack),
             half_close,
@@ -246,18 +247,18 @@ impl<O: Observe> TcpRelay<O> {
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let way = Way::BackendToClient;
         self.down
-            .poll_copy(cx, &self.backend, &self.client, &mut self.observer, way)
+            .poll_copy(cx, &self.backend, &self.client, &mut self.tap, way)
     }
 
     /// Client → backend.
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let way = Way::ClientToBackend;
         self.up
-            .poll_copy(cx, &self.client, &self.backend, &mut self.observer, way)
+            .poll_copy(cx, &self.client, &self.backend, &mut self.tap, way)
     }
 }
 
-impl<O: Observe + Unpin> Future for TcpRelay<O> {
+impl<O: Tap + Unpin> Future for TcpRelay<O> {
     type Output = Ended;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {

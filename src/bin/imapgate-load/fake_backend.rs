@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-pub async fn serve(listener: TcpListener, body_size: usize) -> std::io::Result<()> {
+pub async fn run(listener: TcpListener, body_size: usize) -> std::io::Result<()> {
     let message = Arc::new(message(body_size));
     loop {
         let (stream, _) = listener.accept().await?;
