@@ -21,6 +21,8 @@ use crate::config::{Backend, BackendTls, ClientTls, SendProxy};
 use crate::proxy_header;
 use crate::stream::Stream;
 
+pub(crate) mod state;
+
 /// The tag of what imapgate says before the login (STARTTLS, CAPABILITY, ID, LOGOUT).
 const PREP_TAG: &str = "ig0";
 /// Longest backend line read here; real greetings and answers are far shorter.
@@ -33,7 +35,9 @@ pub enum BackendError {
     Connect(io::Error),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
-    #[error("greeting and login timed out after {0:?}")]
+    #[error("not ready for the login (greeting, TLS, capabilities) within {0:?}")]
+    GreetingTimeout(Duration),
+    #[error("no answer to the login within {0:?}")]
     LoginTimeout(Duration),
     #[error("health check timed out after {0:?}")]
     CheckTimeout(Duration),

@@ -11,10 +11,11 @@ use std::path::Path;
 
 use serde_saphyr::{Location, Spanned};
 
+pub use file::HealthMode;
 pub use file::{BackendTlsMode, ListenerTlsMode};
 pub use runtime::{
-    Backend, BackendTls, Cidr, ClientTls, Config, HealthChecks, Limits, ListenerConfig,
-    ListenerTls, ProxyProtocol, Routing, SendProxy, Timeouts,
+    AdminConfig, AdminToken, Backend, BackendTls, Cidr, ClientTls, Config, HealthChecks, Limits,
+    ListenerConfig, ListenerTls, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
 };
 
 use crate::tls::{self, CertSource, ServerTls};
@@ -63,7 +64,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         column: 0,
         message: format!("cannot read the file: {e}"),
     })?;
-    parse(&text, &source_name)
+    let mut config = parse(&text, &source_name)?;
+    config.path = Some(path.to_path_buf());
+    Ok(config)
 }
 
 /// The embedded default, already validated by a unit test.
@@ -91,7 +94,17 @@ pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
             message,
         }
     })?;
-    validate(raw, source_name)
+    let mut config = validate(raw, source_name)?;
+    config.hash = content_hash(text);
+    Ok(config)
+}
+
+/// The first 16 hex digits of the text's SHA-256: what `imapgate_config_info{hash}` shows, so
+/// that `sha256sum imapgate.yaml` tells which replicas run which file.
+pub(crate) fn content_hash(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// serde-saphyr's message can carry a rendered snippet and repeats the location; keep the
@@ -340,6 +353,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
     let timeouts = Timeouts {
         prelogin: nonzero(&v, "timeouts.prelogin", &t.prelogin)?,
         backend_connect: nonzero(&v, "timeouts.backend_connect", &t.backend_connect)?,
+        backend_greeting: nonzero(&v, "timeouts.backend_greeting", &t.backend_greeting)?,
         backend_login: nonzero(&v, "timeouts.backend_login", &t.backend_login)?,
         half_close: nonzero(&v, "timeouts.half_close", &t.half_close)?,
         // 0 is allowed: cut logged-in sessions at once.
@@ -348,18 +362,34 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
 
     let admin = match &raw.admin {
         None => None,
-        Some(a) => Some(a.bind.value.parse::<SocketAddr>().map_err(|_| {
-            v.err(
-                &a.bind.referenced,
-                format!(
-                    "admin.bind: {:?} is not an IP address and port (e.g. \"127.0.0.1:9143\")",
-                    a.bind.value
-                ),
-            )
-        })?),
+        Some(a) => {
+            let bind = a.bind.value.parse::<SocketAddr>().map_err(|_| {
+                v.err(
+                    &a.bind.referenced,
+                    format!(
+                        "admin.bind: {:?} is not an IP address and port (e.g. \"127.0.0.1:9143\")",
+                        a.bind.value
+                    ),
+                )
+            })?;
+            let token = match &a.token_file {
+                None => None,
+                Some(path) => Some(read_token(&v, path)?),
+            };
+            if token.is_none() && !bind.ip().is_loopback() {
+                return Err(v.err(
+                    &a.bind.referenced,
+                    format!(
+                        "admin.bind: {bind} is reachable from other hosts, so admin.token_file is required (the admin API can drain backends and kick sessions)"
+                    ),
+                ));
+            }
+            Some(AdminConfig { bind, token })
+        }
     };
     let h = &raw.health;
     let health = HealthChecks {
+        mode: h.mode,
         interval: nonzero(&v, "health.interval", &h.interval)?,
         timeout: nonzero(&v, "health.timeout", &h.timeout)?,
         rise: at_least(&v, "health.rise", &h.rise, 1)?,
@@ -381,7 +411,34 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         admin,
         health,
         greeting: raw.greeting,
+        reload: ReloadConfig {
+            watch: raw.reload.watch,
+            interval: nonzero(&v, "reload.interval", &raw.reload.interval)?,
+        },
+        path: None,
+        hash: String::new(),
     })
+}
+
+/// The admin token: the file's content without surrounding white space, at least 16 octets.
+fn read_token(v: &Validator, path: &Spanned<String>) -> Result<AdminToken, ConfigError> {
+    let text = std::fs::read_to_string(&path.value).map_err(|e| {
+        v.err(
+            &path.referenced,
+            format!("admin.token_file: cannot read {:?}: {e}", path.value),
+        )
+    })?;
+    let token = text.trim();
+    if token.len() < 16 || token.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(v.err(
+            &path.referenced,
+            format!(
+                "admin.token_file: {:?} must hold one token of at least 16 printable characters",
+                path.value
+            ),
+        ));
+    }
+    Ok(AdminToken::new(token))
 }
 
 /// Names become log fields and (later) metric labels: keep them short and plain.

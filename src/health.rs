@@ -1,100 +1,156 @@
-//! Backend health: every `health.interval` each backend is reached as a login would reach it
-//! (`backend::open`: PROXY header, TLS or STARTTLS, greeting) within `health.timeout`. `rise` successes in a row mark it up, `fall` failures down. The state
-//! feeds `imapgate_backend_up` and `/readyz`; routing does not use it (a user's mailbox is on
-//! its backend; `routing.failover` decides what happens when that backend fails a login).
+//! Backend health: every `health.interval` each backend is checked within `health.timeout`:
+//! in `greeting` mode reached as a login would reach it (`backend::open`: PROXY header, TLS or
+//! STARTTLS, greeting, capabilities, then LOGOUT), in `tcp` mode connected to only. `rise`
+//! successes in a row mark a down backend up, `fall` failures an up one down; the first check
+//! decides at once. The state (`backend::state`) feeds routing (a login skips a backend known
+//! to be down), `imapgate_backend_up`, `/readyz` and `/backends`.
+//!
+//! The checks follow reloads: on a new snapshot they restart for its backend list; a backend
+//! kept across the reload keeps its state.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::backend::state::{BackendState, Health};
 use crate::backend::{self, BackendError, ProxyOut};
-use crate::config::{Backend, Config};
-use crate::metrics::Metrics;
+use crate::config::{Backend, HealthChecks, HealthMode};
+use crate::services::Services;
 use crate::shutdown::Shutdown;
 
-pub struct Health {
-    up: Vec<AtomicBool>,
-}
-
-impl Health {
-    pub fn new(backends: usize) -> Arc<Self> {
-        Arc::new(Health {
-            up: (0..backends).map(|_| AtomicBool::new(false)).collect(),
-        })
-    }
-
-    pub fn any_up(&self) -> bool {
-        self.up.iter().any(|u| u.load(Ordering::Relaxed))
-    }
-}
-
-/// Runs the checks until shutdown; one task per backend.
-pub fn spawn(config: Arc<Config>, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: Shutdown) {
-    for index in 0..config.backends.len() {
-        let (config, metrics, health, shutdown) = (
-            config.clone(),
-            metrics.clone(),
-            health.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = check_loop(&config, index, &metrics, &health) => {}
-                _ = shutdown.drain.cancelled() => {}
-            }
-        });
+/// Runs the checks of the current snapshot's backends until the drain; one task per backend.
+pub(crate) async fn run(services: Arc<Services>, shutdown: Shutdown) {
+    let mut changes = services.changes();
+    loop {
+        let snapshot = services.snapshot();
+        let stop = CancellationToken::new();
+        for (index, state) in snapshot.backends.iter().enumerate() {
+            let (config, state, stop) = (snapshot.config.clone(), state.clone(), stop.clone());
+            tokio::spawn(async move {
+                let backend = &config.backends[index];
+                tokio::select! {
+                    _ = check_loop(backend, &config.health, &state) => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        let go_on = tokio::select! {
+            changed = changes.changed() => changed.is_ok(),
+            _ = shutdown.drain.cancelled() => false,
+        };
+        stop.cancel();
+        if !go_on {
+            return;
+        }
     }
 }
 
-async fn check_loop(config: &Config, index: usize, metrics: &Metrics, health: &Health) {
-    let backend = &config.backends[index];
-    let h = &config.health;
-    let mut streak = 0u32;
-    let mut up = false;
-    let mut first = true;
+async fn check_loop(backend: &Backend, h: &HealthChecks, state: &BackendState) {
+    let mut streak = Streak::default();
     let mut ticker = tokio::time::interval(h.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = probe(backend, h.timeout).await;
-        let ok = result.is_ok();
-        // The first probe decides at once; after that, `rise`/`fall` in a row change the state.
-        if ok == up && !first {
-            streak = 0;
-        } else {
-            streak += 1;
-        }
-        let needed = if ok { h.rise } else { h.fall };
-        if first || streak >= needed {
-            if ok != up || first {
-                if ok {
-                    info!(backend = %backend.name, "backend up");
-                } else {
-                    let error = result.err().map(|e| e.to_string()).unwrap_or_default();
-                    warn!(backend = %backend.name, address = %backend.address, %error, "backend down");
-                }
+        let result = probe(backend, h.mode, h.timeout).await;
+        let Some(health) = streak.record(state.health(), result.is_ok(), h.rise, h.fall) else {
+            continue;
+        };
+        match &result {
+            Ok(()) => info!(backend = %backend.name, "backend up"),
+            Err(error) => {
+                warn!(backend = %backend.name, address = %backend.address, %error, "backend down")
             }
-            up = ok;
-            streak = 0;
-            first = false;
-            health.up[index].store(up, Ordering::Relaxed);
-            metrics.set_backend_up(&backend.name, up);
+        }
+        state.set_health(health);
+    }
+}
+
+/// Checks in a row that disagree with the current state: the rise/fall rule, apart from I/O.
+#[derive(Debug, Default)]
+struct Streak(u32);
+
+impl Streak {
+    /// The new health after a check, if it changes.
+    fn record(&mut self, current: Health, ok: bool, rise: u32, fall: u32) -> Option<Health> {
+        let (agrees, needed, next) = match current {
+            Health::Unknown => {
+                self.0 = 0;
+                return Some(if ok { Health::Up } else { Health::Down });
+            }
+            Health::Up => (ok, fall, Health::Down),
+            Health::Down => (!ok, rise, Health::Up),
+        };
+        if agrees {
+            self.0 = 0;
+            return None;
+        }
+        self.0 += 1;
+        if self.0 >= needed {
+            self.0 = 0;
+            Some(next)
+        } else {
+            None
         }
     }
 }
 
-/// Reaches the backend exactly as a login does (PROXY header, implicit TLS or STARTTLS with
-/// certificate verification, greeting, capabilities), then says LOGOUT.
-async fn probe(backend: &Backend, timeout: Duration) -> Result<(), BackendError> {
+/// Reaches the backend as configured: a TCP connect, or all a login does before the
+/// credentials (PROXY header, implicit TLS or STARTTLS with certificate verification,
+/// greeting, capabilities), then LOGOUT.
+async fn probe(backend: &Backend, mode: HealthMode, timeout: Duration) -> Result<(), BackendError> {
     let attempt = async {
         let tcp = backend::connect(backend, timeout).await?;
-        let (conn, _) = backend::open(tcp, backend, ProxyOut::Local).await?;
-        conn.logout().await;
+        if mode == HealthMode::Greeting {
+            let (conn, _) = backend::open(tcp, backend, ProxyOut::Local).await?;
+            conn.logout().await;
+        }
         Ok(())
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| BackendError::CheckTimeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds checks to the rule from `start`; returns the health after each.
+    fn run(start: Health, checks: &[bool], rise: u32, fall: u32) -> Vec<Health> {
+        let mut streak = Streak::default();
+        let mut health = start;
+        checks
+            .iter()
+            .map(|&ok| {
+                if let Some(h) = streak.record(health, ok, rise, fall) {
+                    health = h;
+                }
+                health
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rise_and_fall() {
+        use Health::{Down, Up};
+        assert_eq!(
+            run(Health::Unknown, &[false], 2, 3),
+            [Down],
+            "first check decides"
+        );
+        assert_eq!(run(Health::Unknown, &[true], 2, 3), [Up]);
+        assert_eq!(
+            run(Up, &[false, false, true, false, false, false], 2, 3),
+            [Up, Up, Up, Up, Up, Down],
+            "fall counts failures in a row"
+        );
+        assert_eq!(
+            run(Down, &[true, false, true, true, true], 2, 3),
+            [Down, Down, Down, Up, Up],
+            "rise counts successes in a row"
+        );
+        assert_eq!(run(Up, &[false], 1, 1), [Down]);
+    }
 }

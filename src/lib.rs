@@ -12,6 +12,7 @@ pub(crate) mod limits;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod proxy_header;
+pub(crate) mod reload;
 pub(crate) mod route;
 pub(crate) mod server;
 pub(crate) mod services;
@@ -24,6 +25,7 @@ pub(crate) mod tls;
 // The public façade, for the binaries, the integration tests and the benches; everything else
 // is the crate's own (so the compiler reports what nothing uses).
 pub use imap::scan::{CommandId, CommandSink, Completion, Observer};
+pub use reload::{ReloadError, reload};
 pub use route::backends_for;
 pub use server::{Bound, BoundListener, Server, bind, raise_fd_limit};
 pub use services::Services;

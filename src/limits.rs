@@ -44,8 +44,9 @@ impl Drop for OpenConnection {
 
 /// Caps on open client connections: in total and per client address.
 pub struct ConnectionCaps {
-    max_total: usize,
-    max_per_ip: usize,
+    /// Atomics so that a reload can change them; connections over a lowered cap stay.
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -59,22 +60,28 @@ pub struct Permit {
 impl ConnectionCaps {
     pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Self> {
         Arc::new(ConnectionCaps {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
         })
     }
 
+    /// New caps (a reload); they apply to connections accepted from now on.
+    pub fn set(&self, max_total: usize, max_per_ip: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+    }
+
     /// A permit, or the cap that refused.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Limit> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total.load(Ordering::Relaxed) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Limit::MaxConnections);
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
+        if *count >= self.max_per_ip.load(Ordering::Relaxed) {
             drop(per_ip);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Limit::PerIp);

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -20,25 +21,25 @@ use crate::shutdown::Shutdown;
 /// How long to pause accepting after an accept error (usually: out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Accepts on the listener called `name` until `stop` or the drain. Each connection works
+/// from the snapshot current when it was accepted (a reload may change the listener's TLS or
+/// PROXY settings between two connections).
 pub async fn accept_loop(
     listener: TcpListener,
-    index: usize,
+    name: String,
     services: Arc<Services>,
     shutdown: Shutdown,
+    stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let config = &services.config.listeners[index];
-    let name = &config.name;
     let caps = &services.caps;
-    // Behind a PROXY balancer every connection comes from the balancer: the per-address cap
-    // is applied in the session, to the address the header carries.
-    let proxied = config.proxy_protocol == ProxyProtocol::Required;
     let mut failing = false;
-    let counters = services.metrics.listener(name);
+    let counters = services.metrics.listener(&name);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.drain.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => {
@@ -66,6 +67,20 @@ pub async fn accept_loop(
             }
         };
         counters.accepted.inc();
+        let snapshot = services.snapshot();
+        let Some(index) = snapshot
+            .config
+            .listeners
+            .iter()
+            .position(|l| l.name == name)
+        else {
+            // Removed by a reload an instant ago; the loop is being stopped.
+            drop(stream);
+            continue;
+        };
+        // Behind a PROXY balancer every connection comes from the balancer: the per-address
+        // cap is applied in the session, to the address the header carries.
+        let proxied = snapshot.config.listeners[index].proxy_protocol == ProxyProtocol::Required;
         let admitted = if proxied {
             Ok(None)
         } else {
@@ -78,6 +93,7 @@ pub async fn accept_loop(
                     peer,
                     local: stream.local_addr().unwrap_or(peer),
                     listener: index,
+                    snapshot,
                     services: services.clone(),
                     shutdown: shutdown.clone(),
                     open: OpenConnection::new(&counters.open),

@@ -138,9 +138,7 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
             info!("shutdown requested");
             on_signal.begin();
         });
-        if let Some(tls) = config.tls.clone() {
-            tokio::spawn(reload_certificates_on_sighup(tls));
-        }
+        tokio::spawn(reload_on_sighup(services.clone()));
         imapgate::Server::new(bound, services, shutdown, workers)
             .run()
             .await
@@ -154,19 +152,18 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     }
 }
 
-/// SIGHUP: read the TLS certificates again. A file that does not load leaves the old
-/// certificates in place; sessions already running keep theirs either way.
-async fn reload_certificates_on_sighup(tls: Arc<imapgate::ServerTls>) {
+/// SIGHUP: reload the whole configuration (certificates included). Whatever happens, the
+/// process goes on: an invalid file leaves the old configuration in use (see reload.rs).
+async fn reload_on_sighup(services: Arc<imapgate::Services>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot watch SIGHUP; certificates will not reload");
+        warn!("cannot watch SIGHUP; reload with POST /reload instead");
         return;
     };
     while hup.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => info!("TLS certificates reloaded"),
-            Err(e) => error!(error = %e, "TLS certificates not reloaded; the old ones stay"),
-        }
+        info!("SIGHUP: reloading the configuration");
+        // The outcome is logged and counted by the reload itself.
+        let _ = imapgate::reload(&services).await;
     }
 }
 

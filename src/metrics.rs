@@ -134,6 +134,21 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KickLabels {
+    reason: Kick,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: ReloadResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConfigLabels {
+    hash: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
 }
@@ -166,6 +181,28 @@ label_values! {
         /// The backend could not be reached (refused, timeout, BYE greeting).
         Unavailable => "unavailable",
         /// The backend answered out of protocol.
+        Error => "error",
+    }
+}
+
+label_values! {
+    /// Why imapgate closed a logged-in session (each has its own BYE, see session/table.rs).
+    pub enum Kick {
+        /// `POST /sessions/kick`.
+        Admin => "admin",
+        /// Its backend was put in maintenance.
+        Maintenance => "maintenance",
+        /// The shutdown grace period ran out.
+        Shutdown => "shutdown",
+    }
+}
+
+label_values! {
+    /// How a configuration reload ended.
+    pub enum ReloadResult {
+        /// The new configuration is in use.
+        Ok => "ok",
+        /// It did not load or validate (or a new listener could not bind); the old one stays.
         Error => "error",
     }
 }
@@ -243,10 +280,24 @@ pub struct Metrics {
     connections_total: Family<ListenerLabels, Counter>,
     connections_active: Family<ListenerLabels, Gauge>,
     accept_errors: Family<AcceptErrorLabels, Counter>,
-    backend_up: Family<BackendLabels, Gauge>,
     prelogin_rejections: Family<ReasonLabels, Counter>,
-    /// Indexed like `Config::backends`.
-    backends: Vec<Arc<BackendMetrics>>,
+    backend: BackendFamilies,
+    sessions_closed: Family<KickLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    last_reload_success: Gauge<f64, AtomicU64>,
+    config_info: Family<ConfigLabels, Gauge>,
+}
+
+/// The families with a `backend` label; `Metrics::backend` hands out one backend's series.
+struct BackendFamilies {
+    up: Family<BackendLabels, Gauge>,
+    logins: Family<LoginLabels, Counter>,
+    login_duration: HistogramFamily<BackendLabels>,
+    sessions_active: Family<BackendLabels, Gauge>,
+    commands: Family<CommandLabels, Counter>,
+    command_duration: HistogramFamily<CommandDurationLabels>,
+    bytes: Family<BytesLabels, Counter>,
+    connect_duration: HistogramFamily<BackendLabels>,
 }
 
 /// One backend's hot-path handles.
@@ -261,6 +312,26 @@ pub struct BackendMetrics {
     logins: [[Counter; LoginResult::ALL.len()]; MechanismLabel::ALL.len()],
     login_duration: Histogram,
     connect_duration: Histogram,
+    up: Gauge,
+}
+
+impl BackendMetrics {
+    /// A login attempt on this backend.
+    pub fn login(&self, mechanism: Mechanism, result: LoginResult, took: Duration) {
+        self.logins[MechanismLabel::from(mechanism).index()][result.index()].inc();
+        if result == LoginResult::Ok || result == LoginResult::Rejected {
+            self.login_duration.observe(took.as_secs_f64());
+        }
+    }
+
+    /// A TCP connect to this backend took `took`.
+    pub fn connected(&self, took: Duration) {
+        self.connect_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
 }
 
 impl CommandSink for BackendMetrics {
@@ -380,81 +451,150 @@ impl Metrics {
                 });
             }
         }
-        let mut backends = Vec::with_capacity(config.backends.len());
-        for b in &config.backends {
-            let backend = BackendLabels {
-                backend: b.name.to_string(),
-            };
-            let _ = backend_up.get_or_create(&backend);
-            let logins = MechanismLabel::ALL.map(|mechanism| {
-                LoginResult::ALL.map(|result| {
-                    logins_total
-                        .get_or_create(&LoginLabels {
-                            backend: b.name.to_string(),
-                            mechanism,
-                            result,
-                        })
-                        .clone()
-                })
-            });
-            let commands = COMMAND_NAMES
-                .iter()
-                .map(|name| {
-                    StatusLabel::ALL.map(|status| {
-                        commands_total
-                            .get_or_create(&CommandLabels {
-                                backend: b.name.to_string(),
-                                command: name.to_string(),
-                                status,
-                            })
-                            .clone()
-                    })
-                })
-                .collect();
-            let durations = COMMAND_NAMES
-                .iter()
-                .map(|name| {
-                    command_duration
-                        .get_or_create(&CommandDurationLabels {
-                            backend: b.name.to_string(),
-                            command: name.to_string(),
-                        })
-                        .clone()
-                })
-                .collect();
-            let bytes = |direction| {
-                bytes_total
-                    .get_or_create(&BytesLabels {
-                        backend: b.name.to_string(),
-                        direction,
-                    })
-                    .clone()
-            };
-            backends.push(Arc::new(BackendMetrics {
-                commands,
-                durations,
-                bytes_to_backend: bytes(DirectionLabel::ClientToBackend),
-                bytes_to_client: bytes(DirectionLabel::BackendToClient),
-                sessions_active: sessions_active.get_or_create(&backend).clone(),
-                logins,
-                login_duration: login_duration.get_or_create(&backend).clone(),
-                connect_duration: backend_connect_duration.get_or_create(&backend).clone(),
-            }));
+        let sessions_closed = Family::<KickLabels, Counter>::default();
+        r.register(
+            "sessions_closed",
+            "Logged-in sessions imapgate closed with a BYE (admin kick, maintenance, shutdown)",
+            sessions_closed.clone(),
+        );
+        for reason in Kick::ALL {
+            let _ = sessions_closed.get_or_create(&KickLabels { reason });
         }
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        r.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP, POST /reload, file watch), by result",
+            reloads.clone(),
+        );
+        for result in ReloadResult::ALL {
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
+        let last_reload_success = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded (start or reload), Unix time",
+            last_reload_success.clone(),
+        );
+        let config_info = Family::<ConfigLabels, Gauge>::default();
+        r.register(
+            "config_info",
+            "Always 1, for the configuration in use: hash is the start of the file's SHA-256",
+            config_info.clone(),
+        );
 
         Metrics {
             registry,
             connections_total,
             connections_active,
             accept_errors,
-            backend_up,
             prelogin_rejections,
-            backends,
+            backend: BackendFamilies {
+                up: backend_up,
+                logins: logins_total,
+                login_duration,
+                sessions_active,
+                commands: commands_total,
+                command_duration,
+                bytes: bytes_total,
+                connect_duration: backend_connect_duration,
+            },
+            sessions_closed,
+            reloads,
+            last_reload_success,
+            config_info,
         }
     }
 
-    pub fn backend(&self, index: usize) -> &Arc<BackendMetrics> {
-        &self.backends[index]
+    /// imapgate closed a logged-in session.
+    pub fn session_closed(&self, reason: Kick) {
+        self.sessions_closed
+            .get_or_create(&KickLabels { reason })
+            .inc();
+    }
+
+    /// One backend's series (created at 0 the first time, the same ones after a reload).
+    pub fn backend(&self, name: &str) -> Arc<BackendMetrics> {
+        let f = &self.backend;
+        let labels = BackendLabels {
+            backend: name.to_string(),
+        };
+        let logins = MechanismLabel::ALL.map(|mechanism| {
+            LoginResult::ALL.map(|result| {
+                f.logins
+                    .get_or_create(&LoginLabels {
+                        backend: name.to_string(),
+                        mechanism,
+                        result,
+                    })
+                    .clone()
+            })
+        });
+        let commands = COMMAND_NAMES
+            .iter()
+            .map(|command| {
+                StatusLabel::ALL.map(|status| {
+                    f.commands
+                        .get_or_create(&CommandLabels {
+                            backend: name.to_string(),
+                            command: command.to_string(),
+                            status,
+                        })
+                        .clone()
+                })
+            })
+            .collect();
+        let durations = COMMAND_NAMES
+            .iter()
+            .map(|command| {
+                f.command_duration
+                    .get_or_create(&CommandDurationLabels {
+                        backend: name.to_string(),
+                        command: command.to_string(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let bytes = |direction| {
+            f.bytes
+                .get_or_create(&BytesLabels {
+                    backend: name.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        Arc::new(BackendMetrics {
+            commands,
+            durations,
+            bytes_to_backend: bytes(DirectionLabel::ClientToBackend),
+            bytes_to_client: bytes(DirectionLabel::BackendToClient),
+            sessions_active: f.sessions_active.get_or_create(&labels).clone(),
+            logins,
+            login_duration: f.login_duration.get_or_create(&labels).clone(),
+            connect_duration: f.connect_duration.get_or_create(&labels).clone(),
+            up: f.up.get_or_create(&labels).clone(),
+        })
+    }
+
+    /// A reload was tried; on success `hash` names the configuration now in use.
+    pub fn reloaded(&self, result: ReloadResult, hash: Option<&str>) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        if let Some(hash) = hash {
+            self.config_in_use(hash);
+        }
+    }
+
+    /// `hash` is in use from now on (at start and after each successful reload).
+    pub fn config_in_use(&self, hash: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&ConfigLabels {
+                hash: hash.to_string(),
+            })
+            .set(1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload_success.set(now);
     }
 
     /// OpenMetrics 1.0 text, what Prometheus asks for.
@@ -490,30 +630,6 @@ impl Metrics {
             fd_limit: error(AcceptError::FdLimit),
             other_error: error(AcceptError::Other),
         }
-    }
-
-    /// A login attempt on backend `index` (of `Config::backends`).
-    pub fn login(&self, index: usize, mechanism: Mechanism, result: LoginResult, took: Duration) {
-        let b = &self.backends[index];
-        b.logins[MechanismLabel::from(mechanism).index()][result.index()].inc();
-        if result == LoginResult::Ok || result == LoginResult::Rejected {
-            b.login_duration.observe(took.as_secs_f64());
-        }
-    }
-
-    /// A TCP connect to backend `index` took `took`.
-    pub fn backend_connected(&self, index: usize, took: Duration) {
-        self.backends[index]
-            .connect_duration
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn set_backend_up(&self, backend: &str, up: bool) {
-        self.backend_up
-            .get_or_create(&BackendLabels {
-                backend: backend.to_string(),
-            })
-            .set(i64::from(up));
     }
 
     pub fn rejected(&self, reason: Rejection) {

@@ -8,20 +8,62 @@
 //!    only the users whose top score it gains or loses; renaming it moves its users, changing its
 //!    address does not.
 //!
-//! The order after the first backend is what failover tries next, when it is enabled.
+//! The order after the first backend is what failover tries next, when it is enabled, and
+//! where a hashed user goes while a backend is down or drained (`Route::candidates`).
 
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::config::Config;
 
-/// Indices into `config.backends`, best first. Without failover only the first is used.
-pub fn backends_for(config: &Config, user: &str) -> Vec<usize> {
+/// Where a user goes.
+#[derive(Debug)]
+pub(crate) struct Route {
+    /// The normalised user name the route was computed for.
+    pub(crate) key: String,
+    /// The backend `routing.static` names for the key.
+    pub(crate) pinned: Option<usize>,
+    /// Indices into `config.backends`, best first: the pinned one, then every backend with a
+    /// weight above 0 by rendezvous score.
+    pub(crate) order: Vec<usize>,
+}
+
+impl Route {
+    /// The backends a login tries, in order, given which of them take logins now (health and
+    /// admin mode). A hashed user skips backends that do not, in rendezvous order, so that
+    /// their next choice is stable and every replica agrees; a pinned user goes on to others
+    /// only with `routing.failover`. Without failover, one backend at most.
+    pub(crate) fn candidates(
+        &self,
+        failover: bool,
+        takes_logins: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        let mut candidates: Vec<usize> = match self.pinned {
+            Some(pinned) if !failover => vec![pinned],
+            _ => self.order.clone(),
+        };
+        candidates.retain(|&i| takes_logins(i));
+        if !failover {
+            candidates.truncate(1);
+        }
+        candidates
+    }
+}
+
+pub(crate) fn route(config: &Config, user: &str) -> Route {
     let key = config.routing.normalize(user);
     let mut order = rendezvous_order(config, &key);
-    if let Some(&pinned) = config.routing.static_map.get(&key) {
+    let pinned = config.routing.static_map.get(&key).copied();
+    if let Some(pinned) = pinned {
         order.retain(|&i| i != pinned);
         order.insert(0, pinned);
     }
+    Route { key, pinned, order }
+}
+
+/// Indices into `config.backends`, best first, as configured (health and admin modes aside).
+/// Without failover only the first is used.
+pub fn backends_for(config: &Config, user: &str) -> Vec<usize> {
+    let mut order = route(config, user).order;
     if !config.routing.failover {
         order.truncate(1);
     }
@@ -66,6 +108,23 @@ mod tests {
     }
 
     const THREE: &str = "  - { name: mail1, address: \"h:1\" }\n  - { name: mail2, address: \"h:2\" }\n  - { name: mail3, address: \"h:3\" }\n";
+
+    #[test]
+    fn candidates_skip_what_takes_no_logins() {
+        let c = config(THREE, "routing: { static: { pinned@x: mail2 } }\n");
+        let r = route(&c, "someone");
+        let all = |_| true;
+        let first = r.order[0];
+        assert_eq!(r.candidates(false, all), vec![first]);
+        // Its first choice down: a hashed user goes to the second, on every replica alike.
+        assert_eq!(r.candidates(false, |i| i != first), vec![r.order[1]]);
+        assert_eq!(r.candidates(true, |i| i != first), r.order[1..].to_vec());
+        // A pinned user without failover waits for its backend.
+        let p = route(&c, "pinned@x");
+        assert_eq!(p.pinned, Some(1));
+        assert_eq!(p.candidates(false, |i| i != 1), Vec::<usize>::new());
+        assert_eq!(p.candidates(true, |i| i != 1).len(), 2);
+    }
 
     /// Pins the hash: if this changes, every deployed replica would move users on upgrade.
     /// The orders were computed independently with Python's xxhash package and the same formula.

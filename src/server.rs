@@ -12,16 +12,19 @@
 //!        BYE to pre-login sessions ─► logged-in sessions get shutdown_grace ─► cut ─► stopped
 //! ```
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::services::Services;
 use crate::shutdown::Shutdown;
-use crate::{admin, health, listener};
+use crate::{admin, health, listener, reload};
 
 pub struct Server {
     bound: Bound,
@@ -54,7 +57,7 @@ impl Server {
         } = self;
         let mut others = Vec::with_capacity(workers - 1);
         for n in 1..workers {
-            let listeners = bind_more(&services.config)?;
+            let listeners = bind_more(&services.config())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -64,7 +67,7 @@ impl Server {
                 .spawn(move || {
                     runtime.block_on(async {
                         match into_bound(listeners) {
-                            Ok(bound) => run_worker(bound, services, shutdown).await,
+                            Ok(bound) => run_worker(bound, services, shutdown, false).await,
                             Err(e) => error!(error = %e, "worker cannot use its listeners"),
                         }
                     });
@@ -73,7 +76,7 @@ impl Server {
         }
         info!(workers, "workers started");
         start_services(bound.admin, &services, &shutdown);
-        run_worker(bound.listeners, services, shutdown.clone()).await;
+        run_worker(bound.listeners, services, shutdown.clone(), true).await;
         // Every worker drains within the same grace period; only then is the rest cut.
         let _ = tokio::task::spawn_blocking(move || {
             for handle in others {
@@ -112,11 +115,11 @@ pub async fn bind(config: &Config) -> std::io::Result<Bound> {
             .map_err(|e| named(format!("listener {} to {}", l.name, l.bind), e))?;
         listeners.push(BoundListener { index, listener });
     }
-    let admin = match config.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
+    let admin = match &config.admin {
+        Some(admin) => Some(
+            TcpListener::bind(admin.bind)
                 .await
-                .map_err(|e| named(format!("the admin server to {addr}"), e))?,
+                .map_err(|e| named(format!("the admin server to {}", admin.bind), e))?,
         ),
         None => None,
     };
@@ -165,6 +168,11 @@ fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
+/// Whether `addr` can be bound now (a reload adding a listener checks before it is put in use).
+pub(crate) fn check_bindable(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    bind_shared(addr).map(drop)
+}
+
 /// Raises the soft open-file limit to the hard one; false if that failed.
 pub fn raise_fd_limit() -> bool {
     let mut limit = libc::rlimit {
@@ -181,66 +189,113 @@ pub fn raise_fd_limit() -> bool {
     }
 }
 
-/// The once-per-process tasks: health checks and the admin server, on the current runtime.
+/// The once-per-process tasks: health checks, the config file watch and the admin server, on
+/// the current runtime.
 fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shutdown: &Shutdown) {
-    let config = &services.config;
-    for b in &config.backends {
+    for b in &services.config().backends {
         if b.insecure_skip_verify {
             warn!(backend = %b.name, "insecure_skip_verify: the backend's certificate is not checked");
         }
     }
-    health::spawn(
-        config.clone(),
-        services.metrics.clone(),
-        services.health.clone(),
-        shutdown.clone(),
-    );
+    tokio::spawn(health::run(services.clone(), shutdown.clone()));
+    tokio::spawn(reload::watch(services.clone(), shutdown.clone()));
     if let Some(listener) = admin {
-        if let Ok(addr) = listener.local_addr() {
-            info!(address = %addr, "admin server listening");
-        }
-        let admin = Arc::new(admin::Admin {
-            metrics: services.metrics.clone(),
-            health: services.health.clone(),
-            sessions: services.sessions.clone(),
-        });
-        tokio::spawn(admin::serve(listener, admin, shutdown.clone()));
+        tokio::spawn(admin::serve(listener, services.clone(), shutdown.clone()));
     }
 }
 
-/// Accepts on `listeners` until `shutdown.drain`, then drains this thread's sessions: what
-/// each worker of a `Server` runs.
-async fn run_worker(listeners: Vec<BoundListener>, services: Arc<Services>, shutdown: Shutdown) {
-    let config = &services.config;
-    let caps = &services.caps;
+/// One running accept loop of a worker.
+struct Accepting {
+    bind: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Accepts on `listeners` until `shutdown.drain`, starting and stopping accept loops as
+/// reloads add and remove listeners, then drains this thread's sessions: what each worker of a
+/// `Server` runs. Only the primary worker logs what every worker does alike.
+async fn run_worker(
+    listeners: Vec<BoundListener>,
+    services: Arc<Services>,
+    shutdown: Shutdown,
+    primary: bool,
+) {
     let tracker = TaskTracker::new();
-    let mut loops = Vec::new();
-    for BoundListener { index, listener } in listeners {
-        if let Ok(addr) = listener.local_addr() {
-            info!(listener = %config.listeners[index].name, address = %addr, "listening");
+    let mut running: HashMap<String, Accepting> = HashMap::new();
+    let start = |name: &str, bind: SocketAddr, listener: TcpListener| {
+        if primary && let Ok(addr) = listener.local_addr() {
+            info!(listener = %name, address = %addr, "listening");
         }
-        loops.push(tokio::spawn(listener::accept_loop(
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(listener::accept_loop(
             listener,
-            index,
+            name.to_string(),
             services.clone(),
             shutdown.clone(),
+            stop.clone(),
             tracker.clone(),
-        )));
+        ));
+        Accepting { bind, stop, task }
+    };
+    let config = services.config();
+    for BoundListener { index, listener } in listeners {
+        let l = &config.listeners[index];
+        running.insert(l.name.clone(), start(&l.name, l.bind, listener));
     }
-    shutdown.drain.cancelled().await;
-    for l in loops {
-        let _ = l.await;
+    let mut changes = services.changes();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let config = services.config();
+                // Stop what is gone or moved; start what is new (a moved listener is both).
+                running.retain(|name, a| {
+                    let kept = config.listeners.iter().any(|l| &l.name == name && l.bind == a.bind);
+                    if !kept {
+                        a.stop.cancel();
+                        if primary {
+                            info!(listener = %name, address = %a.bind, "listener stopped");
+                        }
+                    }
+                    kept
+                });
+                for l in &config.listeners {
+                    if running.contains_key(&l.name) {
+                        continue;
+                    }
+                    match bind_shared(l.bind).and_then(TcpListener::from_std) {
+                        Ok(listener) => {
+                            running.insert(l.name.clone(), start(&l.name, l.bind, listener));
+                        }
+                        Err(e) => error!(listener = %l.name, address = %l.bind, error = %e, "cannot bind a listener added by a reload"),
+                    }
+                }
+            }
+            _ = shutdown.drain.cancelled() => break,
+        }
+    }
+    for (_, a) in running.drain() {
+        a.stop.cancel();
+        let _ = a.task.await;
     }
     tracker.close();
-    info!(open = caps.open(), grace = ?config.timeouts.shutdown_grace, "draining");
+    let config = services.config();
+    let caps = &services.caps;
+    if primary {
+        info!(open = caps.open(), grace = ?config.timeouts.shutdown_grace, "draining");
+    }
     if tokio::time::timeout(config.timeouts.shutdown_grace, tracker.wait())
         .await
         .is_err()
     {
-        warn!(
-            open = caps.open(),
-            "grace period over; closing the remaining sessions"
-        );
+        if primary {
+            warn!(
+                open = caps.open(),
+                "grace period over; closing the remaining sessions"
+            );
+        }
         shutdown.cut.cancel();
         tracker.wait().await;
     }

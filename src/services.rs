@@ -1,31 +1,88 @@
-//! The process-wide parts every session shares: the config snapshot, metrics, the session
-//! table, backend health and the connection caps.
+//! The process-wide parts every session shares: the current snapshot (config and backend
+//! states), metrics, the session table and the connection caps.
+//!
+//! A reload builds a new `Snapshot` and swaps it in (arc-swap: readers never wait). A session
+//! keeps the snapshot it started with; new connections and new logins take the current one.
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::backend::state::{BackendState, BackendStates};
 use crate::config::Config;
-use crate::health::Health;
 use crate::limits::ConnectionCaps;
 use crate::metrics::Metrics;
 use crate::session::table::SessionTable;
 
+/// One configuration and the live state of its backends, indexed like `config.backends`.
+pub(crate) struct Snapshot {
+    pub(crate) config: Arc<Config>,
+    pub(crate) backends: Vec<Arc<BackendState>>,
+}
+
+impl Snapshot {
+    /// The state of the backend called `name`, with its index.
+    pub(crate) fn backend(&self, name: &str) -> Option<(usize, &Arc<BackendState>)> {
+        self.backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| &*b.name == name)
+    }
+}
+
 /// The process-wide parts every session shares.
 pub struct Services {
-    pub(crate) config: Arc<Config>,
+    current: ArcSwap<Snapshot>,
+    /// Bumped after each swap; workers, health checks and the admin server wait on it.
+    generation: watch::Sender<u64>,
+    states: BackendStates,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<SessionTable>,
-    pub(crate) health: Arc<Health>,
     pub(crate) caps: Arc<ConnectionCaps>,
+    /// One reload at a time.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
 }
 
 impl Services {
     pub fn new(config: Arc<Config>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new(&config));
+        let states = BackendStates::default();
+        let backends = states.for_config(&config, &metrics);
+        metrics.config_in_use(&config.hash);
         Arc::new(Services {
-            metrics: Arc::new(Metrics::new(&config)),
+            generation: watch::Sender::new(0),
             sessions: Arc::new(SessionTable::default()),
-            health: Health::new(config.backends.len()),
             caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
-            config,
+            current: ArcSwap::from_pointee(Snapshot { config, backends }),
+            states,
+            metrics,
+            reloading: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The snapshot in use now.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The configuration in use now.
+    pub fn config(&self) -> Arc<Config> {
+        self.current.load().config.clone()
+    }
+
+    /// Puts `config` in use for everything that starts from now on.
+    pub(crate) fn install(&self, config: Arc<Config>) {
+        let backends = self.states.for_config(&config, &self.metrics);
+        self.caps
+            .set(config.limits.max_connections, config.limits.per_ip);
+        self.metrics.config_in_use(&config.hash);
+        self.current.store(Arc::new(Snapshot { config, backends }));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Wakes when a new snapshot is installed.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 }

@@ -20,13 +20,13 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::Services;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::Observer;
 use crate::limits::{OpenConnection, Permit};
 use crate::metrics::{BackendMetrics, Rejection};
 use crate::proxy_header;
+use crate::services::{Services, Snapshot};
 use crate::shutdown::Shutdown;
 use crate::stream::Stream;
 use crate::tap::{Tap, Way};
@@ -34,8 +34,7 @@ use crate::tls::ServerTls;
 use login::{Authenticated, LoginAttempt};
 use prelogin::{Closed, LoginRequest, Outcome, Prelogin};
 use relay::Relay;
-use table::{LiveSession, Registration};
-use tokio_util::sync::CancellationToken;
+use table::{Kick, LiveSession, Registration};
 
 /// Everything a session knows about itself. The config snapshot is the one it started with.
 pub struct Session {
@@ -44,9 +43,12 @@ pub struct Session {
     pub peer: SocketAddr,
     /// The address the client connected to (this side of the TCP connection).
     pub local: SocketAddr,
-    /// Index in `config.listeners`.
+    /// Index in `snapshot.config.listeners`.
     pub listener: usize,
-    /// Config snapshot, metrics, session table.
+    /// The configuration as it was when the connection was accepted (pre-login works from
+    /// it; the login takes the current one).
+    pub snapshot: Arc<Snapshot>,
+    /// Metrics, session table, the current snapshot.
     pub services: Arc<Services>,
     pub shutdown: Shutdown,
     /// Counted as open until the session ends.
@@ -55,7 +57,7 @@ pub struct Session {
 
 impl Session {
     pub fn listener(&self) -> &ListenerConfig {
-        &self.services.config.listeners[self.listener]
+        &self.snapshot.config.listeners[self.listener]
     }
 }
 
@@ -84,6 +86,9 @@ impl fmt::Display for SessionId {
 
 /// How long a last word (BYE) to a client that may not be reading may take.
 const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a logged-in session being closed (kicked, shutdown) may take to reach a response
+/// boundary: a FETCH in flight gets this long to finish before the BYE.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// Handles one accepted connection, from the PROXY header to the end of the relay. `permit` holds its place under the connection caps; when
 /// the listener takes PROXY headers it is `None` and the place is taken here, for the address
@@ -106,7 +111,7 @@ pub fn handle(
         let Some(handover) = login.await else {
             return;
         };
-        // After the login: relay until the session ends, or is cut at shutdown.
+        // After the login: relay until the session ends, is kicked, or is cut at shutdown.
         let mut session = LoggedInSession::start(handover);
         let ended_by = tokio::select! {
             (ended_by, result) = &mut session.relay => {
@@ -115,7 +120,12 @@ pub fn handle(
                 }
                 ended_by.as_str()
             }
-            _ = session.cut.cancelled() => "shutdown",
+            // Kicked, or cut at the end of the shutdown grace (the kick token is the cut's
+            // child): one wait for both.
+            _ = session.live.kicked() => {
+                let kick = session.live.kick_reason().unwrap_or(Kick::Shutdown);
+                session.close(kick).await
+            }
         };
         session.end(ended_by);
     }
@@ -139,7 +149,7 @@ async fn until_login(
     started: Instant,
 ) -> Option<Handover> {
     let services = session.services.clone();
-    let deadline = tokio::time::Instant::now() + services.config.timeouts.prelogin;
+    let deadline = tokio::time::Instant::now() + session.snapshot.config.timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
 
     let permit = match permit {
@@ -257,11 +267,11 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
 /// session's end needs. This is what an idle session costs, so it holds nothing else.
 struct LoggedInSession {
     relay: Relay<SessionTap>,
-    cut: CancellationToken,
     id: SessionId,
     started: Instant,
     live: Arc<LiveSession>,
     metrics: Arc<BackendMetrics>,
+    services: Arc<Services>,
     _registration: Registration,
     _permit: Permit,
     _open: OpenConnection,
@@ -277,18 +287,16 @@ impl LoggedInSession {
             started,
         } = handover;
         let services = &session.services;
-        let metrics = services
-            .metrics
-            .backend(authenticated.backend_index)
-            .clone();
-        let live = Arc::new(LiveSession {
-            id: session.id,
-            client: session.peer,
-            user: authenticated.user,
-            backend: authenticated.backend_name,
-            started: std::time::SystemTime::now(),
-            bytes: Default::default(),
-        });
+        let snapshot = &authenticated.snapshot;
+        let index = authenticated.backend_index;
+        let metrics = snapshot.backends[index].metrics.clone();
+        let live = Arc::new(LiveSession::new(
+            session.id,
+            session.peer,
+            authenticated.user,
+            snapshot.backends[index].name.clone(),
+            session.shutdown.cut.child_token(),
+        ));
         let registration = services.sessions.register(live.clone());
         metrics.sessions_active.inc();
         let tap = SessionTap {
@@ -299,23 +307,37 @@ impl LoggedInSession {
         let relay = relay::relay(
             client,
             backend.stream,
-            services.config.timeouts.half_close,
+            snapshot.config.timeouts.half_close,
             tap,
             authenticated.client_buffered,
             backend.buffered,
-            services.config.backends[authenticated.backend_index].quickack,
+            snapshot.config.backends[index].quickack,
         );
         LoggedInSession {
             relay,
-            cut: session.shutdown.cut.clone(),
             id: session.id,
             started,
             live,
             metrics,
+            services: session.services.clone(),
             _registration: registration,
             _permit: permit,
             _open: session.open,
         }
+    }
+
+    /// Ends the session at the next response boundary with an untagged BYE (see
+    /// `Relay::close_at_boundary`); a response still in flight gets `CLOSE_WAIT` to finish.
+    async fn close(&mut self, kick: Kick) -> &'static str {
+        self.services.metrics.session_closed(kick);
+        self.relay.close_at_boundary(kick.last_word());
+        // Boxed: only a closing session pays for the timer.
+        let wait = Box::pin(tokio::time::sleep(CLOSE_WAIT));
+        tokio::select! {
+            _ = &mut self.relay => {}
+            _ = wait => debug!(session = %self.id, "no response boundary in time; closing anyway"),
+        }
+        kick.ended_by()
     }
 
     /// Closes both sockets, reports the commands still in flight, logs the end.
@@ -364,6 +386,10 @@ impl Tap for SessionTap {
     fn observe(&mut self, way: Way, bytes: &[u8]) {
         self.count(way, bytes.len());
         self.commands.observe(way, bytes);
+        self.live.touch(
+            std::time::SystemTime::now(),
+            self.commands.oldest_in_flight(),
+        );
     }
 
     fn awaits_backend(&self) -> bool {
@@ -377,6 +403,14 @@ impl Tap for SessionTap {
     fn passed_unseen(&mut self, way: Way, n: usize) {
         self.count(way, n);
         self.commands.passed_unseen(way, n);
+        self.live.touch(
+            std::time::SystemTime::now(),
+            self.commands.oldest_in_flight(),
+        );
+    }
+
+    fn at_boundary(&self, way: Way) -> Option<bool> {
+        self.commands.at_boundary(way)
     }
 }
 
@@ -440,7 +474,8 @@ async fn accept_proxy_header(
     deadline: tokio::time::Instant,
 ) -> Option<Permit> {
     let services = session.services.clone();
-    let listener = &services.config.listeners[session.listener];
+    let snapshot = session.snapshot.clone();
+    let listener = &snapshot.config.listeners[session.listener];
     if !listener
         .trusted_proxies
         .iter()
@@ -514,12 +549,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let tcp = TcpStream::connect(addr).await.unwrap();
         let config = Arc::new(crate::config::embedded_default().unwrap());
+        let services = Services::new(config);
         let session = Session {
             id: SessionId::next(),
             peer: addr,
             local: addr,
             listener: 0,
-            services: Services::new(config),
+            snapshot: services.snapshot(),
+            services,
             shutdown: Shutdown::new(),
             open: OpenConnection::new(&Default::default()),
         };

@@ -30,6 +30,14 @@ pub trait Tap: Send + 'static {
     fn awaits_backend(&self) -> bool {
         true
     }
+
+    /// Whether what went `way` so far ends where a new response (or command) may begin: no
+    /// line or literal half through. `None` when the tap cannot tell (a compressed stream).
+    /// The relay closes a session there, so the client's last complete response is followed
+    /// by a BYE instead of being cut.
+    fn at_boundary(&self, _way: Way) -> Option<bool> {
+        None
+    }
 }
 
 /// No observation.

@@ -1,5 +1,6 @@
-//! rustls configs. Server side: certificates from PEM files, chosen by SNI with a default,
-//! swapped whole on reload (SIGHUP) — a file that does not load leaves the old set in place.
+//! rustls configs. Server side: certificates from PEM files, chosen by SNI with a default; a
+//! reload builds a new `ServerTls` with the rest of the config (reload.rs), so a file that does
+//! not load leaves the old configuration, certificates included, in place.
 //! Client side, per backend: verify against a CA bundle or the system roots, or not at all when
 //! `insecure_skip_verify` says so. TLS 1.2 and 1.3 only, ring as the provider.
 
@@ -8,7 +9,6 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -33,7 +33,7 @@ pub struct CertSource {
     pub key: PathBuf,
 }
 
-/// The listeners' TLS: one rustls config whose certificates can be reloaded.
+/// The listeners' TLS: one rustls config with its certificates.
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     resolver: Arc<CertResolver>,
@@ -55,7 +55,7 @@ impl ServerTls {
         let set = CertSet::load(&sources)?;
         let resolver = Arc::new(CertResolver {
             sources,
-            current: ArcSwap::from_pointee(set),
+            current: set,
         });
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(VERSIONS)
@@ -70,14 +70,6 @@ impl ServerTls {
         })
     }
 
-    /// Reads every certificate again; on any error the old ones stay and the error is returned.
-    /// Running sessions are not touched: they finished their handshakes.
-    pub fn reload(&self) -> Result<(), String> {
-        let set = CertSet::load(&self.resolver.sources)?;
-        self.resolver.current.store(Arc::new(set));
-        Ok(())
-    }
-
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         tokio_rustls::TlsAcceptor::from(self.config.clone())
     }
@@ -86,12 +78,12 @@ impl ServerTls {
 #[derive(Debug)]
 struct CertResolver {
     sources: Vec<CertSource>,
-    current: ArcSwap<CertSet>,
+    current: CertSet,
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let set = self.current.load();
+        let set = &self.current;
         let by_name = hello
             .server_name()
             .and_then(|name| set.by_name.get(&name.to_ascii_lowercase()));

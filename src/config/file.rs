@@ -30,6 +30,24 @@ pub struct ConfigFile {
     /// Text after `* OK [CAPABILITY ...]` in the greeting.
     #[serde(default = "default_greeting")]
     pub greeting: String,
+    #[serde(default)]
+    pub reload: ReloadFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadFile {
+    pub watch: bool,
+    pub interval: Spanned<ConfigDuration>,
+}
+
+impl Default for ReloadFile {
+    fn default() -> Self {
+        ReloadFile {
+            watch: false,
+            interval: unspanned(ConfigDuration(Duration::from_secs(5))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,11 +126,15 @@ pub enum SendProxy {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub bind: Spanned<String>,
+    /// A file holding the bearer token the protected endpoints require.
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthFile {
+    pub mode: HealthMode,
     pub interval: Spanned<ConfigDuration>,
     pub timeout: Spanned<ConfigDuration>,
     pub rise: Spanned<u32>,
@@ -122,12 +144,24 @@ pub struct HealthFile {
 impl Default for HealthFile {
     fn default() -> Self {
         HealthFile {
+            mode: HealthMode::Greeting,
             interval: unspanned(ConfigDuration(Duration::from_secs(5))),
             timeout: unspanned(ConfigDuration(Duration::from_secs(2))),
             rise: unspanned(2),
             fall: unspanned(2),
         }
     }
+}
+
+/// What a health check does.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthMode {
+    /// TCP connect only.
+    Tcp,
+    /// Reach the backend as a login does (PROXY, TLS or STARTTLS, greeting), then LOGOUT.
+    #[default]
+    Greeting,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,7 +256,9 @@ impl Default for LimitsFile {
 pub struct TimeoutsFile {
     pub prelogin: Spanned<ConfigDuration>,
     pub backend_connect: Spanned<ConfigDuration>,
-    /// Greeting, capability and login exchange with the backend, after the TCP connect.
+    /// After the TCP connect: PROXY header, TLS, greeting, capabilities, ID.
+    pub backend_greeting: Spanned<ConfigDuration>,
+    /// From the login sent to the backend's answer.
     pub backend_login: Spanned<ConfigDuration>,
     /// After the client closed its sending side: how long the backend may take to finish.
     pub half_close: Spanned<ConfigDuration>,
@@ -236,6 +272,7 @@ impl Default for TimeoutsFile {
         TimeoutsFile {
             prelogin: secs(60),
             backend_connect: secs(5),
+            backend_greeting: secs(5),
             backend_login: secs(30),
             half_close: secs(60),
             shutdown_grace: secs(30),

@@ -19,16 +19,63 @@ pub struct Config {
     pub routing: Routing,
     pub limits: Limits,
     pub timeouts: Timeouts,
-    /// The certificate set the TLS listeners share (each holds it too), for SIGHUP to reload.
+    /// The certificate set the TLS listeners share (each holds it too).
     pub tls: Option<Arc<ServerTls>>,
-    /// The admin HTTP server's address, if it runs.
-    pub admin: Option<SocketAddr>,
+    /// The admin HTTP server, if it runs.
+    pub admin: Option<AdminConfig>,
     pub health: HealthChecks,
     pub greeting: String,
+    pub reload: ReloadConfig,
+    /// The file it was loaded from (what a reload reads again); `None` for text parsed directly.
+    pub path: Option<std::path::PathBuf>,
+    /// The start of the text's SHA-256, in hex (see `config::content_hash`).
+    pub hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    /// Required by the endpoints that change state or show users (`None`: open, loopback only).
+    pub token: Option<AdminToken>,
+}
+
+/// The admin bearer token. Never printed; compared in constant time.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        AdminToken(token.into())
+    }
+
+    /// Whether `offered` is the token, in time independent of where they differ.
+    pub fn matches(&self, offered: &[u8]) -> bool {
+        let token = self.0.as_bytes();
+        let mut diff = token.len() ^ offered.len();
+        for (i, &b) in token.iter().enumerate() {
+            diff |= usize::from(b ^ offered.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReloadConfig {
+    /// Reload when the file's content changes (polled every `interval`; a ConfigMap's symlink
+    /// swap changes what the path reads, so it is seen too).
+    pub watch: bool,
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct HealthChecks {
+    pub mode: super::file::HealthMode,
     pub interval: Duration,
     pub timeout: Duration,
     /// Successes in a row that mark a down backend up.
@@ -230,6 +277,10 @@ pub struct Limits {
 pub struct Timeouts {
     pub prelogin: Duration,
     pub backend_connect: Duration,
+    /// From the connect to a backend ready for the login: PROXY header, TLS or STARTTLS,
+    /// greeting, capabilities, ID.
+    pub backend_greeting: Duration,
+    /// From the login sent to the backend's answer.
     pub backend_login: Duration,
     pub half_close: Duration,
     pub shutdown_grace: Duration,

@@ -277,6 +277,23 @@ impl<K: CommandSink> Observer<K> {
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.len()
     }
+
+    /// The oldest command sent and not yet completed.
+    pub fn oldest_in_flight(&self) -> Option<CommandId> {
+        self.shared.in_flight.first().map(|c| c.command)
+    }
+
+    /// Whether the stream `way` is between lines (see `Tap::at_boundary`); `None` once it is
+    /// compressed.
+    pub fn at_boundary(&self, way: Way) -> Option<bool> {
+        if self.shared.compressed || self.backend.off {
+            return None;
+        }
+        Some(match way {
+            Way::ClientToBackend => self.client.framer.at_line_start(),
+            Way::BackendToClient => self.backend.framer.at_line_start(),
+        })
+    }
 }
 
 /// The observer on the relay as it is (the session's tap adds byte counters around it).
@@ -295,6 +312,10 @@ impl<K: CommandSink + 'static> Tap for Observer<K> {
 
     fn awaits_backend(&self) -> bool {
         self.in_flight() > 0
+    }
+
+    fn at_boundary(&self, way: Way) -> Option<bool> {
+        Observer::at_boundary(self, way)
     }
 }
 
@@ -486,6 +507,15 @@ impl Framer {
             }
         }
         None
+    }
+
+    /// Between logical lines: nothing of a line or literal seen yet.
+    fn at_line_start(&self) -> bool {
+        self.literal_left == 0
+            && self.first_physical
+            && !self.head_done
+            && self.head_len == 0
+            && self.tail_len == 0
     }
 
     fn keep_tail(&mut self, bytes: &[u8]) {

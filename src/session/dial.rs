@@ -4,7 +4,10 @@
 //! backend::connect ─► backend::open (PROXY, TLS, greeting, STARTTLS, capabilities)
 //!   ─► [ID with the client's address, forward_id] ─► replay the login ─► tagged answer
 //!   ─► [OK without "[CAPABILITY ...]": CAPABILITY, its list put into the client's OK]
-//!   "* BYE" / silence / close / a bad certificate: unavailable (timeouts.backend_login)
+//!   before the login is sent (timeouts.backend_greeting): refused, silence, a bad certificate,
+//!   "* BYE" greeting → another backend may be tried (DialError::BeforeLogin);
+//!   after it (timeouts.backend_login): "* BYE", silence, close → unavailable, and the
+//!   credentials go nowhere else (DialError::AfterLogin)
 //! ```
 //!
 //! The login is replayed as it came: LOGIN as LOGIN (quoted when that is exact, else a literal,
@@ -64,25 +67,51 @@ pub struct Identity {
     pub client_id: Vec<(String, String)>,
 }
 
-/// Everything after the TCP connect, under `timeout`: reach the backend, replay the login.
+/// Why a dial failed, split at the moment the credentials were sent: before it another
+/// backend may be tried; after it the backend may have seen them, and they are never replayed
+/// elsewhere.
+#[derive(Debug)]
+pub enum DialError {
+    BeforeLogin(BackendError),
+    AfterLogin(BackendError),
+}
+
+impl DialError {
+    pub fn error(&self) -> &BackendError {
+        match self {
+            DialError::BeforeLogin(e) | DialError::AfterLogin(e) => e,
+        }
+    }
+}
+
+/// Everything after the TCP connect: reach the backend (PROXY, TLS, greeting, capabilities,
+/// ID) within `greeting`, then replay the login and read its answer within `login`.
 pub async fn replay(
     tcp: TcpStream,
     backend: &Backend,
     credentials: &Credentials,
     identity: &Identity,
-    timeout: Duration,
-) -> Result<LoginOutcome, BackendError> {
-    tokio::time::timeout(timeout, open_and_login(tcp, backend, credentials, identity))
+    (greeting, login): (Duration, Duration),
+) -> Result<LoginOutcome, DialError> {
+    let (conn, caps) = tokio::time::timeout(greeting, reach(tcp, backend, identity))
         .await
-        .map_err(|_| BackendError::LoginTimeout(timeout))?
+        .map_err(|_| BackendError::GreetingTimeout(greeting))
+        .and_then(|r| r)
+        .map_err(DialError::BeforeLogin)?;
+    tokio::time::timeout(login, log_in(conn, caps, credentials))
+        .await
+        .map_err(|_| BackendError::LoginTimeout(login))
+        .and_then(|r| r)
+        .map_err(DialError::AfterLogin)
 }
 
-async fn open_and_login(
+/// The backend, ready for the login: opened (PROXY header, TLS, greeting, STARTTLS,
+/// capabilities) and told who the client is (ID) where configured.
+async fn reach(
     tcp: TcpStream,
     backend: &Backend,
-    credentials: &Credentials,
     identity: &Identity,
-) -> Result<LoginOutcome, BackendError> {
+) -> Result<(Conn, backend::Capabilities), BackendError> {
     let proxy = ProxyOut::Client {
         client: identity.client,
         local: identity.local,
@@ -92,7 +121,14 @@ async fn open_and_login(
         // The answer does not matter: a backend that ignores ID still takes the login.
         conn.command(&id_command(identity)).await?;
     }
+    Ok((conn, caps))
+}
 
+async fn log_in(
+    mut conn: Conn,
+    caps: backend::Capabilities,
+    credentials: &Credentials,
+) -> Result<LoginOutcome, BackendError> {
     let mut untagged = Vec::new();
     let parts = match credentials.mechanism {
         Mechanism::Plain => plain_command(credentials, caps.sasl_ir),

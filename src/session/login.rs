@@ -3,21 +3,22 @@
 //! request; this module decides where it goes and records how it went.
 
 use std::io;
+use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
 use super::Session;
-use super::dial::{self, LoginOutcome};
+use super::dial::{self, DialError, LoginOutcome};
 use crate::backend;
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
 use crate::metrics::LoginResult;
 use crate::route;
+use crate::services::Snapshot;
 use crate::stream::Stream;
 
 /// What a login came to; the client has its answer in every case.
-#[derive(Debug)]
 pub enum LoginAttempt {
     LoggedIn(Box<Authenticated>),
     /// The backend said NO or BAD: a failed login, pre-login goes on.
@@ -27,12 +28,11 @@ pub enum LoginAttempt {
 }
 
 /// A login the backend accepted: what the relay needs.
-#[derive(Debug)]
 pub struct Authenticated {
     pub backend: dial::BackendSession,
-    /// Index in `Config::backends`.
+    /// The snapshot the login was routed with, and the backend's index in it.
+    pub snapshot: Arc<Snapshot>,
     pub backend_index: usize,
-    pub backend_name: std::sync::Arc<str>,
     /// The user as routed (authzid or login name), for logs and `/sessions`.
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
@@ -47,7 +47,9 @@ pub async fn route_and_dial(
     credentials: &Credentials,
     client_id: &[(String, String)],
 ) -> io::Result<LoginAttempt> {
-    let config = &session.services.config;
+    // The login follows the configuration in use now, not the one the connection found.
+    let snapshot = session.services.snapshot();
+    let config = &snapshot.config;
     let identity = dial::Identity {
         client: session.peer,
         local: session.local,
@@ -56,38 +58,38 @@ pub async fn route_and_dial(
     };
     let user = credentials.routing_user();
     let mechanism = credentials.mechanism.as_str();
-    for index in route::backends_for(config, user) {
+    let route = route::route(config, user);
+    let candidates = route.candidates(config.routing.failover, |i| {
+        snapshot.backends[i].takes_logins()
+    });
+    if candidates.is_empty() {
+        // Known down or taken out: say so now instead of making the user wait for a timeout.
+        info!(session = %session.id, user, mechanism, result = "unavailable", reason = "no backend takes logins", "login");
+    }
+    let timeouts = (
+        config.timeouts.backend_greeting,
+        config.timeouts.backend_login,
+    );
+    for index in candidates {
         let backend = &config.backends[index];
+        let state = &snapshot.backends[index];
         let started = std::time::Instant::now();
         let outcome = match backend::connect(backend, config.timeouts.backend_connect).await {
             Ok(stream) => {
-                session
-                    .services
-                    .metrics
-                    .backend_connected(index, started.elapsed());
-                dial::replay(
-                    stream,
-                    backend,
-                    credentials,
-                    &identity,
-                    config.timeouts.backend_login,
-                )
-                .await
+                state.metrics.connected(started.elapsed());
+                dial::replay(stream, backend, credentials, &identity, timeouts).await
             }
-            Err(e) => Err(e),
+            Err(e) => Err(DialError::BeforeLogin(e)),
         };
         let took = started.elapsed();
         let elapsed_ms = took.as_millis() as u64;
         let result = match &outcome {
             Ok(LoginOutcome::LoggedIn(_)) => LoginResult::Ok,
             Ok(LoginOutcome::Rejected { .. }) => LoginResult::Rejected,
-            Err(e) if e.is_protocol() => LoginResult::Error,
+            Err(e) if e.error().is_protocol() => LoginResult::Error,
             Err(_) => LoginResult::Unavailable,
         };
-        session
-            .services
-            .metrics
-            .login(index, credentials.mechanism, result, took);
+        state.metrics.login(credentials.mechanism, result, took);
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
@@ -100,8 +102,8 @@ pub async fn route_and_dial(
                 client.write_all(&out).await?;
                 return Ok(LoginAttempt::LoggedIn(Box::new(Authenticated {
                     backend: logged_in,
+                    snapshot: snapshot.clone(),
                     backend_index: index,
-                    backend_name: backend.name.clone(),
                     user: user.to_string(),
                     client_buffered: Vec::new(),
                 })));
@@ -114,8 +116,13 @@ pub async fn route_and_dial(
                 client.write_all(&out).await?;
                 return Ok(LoginAttempt::Rejected);
             }
-            Err(error) => {
+            Err(DialError::BeforeLogin(error)) => {
                 warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result.as_str(), elapsed_ms, %error, "login");
+            }
+            Err(DialError::AfterLogin(error)) => {
+                // The backend may have seen the credentials: they go nowhere else.
+                warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result.as_str(), elapsed_ms, %error, "login failed after the credentials were sent; no failover");
+                break;
             }
         }
     }

@@ -92,7 +92,7 @@ pub struct Prelogin {
 impl Prelogin {
     /// Pre-login on `client`, greeting first when `greet` (not after STARTTLS).
     pub async fn start(client: &mut Stream, session: &Session, greet: bool) -> io::Result<Self> {
-        let config = &session.services.config;
+        let config = &session.snapshot.config;
         let listener = session.listener();
         let tls = client.is_tls();
         let policy = Policy {
@@ -121,7 +121,7 @@ impl Prelogin {
         session: &Session,
     ) -> io::Result<Option<Closed>> {
         self.failures += 1;
-        if self.failures < session.services.config.limits.login_attempts {
+        if self.failures < session.snapshot.config.limits.login_attempts {
             return Ok(None);
         }
         session.services.metrics.rejected(Rejection::LoginAttempts);

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::stream::Stream;
 use crate::tap::{Tap, Way};
@@ -48,6 +49,8 @@ pub enum EndedBy {
     Client,
     /// The backend did not finish within `half_close` after the client's half-close.
     HalfCloseTimeout,
+    /// imapgate closed it (`Relay::close_at_boundary`): kicked, or shutting down.
+    Closed,
 }
 
 impl EndedBy {
@@ -56,6 +59,7 @@ impl EndedBy {
             EndedBy::Backend => "backend",
             EndedBy::Client => "client",
             EndedBy::HalfCloseTimeout => "half_close_timeout",
+            EndedBy::Closed => "closed",
         }
     }
 }
@@ -86,26 +90,43 @@ pub fn relay<O: Tap>(
             backend_quickack,
         )),
         // Boxed so that plain sessions do not carry the TLS path's state.
-        (client, backend) => Relay::Tls(Box::pin(async move {
-            // The two directions run in this one task; the lock is never contended.
-            let shared = Mutex::new(tap);
-            let tap = || shared.lock().unwrap_or_else(|p| p.into_inner());
-            let backend_fd = backend.tcp().as_raw_fd();
-            let (client_read, client_write) = tokio::io::split(client);
-            let (backend_read, backend_write) = tokio::io::split(backend);
-            let up = pin!(copy_io(client_read, backend_write, client_first, |b| {
-                tap().observe(Way::ClientToBackend, b)
-            }));
-            let down = pin!(copy_io(backend_read, client_write, backend_first, |b| {
-                tap().observe(Way::BackendToClient, b);
-                if backend_quickack && tap().awaits_backend() {
-                    // SAFETY: the descriptor belongs to `backend`, which `backend_read` and
-                    // `backend_write` own and keep open for as long as this copy runs.
-                    ack_now(unsafe { BorrowedFd::borrow_raw(backend_fd) });
-                }
-            }));
-            finish(up, down, half_close).await
-        })),
+        (client, backend) => {
+            let (close, closing) = watch::channel(None);
+            let relay = Box::pin(async move {
+                // The two directions run in this one task; the lock is never contended.
+                let shared = Mutex::new(tap);
+                let tap = || shared.lock().unwrap_or_else(|p| p.into_inner());
+                let backend_fd = backend.tcp().as_raw_fd();
+                let (client_read, client_write) = tokio::io::split(client);
+                let (backend_read, backend_write) = tokio::io::split(backend);
+                let up = pin!(copy_io(
+                    client_read,
+                    backend_write,
+                    client_first,
+                    |b| tap().observe(Way::ClientToBackend, b),
+                    closing.clone(),
+                    || Stop::Now,
+                ));
+                let down = pin!(copy_io(
+                    backend_read,
+                    client_write,
+                    backend_first,
+                    |b| {
+                        tap().observe(Way::BackendToClient, b);
+                        if backend_quickack && tap().awaits_backend() {
+                            // SAFETY: the descriptor belongs to `backend`, which `backend_read`
+                            // and `backend_write` own and keep open for as long as this copy
+                            // runs.
+                            ack_now(unsafe { BorrowedFd::borrow_raw(backend_fd) });
+                        }
+                    },
+                    closing,
+                    || Stop::at(tap().at_boundary(Way::BackendToClient)),
+                ));
+                finish(up, down, half_close).await
+            });
+            Relay::Tls { relay, close }
+        }
     }
 }
 
@@ -114,7 +135,27 @@ pub fn relay<O: Tap>(
 #[allow(clippy::large_enum_variant)]
 pub enum Relay<O> {
     Tcp(TcpRelay<O>),
-    Tls(Pin<Box<dyn Future<Output = Ended> + Send>>),
+    Tls {
+        relay: Pin<Box<dyn Future<Output = Ended> + Send>>,
+        /// The last word, once the session is to be closed.
+        close: watch::Sender<Option<&'static [u8]>>,
+    },
+}
+
+impl<O: Tap> Relay<O> {
+    /// Ends the session at the next response boundary: the client gets the response being
+    /// sent (a large FETCH included) whole, then `last_word` (an untagged BYE), then the
+    /// close. Nothing more goes to the backend. Poll the relay on to get there; it ends with
+    /// `EndedBy::Closed`. On a compressed stream no boundary is known: it closes at once,
+    /// without the last word.
+    pub fn close_at_boundary(&mut self, last_word: &'static [u8]) {
+        match self {
+            Relay::Tcp(relay) => relay.close_at_boundary(last_word),
+            Relay::Tls { close, .. } => {
+                close.send_replace(Some(last_word));
+            }
+        }
+    }
 }
 
 impl<O: Tap + Unpin> Future for Relay<O> {
@@ -123,7 +164,37 @@ impl<O: Tap + Unpin> Future for Relay<O> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
         match self.get_mut() {
             Relay::Tcp(relay) => Pin::new(relay).poll(cx),
-            Relay::Tls(relay) => relay.as_mut().poll(cx),
+            Relay::Tls { relay, .. } => relay.as_mut().poll(cx),
+        }
+    }
+}
+
+/// How a TLS copy direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyEnd {
+    /// The source ended; the half-close was passed on.
+    Eof,
+    /// The session was closed (`Relay::close_at_boundary`).
+    Closed,
+}
+
+/// What a direction does once the session is to be closed.
+enum Stop {
+    /// Stop reading at once (the client's side: nothing more goes to the backend).
+    Now,
+    /// Not at a boundary yet: go on.
+    Wait,
+    /// At a boundary: send the last word, close.
+    LastWord,
+}
+
+impl Stop {
+    /// From `Tap::at_boundary`.
+    fn at(boundary: Option<bool>) -> Stop {
+        match boundary {
+            Some(true) => Stop::LastWord,
+            Some(false) => Stop::Wait,
+            None => Stop::Now,
         }
     }
 }
@@ -135,16 +206,22 @@ async fn finish<U, D>(
     half_close: Duration,
 ) -> Ended
 where
-    U: Future<Output = io::Result<()>>,
-    D: Future<Output = io::Result<()>>,
+    U: Future<Output = io::Result<CopyEnd>>,
+    D: Future<Output = io::Result<CopyEnd>>,
 {
+    let by = |end: &io::Result<CopyEnd>, otherwise| match end {
+        Ok(CopyEnd::Closed) => EndedBy::Closed,
+        _ => otherwise,
+    };
     tokio::select! {
-        result = &mut downstream => (EndedBy::Backend, result),
+        result = &mut downstream => (by(&result, EndedBy::Backend), result.map(drop)),
         result = &mut upstream => match result {
             Err(e) => (EndedBy::Client, Err(e)),
+            // Closing: the backend's side finishes its response first.
+            Ok(CopyEnd::Closed) => (EndedBy::Closed, downstream.await.map(drop)),
             // The client half-closed and that was passed on; let the backend finish its answer.
-            Ok(()) => match tokio::time::timeout(half_close, &mut downstream).await {
-                Ok(result) => (EndedBy::Client, result),
+            Ok(CopyEnd::Eof) => match tokio::time::timeout(half_close, &mut downstream).await {
+                Ok(result) => (by(&result, EndedBy::Client), result.map(drop)),
                 Err(_) => (EndedBy::HalfCloseTimeout, Ok(())),
             },
         },
@@ -152,13 +229,16 @@ where
 }
 
 /// TLS on either side: rustls streams have no readiness API, so each direction keeps one
-/// TLS-record-sized buffer for the life of the session.
+/// TLS-record-sized buffer for the life of the session. Once `closing` holds a last word,
+/// `stop` says what this direction does (see `Stop`).
 async fn copy_io<R, W>(
     mut from: R,
     mut to: W,
     first: Vec<u8>,
     mut observe: impl FnMut(&[u8]),
-) -> io::Result<()>
+    mut closing: watch::Receiver<Option<&'static [u8]>>,
+    stop: impl Fn() -> Stop,
+) -> io::Result<CopyEnd>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -170,12 +250,33 @@ where
     }
     drop(first);
     let mut buf = vec![0u8; TLS_BUFFER_SIZE];
+    let mut watching = true;
     loop {
-        let n = from.read(&mut buf).await?;
+        let last_word = *closing.borrow();
+        if let Some(word) = last_word {
+            match stop() {
+                Stop::Wait => {}
+                Stop::Now => return Ok(CopyEnd::Closed),
+                Stop::LastWord => {
+                    to.write_all(word).await?;
+                    to.flush().await?;
+                    let _ = to.shutdown().await;
+                    return Ok(CopyEnd::Closed);
+                }
+            }
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => read?,
+            changed = closing.changed(), if watching && last_word.is_none() => {
+                // A dropped sender means the relay itself is going away.
+                watching = changed.is_ok();
+                continue;
+            }
+        };
         if n == 0 {
             // Pass the half-close on (close_notify and FIN on a TLS side).
             let _ = to.shutdown().await;
-            return Ok(());
+            return Ok(CopyEnd::Eof);
         }
         observe(&buf[..n]);
         to.write_all(&buf[..n]).await?;

@@ -7,6 +7,7 @@ mod clients;
 mod config_corpus;
 mod fd_limit;
 mod interop;
+mod live_ops;
 mod load_tool;
 mod login;
 mod metrics;

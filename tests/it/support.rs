@@ -36,10 +36,23 @@ pub struct Proxy {
 impl Proxy {
     /// `yaml` is a whole config; its listeners are ignored (the test binds its own).
     pub async fn start(yaml: &str) -> Proxy {
-        init_logs();
         let mut config = imapgate::config::parse(yaml, "test config").expect("valid test config");
         // Tests stop the proxy while their clients are still logged in.
-        config.timeouts.shutdown_grace = Duration::from_millis(200);
+        if !yaml.contains("shutdown_grace") {
+            config.timeouts.shutdown_grace = Duration::from_millis(200);
+        }
+        Proxy::start_config(config).await
+    }
+
+    /// From a config file, which `POST /reload` (and SIGHUP) reads again. Its listeners are
+    /// ignored like `start`'s; a reload that keeps their names and binds keeps them.
+    pub async fn start_file(path: &std::path::Path) -> Proxy {
+        let config = imapgate::config::load(path).expect("valid test config file");
+        Proxy::start_config(config).await
+    }
+
+    async fn start_config(config: imapgate::config::Config) -> Proxy {
+        init_logs();
         let config = Arc::new(config);
         // The config's bind addresses are replaced by ports the OS picks.
         let mut listeners = Vec::new();
@@ -91,6 +104,11 @@ impl Proxy {
         Raw::connect(self.addr).await
     }
 
+    /// Starts the shutdown (what SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.begin();
+    }
+
     /// The text of `/metrics`.
     pub async fn metrics(&self) -> String {
         let (status, body) = http_get(self.admin, "/metrics").await;
@@ -101,12 +119,26 @@ impl Proxy {
 
 /// A plain HTTP/1.0 GET (so the body comes whole, never chunked); returns status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, None).await
+}
+
+/// An HTTP/1.0 request with an optional bearer token; returns status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
         .await
         .expect("connect deadline")
         .expect("connect");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: test\r\n{auth}Content-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .expect("write");
     let mut all = Vec::new();

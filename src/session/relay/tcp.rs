@@ -81,6 +81,7 @@ impl Direction {
         to: &TcpStream,
         tap: &mut O,
         way: Way,
+        last_word: &mut LastWord,
     ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -154,6 +155,26 @@ impl Direction {
                 }
                 continue;
             }
+            // Everything read is written: if the session is closing, is this the place?
+            match *last_word {
+                LastWord::Open => {}
+                LastWord::Due(word) => match tap.at_boundary(way) {
+                    Some(false) => {}
+                    Some(true) => {
+                        self.pending = Pending::First {
+                            buf: word.to_vec(),
+                            at: 0,
+                        };
+                        *last_word = LastWord::Sent;
+                        continue;
+                    }
+                    None => *last_word = LastWord::Sent,
+                },
+                LastWord::Sent => {
+                    shut(to, Shutdown::Write);
+                    return Poll::Ready(Ok(()));
+                }
+            }
             // A long literal body coming, which the tap need not see: splice it.
             let unseen = if self.no_splice {
                 0
@@ -204,12 +225,24 @@ impl Direction {
     }
 }
 
+/// Closing a session at a response boundary (`Relay::close_at_boundary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LastWord {
+    /// Not closing.
+    Open,
+    /// Closing: to be sent to the client at the next boundary.
+    Due(&'static [u8]),
+    /// Sent (or none can be: a compressed stream); the client's side is shut once it is out.
+    Sent,
+}
+
 /// Both directions of one session; resolves when the session is over (see `super` for who
 /// ends it).
 pub struct TcpRelay<O> {
     client: TcpStream,
     backend: TcpStream,
     tap: O,
+    last_word: LastWord,
     up: Direction,
     down: Direction,
     half_close: Duration,
@@ -236,6 +269,7 @@ impl<O: Tap> TcpRelay<O> {
             client,
             backend,
             tap,
+            last_word: LastWord::Open,
             up: Direction::new(client_first, false),
             down: Direction::new(backend_first, backend_quickack),
             half_close,
@@ -243,18 +277,37 @@ impl<O: Tap> TcpRelay<O> {
         }
     }
 
+    /// See `Relay::close_at_boundary`.
+    pub fn close_at_boundary(&mut self, last_word: &'static [u8]) {
+        if self.last_word == LastWord::Open {
+            self.last_word = LastWord::Due(last_word);
+        }
+    }
+
     /// Backend → client.
     fn poll_down(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let way = Way::BackendToClient;
-        self.down
-            .poll_copy(cx, &self.backend, &self.client, &mut self.tap, way)
+        self.down.poll_copy(
+            cx,
+            &self.backend,
+            &self.client,
+            &mut self.tap,
+            way,
+            &mut self.last_word,
+        )
     }
 
     /// Client → backend.
     fn poll_up(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let way = Way::ClientToBackend;
-        self.up
-            .poll_copy(cx, &self.client, &self.backend, &mut self.tap, way)
+        self.up.poll_copy(
+            cx,
+            &self.client,
+            &self.backend,
+            &mut self.tap,
+            way,
+            &mut LastWord::Open,
+        )
     }
 }
 
@@ -265,14 +318,17 @@ impl<O: Tap + Unpin> Future for TcpRelay<O> {
         let this = self.get_mut();
         // Backend → client first: the backend closing ends the session.
         if let Poll::Ready(result) = this.poll_down(cx) {
-            let by = if this.up.done {
+            let by = if this.last_word != LastWord::Open {
+                EndedBy::Closed
+            } else if this.up.done {
                 EndedBy::Client
             } else {
                 EndedBy::Backend
             };
             return Poll::Ready((by, result));
         }
-        if !this.up.done {
+        // Closing: nothing more from the client goes to the backend.
+        if !this.up.done && this.last_word == LastWord::Open {
             match this.poll_up(cx) {
                 Poll::Ready(Err(e)) => return Poll::Ready((EndedBy::Client, Err(e))),
                 Poll::Ready(Ok(())) => {

@@ -155,6 +155,11 @@ impl Dovecot {
         Ok(d)
     }
 
+    /// The master process (its children are the listeners and sessions).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
