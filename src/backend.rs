@@ -21,7 +21,10 @@ use crate::config::{Backend, BackendTls, ClientTls, SendProxy};
 use crate::proxy_header;
 use crate::stream::Stream;
 
+pub(crate) mod resolve;
 pub(crate) mod state;
+
+use state::BackendState;
 
 /// The tag of what imapgate says before the login (STARTTLS, CAPABILITY, ID, LOGOUT).
 const PREP_TAG: &str = "ig0";
@@ -72,15 +75,35 @@ pub(crate) enum ProxyOut {
     Local,
 }
 
-/// TCP connect, under `timeout`.
+/// TCP connect to the first of the backend's addresses that takes it, all under `timeout`.
+/// A DNS name not resolved yet by the background resolver (`resolve.rs`) is looked up now.
 pub(crate) async fn connect(
-    backend: &Backend,
+    state: &BackendState,
     timeout: Duration,
 ) -> Result<TcpStream, BackendError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(&backend.address))
+    let attempt = async {
+        let mut addresses = state.addresses();
+        if addresses.is_empty() {
+            let found = resolve::lookup(&state.address)
+                .await
+                .map_err(BackendError::Connect)?;
+            state.set_addresses(found);
+            addresses = state.addresses();
+        }
+        let mut last = None;
+        for address in addresses.iter() {
+            match TcpStream::connect(address).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(BackendError::Connect(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "no address")
+        })))
+    };
+    let stream = tokio::time::timeout(timeout, attempt)
         .await
-        .map_err(|_| BackendError::ConnectTimeout(timeout))?
-        .map_err(BackendError::Connect)?;
+        .map_err(|_| BackendError::ConnectTimeout(timeout))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

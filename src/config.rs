@@ -14,8 +14,8 @@ use serde_saphyr::{Location, Spanned};
 pub use file::HealthMode;
 pub use file::{BackendTlsMode, ListenerTlsMode};
 pub use runtime::{
-    AdminConfig, AdminToken, Backend, BackendTls, Cidr, ClientTls, Config, HealthChecks, Limits,
-    ListenerConfig, ListenerTls, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
+    AdminConfig, AdminToken, Backend, BackendTls, Cidr, ClientTls, Config, DnsConfig, HealthChecks,
+    Limits, ListenerConfig, ListenerTls, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
 };
 
 use crate::tls::{self, CertSource, ServerTls};
@@ -414,6 +414,9 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         reload: ReloadConfig {
             watch: raw.reload.watch,
             interval: nonzero(&v, "reload.interval", &raw.reload.interval)?,
+        },
+        dns: DnsConfig {
+            interval: nonzero(&v, "dns.interval", &raw.dns.interval)?,
         },
         path: None,
         hash: String::new(),

@@ -53,7 +53,7 @@ async fn check_loop(backend: &Backend, h: &HealthChecks, state: &BackendState) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = probe(backend, h.mode, h.timeout).await;
+        let result = probe(backend, state, h.mode, h.timeout).await;
         let Some(health) = streak.record(state.health(), result.is_ok(), h.rise, h.fall) else {
             continue;
         };
@@ -99,9 +99,14 @@ impl Streak {
 /// Reaches the backend as configured: a TCP connect, or all a login does before the
 /// credentials (PROXY header, implicit TLS or STARTTLS with certificate verification,
 /// greeting, capabilities), then LOGOUT.
-async fn probe(backend: &Backend, mode: HealthMode, timeout: Duration) -> Result<(), BackendError> {
+async fn probe(
+    backend: &Backend,
+    state: &BackendState,
+    mode: HealthMode,
+    timeout: Duration,
+) -> Result<(), BackendError> {
     let attempt = async {
-        let tcp = backend::connect(backend, timeout).await?;
+        let tcp = backend::connect(state, timeout).await?;
         if mode == HealthMode::Greeting {
             let (conn, _) = backend::open(tcp, backend, ProxyOut::Local).await?;
             conn.logout().await;

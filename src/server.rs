@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::services::Services;
 use crate::shutdown::Shutdown;
-use crate::{admin, health, listener, reload};
+use crate::{admin, backend, health, listener, reload};
 
 pub struct Server {
     bound: Bound,
@@ -198,6 +198,7 @@ fn start_services(admin: Option<TcpListener>, services: &Arc<Services>, shutdown
         }
     }
     tokio::spawn(health::run(services.clone(), shutdown.clone()));
+    tokio::spawn(backend::resolve::run(services.clone(), shutdown.clone()));
     tokio::spawn(reload::watch(services.clone(), shutdown.clone()));
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, services.clone(), shutdown.clone()));

@@ -3,8 +3,11 @@
 //! that keeps a backend keeps all of it: a drained backend stays drained.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use crate::config::Config;
 use crate::metrics::{BackendMetrics, Metrics};
@@ -69,9 +72,12 @@ impl Mode {
 /// address).
 pub(crate) struct BackendState {
     pub(crate) name: Arc<str>,
-    /// The address it was created for; a reload that changes it starts a new state (health
-    /// unknown), keeping the mode.
-    address: String,
+    /// The address it was created for (`host:port`); a reload that changes it starts a new
+    /// state (health unknown), keeping the mode.
+    pub(crate) address: String,
+    /// What `address` resolves to: itself for an IP literal, else what the background
+    /// resolver found last (`resolve.rs`); empty until the first lookup.
+    addresses: ArcSwap<Vec<SocketAddr>>,
     health: AtomicU8,
     mode: AtomicU8,
     pub(crate) metrics: Arc<BackendMetrics>,
@@ -79,13 +85,40 @@ pub(crate) struct BackendState {
 
 impl BackendState {
     fn new(name: Arc<str>, address: String, mode: Mode, metrics: Arc<BackendMetrics>) -> Self {
+        let literal: Vec<SocketAddr> = address.parse().into_iter().collect();
         BackendState {
             name,
+            addresses: ArcSwap::from_pointee(literal),
             address,
             health: AtomicU8::new(0),
             mode: AtomicU8::new(mode.as_u8()),
             metrics,
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_test(address: &str) -> Self {
+        let config = crate::config::parse(
+            &format!("backends:\n  - {{ name: t, address: \"{address}\" }}\n"),
+            "test",
+        )
+        .unwrap();
+        let metrics = Metrics::new(&config);
+        BackendState::new(
+            "t".into(),
+            address.into(),
+            Mode::Active,
+            metrics.backend("t"),
+        )
+    }
+
+    /// The addresses a connect tries, in order (empty: not resolved yet).
+    pub(crate) fn addresses(&self) -> Arc<Vec<SocketAddr>> {
+        self.addresses.load_full()
+    }
+
+    pub(crate) fn set_addresses(&self, addresses: Vec<SocketAddr>) {
+        self.addresses.store(Arc::new(addresses));
     }
 
     pub(crate) fn health(&self) -> Health {

@@ -32,6 +32,22 @@ pub struct ConfigFile {
     pub greeting: String,
     #[serde(default)]
     pub reload: ReloadFile,
+    #[serde(default)]
+    pub dns: DnsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsFile {
+    pub interval: Spanned<ConfigDuration>,
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        DnsFile {
+            interval: unspanned(ConfigDuration(Duration::from_secs(30))),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,6 +26,7 @@ pub struct Config {
     pub health: HealthChecks,
     pub greeting: String,
     pub reload: ReloadConfig,
+    pub dns: DnsConfig,
     /// The file it was loaded from (what a reload reads again); `None` for text parsed directly.
     pub path: Option<std::path::PathBuf>,
     /// The start of the text's SHA-256, in hex (see `config::content_hash`).
@@ -63,6 +64,12 @@ impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminToken(..)")
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    /// How often backend DNS names are resolved again.
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -74,7 +74,7 @@ pub async fn route_and_dial(
         let backend = &config.backends[index];
         let state = &snapshot.backends[index];
         let started = std::time::Instant::now();
-        let outcome = match backend::connect(backend, config.timeouts.backend_connect).await {
+        let outcome = match backend::connect(state, config.timeouts.backend_connect).await {
             Ok(stream) => {
                 state.metrics.connected(started.elapsed());
                 dial::replay(stream, backend, credentials, &identity, timeouts).await

@@ -503,3 +503,44 @@ async fn shutdown_says_bye_and_readyz_goes_503_at_once() {
     assert_eq!(rest, "* BYE [UNAVAILABLE] Server shutting down.\r\n");
     proxy.stop().await;
 }
+
+/// A reload adds a listener and removes it again; the backend is named by DNS (`localhost`).
+#[tokio::test]
+async fn reload_adds_and_removes_listeners_and_backends_may_be_dns_names() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let by_name = b1.address().replace("127.0.0.1", "localhost");
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &[("b1", by_name.clone(), 100)], "");
+    let proxy = Proxy::start_file(&path).await;
+    let mut c = proxy.connect().await;
+    c.login("carol", "carol-secret").await;
+    assert_eq!(c.backend().await, "b1", "reached through its DNS name");
+
+    let port = free_port();
+    let extra = format!(
+        "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:1143\" }}\n  - {{ name: extra, bind: \"127.0.0.1:{port}\" }}\n"
+    );
+    write_config(dir.path(), &[("b1", by_name.clone(), 100)], &extra);
+    let (status, answer) = admin(&proxy, "POST", "/reload").await;
+    assert_eq!(status, 200, "{answer}");
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut added = Raw::connect(addr).await;
+    added.login("carol", "carol-secret").await;
+    assert!(noop_ok(&mut added, "x").await);
+
+    write_config(dir.path(), &[("b1", by_name, 100)], "");
+    let (status, answer) = admin(&proxy, "POST", "/reload").await;
+    assert_eq!(status, 200, "{answer}");
+    // The accept loop stops as the workers see the new snapshot: wait for the refusal.
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the removed listener still accepts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(noop_ok(&mut added, "y").await, "its session stays");
+    assert!(noop_ok(&mut c, "z").await);
+    proxy.stop().await;
+}
