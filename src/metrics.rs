@@ -180,7 +180,8 @@ label_values! {
         Rejected => "rejected",
         /// The backend could not be reached (refused, timeout, BYE greeting).
         Unavailable => "unavailable",
-        /// The backend answered out of protocol.
+        /// The backend answered out of protocol, or failed the login after the credentials
+        /// were sent (BYE, close, no answer in time).
         Error => "error",
     }
 }

@@ -86,8 +86,10 @@ pub async fn route_and_dial(
         let result = match &outcome {
             Ok(LoginOutcome::LoggedIn(_)) => LoginResult::Ok,
             Ok(LoginOutcome::Rejected { .. }) => LoginResult::Rejected,
+            // Reached, but it failed the login (BYE, close, silence): not "unavailable".
+            Err(DialError::AfterLogin(_)) => LoginResult::Error,
             Err(e) if e.error().is_protocol() => LoginResult::Error,
-            Err(_) => LoginResult::Unavailable,
+            Err(DialError::BeforeLogin(_)) => LoginResult::Unavailable,
         };
         state.metrics.login(credentials.mechanism, result, took);
         match outcome {

@@ -499,6 +499,12 @@ async fn shutdown_says_bye_and_readyz_goes_503_at_once() {
     proxy.begin_shutdown();
     let (status, body) = http_get(proxy.admin, "/readyz").await;
     assert_eq!(status, 503, "{body}");
+    // The listeners close as the workers see the drain: new connections are refused.
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting while shutting down");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let rest = c.rest().await;
     assert_eq!(rest, "* BYE [UNAVAILABLE] Server shutting down.\r\n");
     proxy.stop().await;
@@ -537,10 +543,80 @@ async fn reload_adds_and_removes_listeners_and_backends_may_be_dns_names() {
     // The accept loop stops as the workers see the new snapshot: wait for the refusal.
     let deadline = Instant::now() + DEADLINE;
     while tokio::net::TcpStream::connect(addr).await.is_ok() {
-        assert!(Instant::now() < deadline, "the removed listener still accepts");
+        assert!(
+            Instant::now() < deadline,
+            "the removed listener still accepts"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(noop_ok(&mut added, "y").await, "its session stays");
     assert!(noop_ok(&mut c, "z").await);
+    proxy.stop().await;
+}
+
+/// A backend that takes the connection and greets, then answers the login with `* BYE` (as
+/// Dovecot does to a line over its buffer): the client gets `NO [UNAVAILABLE]`, and with
+/// failover on the credentials still go to no other backend.
+#[tokio::test]
+async fn a_bye_after_the_credentials_is_not_failed_over() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    if !dovecot::available() {
+        return;
+    }
+    let b2 = Dovecot::start("b2");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bye_addr = listener.local_addr().unwrap().to_string();
+    let logins_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = logins_seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write
+                    .write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] ready\r\n")
+                    .await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.starts_with("ig1 ") {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = write.write_all(b"* BYE Input buffer full\r\n").await;
+                        return;
+                    }
+                    if let Some(tag) = line.split(' ').next() {
+                        let _ = write
+                            .write_all(format!("{tag} OK done\r\n").as_bytes())
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let yaml = format!(
+        "backends:\n  - {{ name: bye, address: \"{bye_addr}\" }}\n  - {{ name: b2, address: \"{}\" }}\nrouting: {{ static: {{ alice: bye }}, failover: true }}\nhealth: {{ interval: 1h }}\n",
+        b2.address()
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send("a LOGIN alice alice-secret\r\n").await;
+    let (_, answer) = c.until_tagged("a").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+    assert_eq!(logins_seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let metrics = proxy.metrics().await;
+    let b2_logins: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("imapgate_logins_total{backend=\"b2\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(b2_logins, 0.0, "the credentials went nowhere else");
+    assert_eq!(
+        sample(
+            &metrics,
+            "imapgate_logins_total",
+            "backend=\"bye\",mechanism=\"login\",result=\"error\""
+        ),
+        Some(1.0)
+    );
     proxy.stop().await;
 }
