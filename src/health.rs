@@ -11,21 +11,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::state::{BackendState, Health};
 use crate::backend::{self, BackendError, ProxyOut};
 use crate::config::{Backend, HealthChecks, HealthMode};
-use crate::services::Services;
+use crate::services::{self, Services};
 use crate::shutdown::Shutdown;
 
 /// Runs the checks of the current snapshot's backends until the drain; one task per backend.
 pub(crate) async fn run(services: Arc<Services>, shutdown: Shutdown) {
-    let mut changes = services.changes();
-    loop {
-        let snapshot = services.snapshot();
-        let stop = CancellationToken::new();
+    services::for_each_snapshot(services, shutdown, |snapshot, stop| {
         for (index, state) in snapshot.backends.iter().enumerate() {
             let (config, state, stop) = (snapshot.config.clone(), state.clone(), stop.clone());
             tokio::spawn(async move {
@@ -36,15 +32,8 @@ pub(crate) async fn run(services: Arc<Services>, shutdown: Shutdown) {
                 }
             });
         }
-        let go_on = tokio::select! {
-            changed = changes.changed() => changed.is_ok(),
-            _ = shutdown.drain.cancelled() => false,
-        };
-        stop.cancel();
-        if !go_on {
-            return;
-        }
-    }
+    })
+    .await;
 }
 
 async fn check_loop(backend: &Backend, h: &HealthChecks, state: &BackendState) {

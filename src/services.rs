@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::state::{BackendState, BackendStates};
 use crate::config::Config;
 use crate::limits::ConnectionCaps;
 use crate::metrics::Metrics;
 use crate::session::table::SessionTable;
+use crate::shutdown::Shutdown;
 
 /// One configuration and the live state of its backends, indexed like `config.backends`.
 pub(crate) struct Snapshot {
@@ -84,5 +86,28 @@ impl Services {
     /// Wakes when a new snapshot is installed.
     pub(crate) fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+}
+
+/// Calls `start` with each snapshot in turn, from the current one on, until the drain. `start`
+/// spawns what works from that snapshot (health checks, DNS lookups); those tasks stop when
+/// the token they were given is cancelled, which is when the next snapshot is installed.
+pub(crate) async fn for_each_snapshot(
+    services: Arc<Services>,
+    shutdown: Shutdown,
+    mut start: impl FnMut(&Snapshot, &CancellationToken),
+) {
+    let mut changes = services.changes();
+    loop {
+        let stop = CancellationToken::new();
+        start(&services.snapshot(), &stop);
+        let go_on = tokio::select! {
+            changed = changes.changed() => changed.is_ok(),
+            _ = shutdown.drain.cancelled() => false,
+        };
+        stop.cancel();
+        if !go_on {
+            return;
+        }
     }
 }

@@ -7,19 +7,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::state::BackendState;
-use crate::services::Services;
+use crate::services::{self, Services};
 use crate::shutdown::Shutdown;
 
 /// Resolves the current snapshot's DNS-named backends until the drain; restarts on reloads.
 pub(crate) async fn run(services: Arc<Services>, shutdown: Shutdown) {
-    let mut changes = services.changes();
-    loop {
-        let snapshot = services.snapshot();
-        let stop = CancellationToken::new();
+    services::for_each_snapshot(services, shutdown, |snapshot, stop| {
         let interval = snapshot.config.dns.interval;
         for state in &snapshot.backends {
             if state.address.parse::<SocketAddr>().is_ok() {
@@ -33,15 +29,8 @@ pub(crate) async fn run(services: Arc<Services>, shutdown: Shutdown) {
                 }
             });
         }
-        let go_on = tokio::select! {
-            changed = changes.changed() => changed.is_ok(),
-            _ = shutdown.drain.cancelled() => false,
-        };
-        stop.cancel();
-        if !go_on {
-            return;
-        }
-    }
+    })
+    .await;
 }
 
 async fn resolve_loop(state: &BackendState, interval: std::time::Duration) {

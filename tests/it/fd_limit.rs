@@ -7,18 +7,10 @@ use std::os::unix::process::CommandExt;
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-use crate::support::{DEADLINE, LogLines, Raw, http_get, nowhere, sample};
+use crate::support::{DEADLINE, LogLines, Raw, free_port, http_get, nowhere, sample};
 
 /// Low enough to reach with a handful of connections, high enough to start.
 const FILE_LIMIT: libc::rlim_t = 40;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test]
 async fn out_of_descriptors_backs_off_and_recovers() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 
 use crate::support::dovecot::{self, Dovecot, USERS};
-use crate::support::{DEADLINE, LogLines, Proxy, Raw, http, http_get, sample};
+use crate::support::{DEADLINE, LogLines, Proxy, Raw, free_port, http, http_get, sample};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -191,14 +191,6 @@ async fn an_invalid_reload_keeps_the_running_config() {
         "the old config is still the one in use"
     );
     proxy.stop().await;
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The real binary, with no `tls:` section: SIGHUP reloads, never kills.
@@ -502,7 +494,10 @@ async fn shutdown_says_bye_and_readyz_goes_503_at_once() {
     // The listeners close as the workers see the drain: new connections are refused.
     let deadline = Instant::now() + DEADLINE;
     while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
-        assert!(Instant::now() < deadline, "still accepting while shutting down");
+        assert!(
+            Instant::now() < deadline,
+            "still accepting while shutting down"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rest = c.rest().await;

@@ -181,6 +181,16 @@ impl Drop for Proxy {
     }
 }
 
+/// A loopback port nothing listens on now, for a config the real binary binds itself (a
+/// small race with other tests, which bind port 0 and so never ask for this one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// A config with the given backends (name, address) and extra YAML.
 pub fn config(backends: &[(&str, String)], extra: &str) -> String {
     let mut yaml = String::from("backends:\n");

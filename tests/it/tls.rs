@@ -425,11 +425,7 @@ async fn tls_to_backends_and_a_wrong_certificate() {
 async fn sighup_reloads_certificates() {
     let pki = Pki::new();
     let nowhere = crate::support::nowhere();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let config_path = pki.path("imapgate.yaml");
     let (proxy_cert, proxy_key) = (pki.pair("proxy").cert, pki.pair("proxy").key);
     std::fs::write(
