@@ -10,6 +10,7 @@
 //! | `POST /sessions/kick?user=` / `?backend=` / `?id=` | yes | BYE at a response boundary |
 //! | `GET /route?user=` | yes | where a user goes, and why |
 //! | `POST /reload` | yes | reload the config file |
+//! | `POST /cache/flush[?user=]` | yes | forget the directory's answers (one user's, or all) |
 //!
 //! "token": `Authorization: Bearer <admin.token_file's content>` when a token is configured
 //! (required on non-loopback binds). The server bounds what a client can hold: connections
@@ -160,6 +161,16 @@ async fn answer(
             Some(user) => json(StatusCode::OK, route_of(services, user)),
             None => text(StatusCode::BAD_REQUEST, "?user= is required\n"),
         },
+        ("POST", ["cache", "flush"]) => {
+            let flushed = services.directory_cache.flush(
+                query
+                    .get("user")
+                    .map(|u| services.config().routing.normalize(u))
+                    .as_deref(),
+            );
+            info!(user = ?query.get("user"), flushed, "directory cache flushed");
+            json(StatusCode::OK, serde_json::json!({ "flushed": flushed }))
+        }
         ("POST", ["reload"]) => match reload::reload(services).await {
             Ok(hash) => json(
                 StatusCode::OK,
@@ -172,6 +183,7 @@ async fn answer(
         },
         (_, ["metrics" | "healthz" | "readyz" | "backends" | "sessions" | "route"])
         | (_, ["reload"])
+        | (_, ["cache", "flush"])
         | (_, ["sessions", "kick"])
         | (_, ["backends", _, _]) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -325,8 +337,18 @@ fn route_of(services: &Services, user: &str) -> serde_json::Value {
             })
         })
         .collect();
+    let directory = snapshot.directory.as_ref().map(|d| match d.cached(&route.key) {
+        Some((Some(found), age)) => serde_json::json!({
+            "cached": true, "age_seconds": age.as_secs_f64(), "server": found.server, "user": found.user,
+        }),
+        Some((None, age)) => serde_json::json!({
+            "cached": true, "age_seconds": age.as_secs_f64(), "server": null,
+        }),
+        None => serde_json::json!({ "cached": false }),
+    });
     serde_json::json!({
         "key": route.key,
+        "directory": directory,
         "by": if route.pinned.is_some() { "static" } else { "hash" },
         "failover": config.routing.failover,
         "order": order,

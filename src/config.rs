@@ -11,11 +11,11 @@ use std::path::Path;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use file::HealthMode;
-pub use file::{BackendTlsMode, ListenerTlsMode};
+pub use file::{BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
 pub use runtime::{
-    AdminConfig, AdminToken, Backend, BackendTls, Cidr, ClientTls, Config, DnsConfig, HealthChecks,
-    Limits, ListenerConfig, ListenerTls, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
+    AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
+    DnsConfig, HealthChecks, HttpLookup, Limits, ListenerConfig, ListenerTls, Lookup, LookupCache,
+    LookupSource, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
 };
 
 use crate::tls::{self, CertSource, ServerTls};
@@ -324,6 +324,10 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         default_domain: normalize.default_domain.clone(),
         static_map: HashMap::new(),
         failover: raw.routing.failover,
+        lookup: match &raw.routing.lookup {
+            None => None,
+            Some(l) => Some(lookup(&v, l)?),
+        },
     };
     for (user, backend) in &raw.routing.static_map {
         let Some(&index) = backend_index.get(&backend.value) else {
@@ -420,6 +424,100 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         },
         path: None,
         hash: String::new(),
+    })
+}
+
+/// `routing.lookup`.
+fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
+    let source = match &l.http {
+        Some(h) => {
+            let bad = || {
+                v.err(
+                    &h.url.referenced,
+                    format!(
+                        "routing.lookup.http.url: {:?} is not http://host:port/path (https is not supported; keep the auth service on a trusted network)",
+                        h.url.value
+                    ),
+                )
+            };
+            let rest = h.url.value.strip_prefix("http://").ok_or_else(bad)?;
+            let (authority, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if authority.is_empty() || authority.contains('@') {
+                return Err(bad());
+            }
+            let address = if authority
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            };
+            LookupSource::Http(HttpLookup {
+                address,
+                host: authority.to_string(),
+                path: path.to_string(),
+                send_password: h.send_password,
+                timeout: nonzero(v, "routing.lookup.http.timeout", &h.timeout)?,
+                max_in_flight: at_least(
+                    v,
+                    "routing.lookup.http.max_in_flight",
+                    &h.max_in_flight,
+                    1,
+                )? as usize,
+            })
+        }
+        None => {
+            return Err(v.unplaced("routing.lookup: name a source (http)"));
+        }
+    };
+    let c = &l.cache;
+    let d = &l.backend_defaults;
+    let client = match d.tls {
+        BackendTlsMode::None => None,
+        _ => {
+            let verify = match (&d.ca, d.insecure_skip_verify) {
+                (_, true) => tls::Verify::Nothing,
+                (Some(ca), false) => tls::Verify::CaFile(ca.value.clone().into()),
+                (None, false) => tls::Verify::SystemRoots,
+            };
+            Some(
+                tls::client_config(verify)
+                    .map_err(|e| v.unplaced(&format!("routing.lookup.backend_defaults.ca: {e}")))?,
+            )
+        }
+    };
+    let server_name = match &d.server_name {
+        Some(n) => Some(tls::server_name(&n.value).map_err(|e| {
+            v.err(
+                &n.referenced,
+                format!("routing.lookup.backend_defaults.server_name: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    Ok(Lookup {
+        source,
+        cache: LookupCache {
+            ttl: c.ttl.value.0,
+            negative_ttl: c.negative_ttl.value.0,
+            stale_max_age: c.stale_max_age.value.0,
+            max_entries: at_least(v, "routing.lookup.cache.max_entries", &c.max_entries, 1)?
+                as usize,
+        },
+        fallback: l.fallback,
+        backend_defaults: BackendDefaults {
+            tls: d.tls,
+            client,
+            server_name,
+            insecure_skip_verify: d.insecure_skip_verify,
+            send_proxy: d.send_proxy,
+            forward_id: d.forward_id,
+            quickack: d.quickack,
+        },
     })
 }
 

@@ -6,6 +6,7 @@
 pub(crate) mod admin;
 pub(crate) mod backend;
 pub mod config;
+pub(crate) mod directory;
 pub(crate) mod health;
 pub(crate) mod imap;
 pub(crate) mod limits;

@@ -134,6 +134,22 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LookupLabels {
+    source: &'static str,
+    result: DirectoryResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheUses {
+    result: CacheUse,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KickLabels {
     reason: Kick,
 }
@@ -195,6 +211,28 @@ label_values! {
         Maintenance => "maintenance",
         /// The shutdown grace period ran out.
         Shutdown => "shutdown",
+    }
+}
+
+label_values! {
+    /// How a directory lookup ended.
+    pub enum DirectoryResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        /// The service refused the login itself (`send_password`).
+        Refused => "refused",
+        Error => "error",
+        Timeout => "timeout",
+    }
+}
+
+label_values! {
+    /// How a login used the directory cache.
+    pub enum CacheUse {
+        Hit => "hit",
+        Miss => "miss",
+        /// The directory failed and a kept (expired) route was used.
+        Stale => "stale",
     }
 }
 
@@ -284,6 +322,10 @@ pub struct Metrics {
     prelogin_rejections: Family<ReasonLabels, Counter>,
     backend: BackendFamilies,
     sessions_closed: Family<KickLabels, Counter>,
+    lookups: Family<LookupLabels, Counter>,
+    lookup_duration: HistogramFamily<SourceLabels>,
+    lookup_cache: Family<CacheUses, Counter>,
+    lookup_cache_entries: Gauge,
     reloads: Family<ReloadLabels, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
     config_info: Family<ConfigLabels, Gauge>,
@@ -461,6 +503,42 @@ impl Metrics {
         for reason in Kick::ALL {
             let _ = sessions_closed.get_or_create(&KickLabels { reason });
         }
+        let lookups = Family::<LookupLabels, Counter>::default();
+        r.register(
+            "directory_lookups",
+            "Directory lookups (routing.lookup), by source and result",
+            lookups.clone(),
+        );
+        let lookup_duration: HistogramFamily<SourceLabels> =
+            Family::new_with_constructor(latency_histogram);
+        r.register(
+            "directory_lookup_duration_seconds",
+            "Time a directory lookup took",
+            lookup_duration.clone(),
+        );
+        let lookup_cache = Family::<CacheUses, Counter>::default();
+        r.register(
+            "directory_cache",
+            "Directory cache use per login: hit, miss, or stale (the directory failed, a kept route was used)",
+            lookup_cache.clone(),
+        );
+        let lookup_cache_entries = Gauge::default();
+        r.register(
+            "directory_cache_entries",
+            "Users in the directory cache",
+            lookup_cache_entries.clone(),
+        );
+        if let Some(lookup) = &config.routing.lookup {
+            for result in DirectoryResult::ALL {
+                let _ = lookups.get_or_create(&LookupLabels {
+                    source: lookup.source.kind(),
+                    result,
+                });
+            }
+            for result in CacheUse::ALL {
+                let _ = lookup_cache.get_or_create(&CacheUses { result });
+            }
+        }
         let reloads = Family::<ReloadLabels, Counter>::default();
         r.register(
             "config_reloads",
@@ -500,10 +578,34 @@ impl Metrics {
                 connect_duration: backend_connect_duration,
             },
             sessions_closed,
+            lookups,
+            lookup_duration,
+            lookup_cache,
+            lookup_cache_entries,
             reloads,
             last_reload_success,
             config_info,
         }
+    }
+
+    /// A directory lookup by `source` ended with `result` after `took`.
+    pub fn directory_lookup(&self, source: &'static str, result: DirectoryResult, took: Duration) {
+        self.lookups
+            .get_or_create(&LookupLabels { source, result })
+            .inc();
+        self.lookup_duration
+            .get_or_create(&SourceLabels { source })
+            .observe(took.as_secs_f64());
+    }
+
+    /// How one login used the directory cache.
+    pub fn directory_cache(&self, result: CacheUse) {
+        self.lookup_cache.get_or_create(&CacheUses { result }).inc();
+    }
+
+    pub fn directory_cache_entries(&self, n: usize) {
+        self.lookup_cache_entries
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// imapgate closed a logged-in session.

@@ -12,8 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::state::{BackendState, BackendStates};
 use crate::config::Config;
+use crate::directory::Directory;
+use crate::directory::cache::Cache;
 use crate::limits::ConnectionCaps;
-use crate::metrics::Metrics;
+use crate::metrics::{BackendMetrics, Metrics};
 use crate::session::table::SessionTable;
 use crate::shutdown::Shutdown;
 
@@ -21,6 +23,10 @@ use crate::shutdown::Shutdown;
 pub(crate) struct Snapshot {
     pub(crate) config: Arc<Config>,
     pub(crate) backends: Vec<Arc<BackendState>>,
+    /// `routing.lookup`'s source, with the cache every snapshot shares.
+    pub(crate) directory: Option<Arc<Directory>>,
+    /// The series of backends the directory names by address only.
+    pub(crate) dynamic_metrics: Arc<BackendMetrics>,
 }
 
 impl Snapshot {
@@ -39,6 +45,9 @@ pub struct Services {
     /// Bumped after each swap; workers, health checks and the admin server wait on it.
     generation: watch::Sender<u64>,
     states: BackendStates,
+    /// The directory's answers; kept across reloads so a reload does not send every login
+    /// to the directory at once.
+    pub(crate) directory_cache: Arc<Cache>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) sessions: Arc<SessionTable>,
     pub(crate) caps: Arc<ConnectionCaps>,
@@ -50,14 +59,16 @@ impl Services {
     pub fn new(config: Arc<Config>) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new(&config));
         let states = BackendStates::default();
-        let backends = states.for_config(&config, &metrics);
+        let directory_cache = Arc::new(Cache::default());
+        let snapshot = snapshot(config.clone(), &states, &directory_cache, &metrics);
         metrics.config_in_use(&config.hash);
         Arc::new(Services {
             generation: watch::Sender::new(0),
             sessions: Arc::new(SessionTable::default()),
             caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
-            current: ArcSwap::from_pointee(Snapshot { config, backends }),
+            current: ArcSwap::from_pointee(snapshot),
             states,
+            directory_cache,
             metrics,
             reloading: tokio::sync::Mutex::new(()),
         })
@@ -75,17 +86,37 @@ impl Services {
 
     /// Puts `config` in use for everything that starts from now on.
     pub(crate) fn install(&self, config: Arc<Config>) {
-        let backends = self.states.for_config(&config, &self.metrics);
         self.caps
             .set(config.limits.max_connections, config.limits.per_ip);
         self.metrics.config_in_use(&config.hash);
-        self.current.store(Arc::new(Snapshot { config, backends }));
+        let snapshot = snapshot(config, &self.states, &self.directory_cache, &self.metrics);
+        self.current.store(Arc::new(snapshot));
         self.generation.send_modify(|g| *g += 1);
     }
 
     /// Wakes when a new snapshot is installed.
     pub(crate) fn changes(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+}
+
+fn snapshot(
+    config: Arc<Config>,
+    states: &BackendStates,
+    cache: &Arc<Cache>,
+    metrics: &Arc<Metrics>,
+) -> Snapshot {
+    let backends = states.for_config(&config, metrics);
+    let directory = config
+        .routing
+        .lookup
+        .as_ref()
+        .map(|lookup| Arc::new(Directory::new(lookup, cache.clone(), metrics.clone())));
+    Snapshot {
+        backends,
+        directory,
+        dynamic_metrics: metrics.backend("dynamic"),
+        config,
     }
 }
 

@@ -246,7 +246,9 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
             Outcome::Closed(closed) => return Ok(Phase::Closed(closed)),
         };
         let client_id = prelogin.client_id();
-        match login::route_and_dial(client, session, &tag, &credentials, client_id).await? {
+        let attempt = prelogin.attempt();
+        match login::route_and_dial(client, session, &tag, &credentials, client_id, attempt).await?
+        {
             LoginAttempt::LoggedIn(authenticated) => {
                 client.flush().await?;
                 let mut authenticated = *authenticated;
@@ -288,13 +290,12 @@ impl LoggedInSession {
         } = handover;
         let services = &session.services;
         let snapshot = &authenticated.snapshot;
-        let index = authenticated.backend_index;
-        let metrics = snapshot.backends[index].metrics.clone();
+        let metrics = authenticated.state.metrics.clone();
         let live = Arc::new(LiveSession::new(
             session.id,
             session.peer,
             authenticated.user,
-            snapshot.backends[index].name.clone(),
+            authenticated.state.name.clone(),
             session.shutdown.cut.child_token(),
         ));
         let registration = services.sessions.register(live.clone());
@@ -311,7 +312,7 @@ impl LoggedInSession {
             tap,
             authenticated.client_buffered,
             backend.buffered,
-            snapshot.config.backends[index].quickack,
+            authenticated.quickack,
         );
         LoggedInSession {
             relay,

@@ -96,6 +96,12 @@ impl BackendState {
         }
     }
 
+    /// A backend the directory named by address only (not configured): active, health
+    /// unknown, its series shared with every such backend (`backend="dynamic"`).
+    pub(crate) fn dynamic(address: &str, metrics: Arc<BackendMetrics>) -> Self {
+        BackendState::new(address.into(), address.into(), Mode::Active, metrics)
+    }
+
     #[cfg(test)]
     pub(crate) fn for_test(address: &str) -> Self {
         let config = crate::config::parse(

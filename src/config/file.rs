@@ -224,6 +224,110 @@ pub struct RoutingFile {
     /// Off by default: with mailboxes on local disks, another backend does not have the mail.
     #[serde(default)]
     pub failover: bool,
+    /// Ask a directory where each user's mailbox is.
+    #[serde(default)]
+    pub lookup: Option<LookupFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupFile {
+    #[serde(default)]
+    pub http: Option<HttpLookupFile>,
+    #[serde(default)]
+    pub cache: LookupCacheFile,
+    #[serde(default)]
+    pub fallback: LookupFallback,
+    /// What a backend named only by `host:port` in an answer is reached with.
+    #[serde(default)]
+    pub backend_defaults: BackendDefaultsFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpLookupFile {
+    pub url: Spanned<String>,
+    /// Send `Auth-Pass` (the service then decides the login, nginx's model).
+    #[serde(default)]
+    pub send_password: bool,
+    #[serde(default = "default_lookup_timeout")]
+    pub timeout: Spanned<ConfigDuration>,
+    /// Requests to the service at once; more wait.
+    #[serde(default = "default_lookup_in_flight")]
+    pub max_in_flight: Spanned<u32>,
+}
+
+fn default_lookup_timeout() -> Spanned<ConfigDuration> {
+    unspanned(ConfigDuration(Duration::from_secs(2)))
+}
+
+fn default_lookup_in_flight() -> Spanned<u32> {
+    unspanned(64)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupCacheFile {
+    pub ttl: Spanned<ConfigDuration>,
+    pub negative_ttl: Spanned<ConfigDuration>,
+    pub stale_max_age: Spanned<ConfigDuration>,
+    pub max_entries: Spanned<u32>,
+}
+
+impl Default for LookupCacheFile {
+    fn default() -> Self {
+        let secs = |s| unspanned(ConfigDuration(Duration::from_secs(s)));
+        LookupCacheFile {
+            ttl: secs(300),
+            negative_ttl: secs(30),
+            stale_max_age: secs(3600),
+            max_entries: unspanned(1_000_000),
+        }
+    }
+}
+
+/// What a user the directory does not know gets.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LookupFallback {
+    /// Today's routing: static map, then rendezvous hashing.
+    #[default]
+    Hash,
+    /// `NO [AUTHENTICATIONFAILED]` (unknown user) or `NO [UNAVAILABLE]` (directory down).
+    Refuse,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendDefaultsFile {
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    #[serde(default)]
+    pub ca: Option<Spanned<String>>,
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    #[serde(default)]
+    pub forward_id: bool,
+    #[serde(default = "yes")]
+    pub quickack: bool,
+}
+
+impl Default for BackendDefaultsFile {
+    fn default() -> Self {
+        BackendDefaultsFile {
+            tls: BackendTlsMode::None,
+            ca: None,
+            server_name: None,
+            insecure_skip_verify: false,
+            send_proxy: SendProxy::None,
+            forward_id: false,
+            quickack: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -247,6 +247,116 @@ pub struct Routing {
     /// Normalised user → index into `Config::backends`.
     pub static_map: HashMap<String, usize>,
     pub failover: bool,
+    /// Route from a directory (`routing.lookup`).
+    pub lookup: Option<Lookup>,
+}
+
+/// `routing.lookup`: where to ask, how long answers are kept, what an unknown user gets, and how
+/// a backend named only by its address is reached.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub source: LookupSource,
+    pub cache: LookupCache,
+    pub fallback: super::file::LookupFallback,
+    pub backend_defaults: BackendDefaults,
+}
+
+impl Lookup {
+    /// Whether the source is told the password (and so decides the login).
+    pub fn send_password(&self) -> bool {
+        match &self.source {
+            LookupSource::Http(h) => h.send_password,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum LookupSource {
+    Http(HttpLookup),
+}
+
+impl LookupSource {
+    /// For metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LookupSource::Http(_) => "http",
+        }
+    }
+}
+
+/// An nginx `auth_http` compatible service.
+#[derive(Debug, Clone)]
+pub struct HttpLookup {
+    /// `host:port` to connect to.
+    pub address: String,
+    /// The `Host` header.
+    pub host: String,
+    /// Path and query of the request.
+    pub path: String,
+    pub send_password: bool,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LookupCache {
+    /// How long a found route is used without asking again; 0: no cache.
+    pub ttl: Duration,
+    /// How long "no such user" is kept.
+    pub negative_ttl: Duration,
+    /// How old a route may be and still be used while the directory fails.
+    pub stale_max_age: Duration,
+    pub max_entries: usize,
+}
+
+/// A backend the directory names by `host:port` only: these settings, that address.
+#[derive(Debug, Clone)]
+pub struct BackendDefaults {
+    /// The TLS mode, with the client config; the name to verify is the template's
+    /// `server_name` or else the address's host.
+    pub tls: super::file::BackendTlsMode,
+    pub client: Option<Arc<rustls::ClientConfig>>,
+    pub server_name: Option<rustls::pki_types::ServerName<'static>>,
+    pub insecure_skip_verify: bool,
+    pub send_proxy: SendProxy,
+    pub forward_id: bool,
+    pub quickack: bool,
+}
+
+impl BackendDefaults {
+    /// The backend at `address` (`host:port`) with these settings. `name` is what logs and
+    /// `/sessions` call it.
+    pub fn backend(&self, name: Arc<str>, address: &str) -> Result<Backend, String> {
+        let client_tls = || -> Result<ClientTls, String> {
+            let config = self
+                .client
+                .clone()
+                .ok_or_else(|| "no TLS client config".to_string())?;
+            let name = match &self.server_name {
+                Some(n) => n.clone(),
+                None => {
+                    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+                    crate::tls::server_name(host.trim_start_matches('[').trim_end_matches(']'))?
+                }
+            };
+            Ok(ClientTls { config, name })
+        };
+        let tls = match self.tls {
+            super::file::BackendTlsMode::None => BackendTls::Plain,
+            super::file::BackendTlsMode::Implicit => BackendTls::Implicit(client_tls()?),
+            super::file::BackendTlsMode::Starttls => BackendTls::Starttls(client_tls()?),
+        };
+        Ok(Backend {
+            name,
+            address: address.to_string(),
+            weight: 0,
+            tls,
+            insecure_skip_verify: self.insecure_skip_verify,
+            send_proxy: self.send_proxy,
+            forward_id: self.forward_id,
+            quickack: self.quickack,
+        })
+    }
 }
 
 impl Routing {

@@ -1,6 +1,7 @@
-//! Login orchestration: route the user, dial its backends in order (failover), replay the
-//! login (`dial`), and answer the client under its own tag. Pre-login hands over a login
-//! request; this module decides where it goes and records how it went.
+//! Login orchestration: route the user (the directory first, when one is configured; then the
+//! static map and the hash), dial its backends in order (failover), replay the login (`dial`),
+//! and answer the client under its own tag. Pre-login hands over a login request; this module
+//! decides where it goes and records how it went.
 
 use std::io;
 use std::sync::Arc;
@@ -11,6 +12,9 @@ use tracing::{info, warn};
 use super::Session;
 use super::dial::{self, DialError, LoginOutcome};
 use crate::backend;
+use crate::backend::state::BackendState;
+use crate::config::{Backend, LookupFallback};
+use crate::directory::{Decision, Query, Why};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
 use crate::metrics::LoginResult;
@@ -30,25 +34,178 @@ pub enum LoginAttempt {
 /// A login the backend accepted: what the relay needs.
 pub struct Authenticated {
     pub backend: dial::BackendSession,
-    /// The snapshot the login was routed with, and the backend's index in it.
+    /// The snapshot the login was routed with.
     pub snapshot: Arc<Snapshot>,
-    pub backend_index: usize,
+    /// The backend's live state (metrics, name).
+    pub state: Arc<BackendState>,
+    pub quickack: bool,
     /// The user as routed (authzid or login name), for logs and `/sessions`.
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
     pub client_buffered: Vec<u8>,
 }
 
+/// A backend a login may try: a configured one, or one the directory named by address.
+struct Target {
+    backend: Arc<Backend>,
+    state: Arc<BackendState>,
+}
+
 /// Routes the user, tries its backends in order, and answers the client with its own tag.
+/// `attempt` counts this connection's login attempts (for the directory).
 pub async fn route_and_dial(
     client: &mut Stream,
     session: &Session,
     tag: &str,
     credentials: &Credentials,
     client_id: &[(String, String)],
+    attempt: u32,
 ) -> io::Result<LoginAttempt> {
     // The login follows the configuration in use now, not the one the connection found.
     let snapshot = session.services.snapshot();
+    let config = &snapshot.config;
+    let user = credentials.routing_user();
+    let mechanism = credentials.mechanism.as_str();
+    let key = config.routing.normalize(user);
+    let mut rewritten = None;
+    let targets = match (&snapshot.directory, &config.routing.lookup) {
+        (Some(directory), Some(lookup)) => {
+            let query = Query {
+                user,
+                password: lookup.send_password().then_some(&credentials.password),
+                // nginx says `plain` for every cleartext login (LOGIN, PLAIN, AUTH LOGIN).
+                method: "plain",
+                client: session.peer,
+                attempt,
+                tls: client.is_tls(),
+            };
+            match directory.decide(&key, &query).await {
+                Decision::Route { route, from } => {
+                    info!(session = %session.id, user, server = %route.server, from = from.as_str(), "directory route");
+                    if route.user.is_some() || route.password.is_some() {
+                        let mut c = credentials.clone();
+                        if let Some(u) = &route.user {
+                            c.user = u.clone();
+                        }
+                        if let Some(p) = &route.password {
+                            c.password = p.clone();
+                        }
+                        rewritten = Some(c);
+                    }
+                    directed(&snapshot, &route.server)
+                }
+                Decision::Refused { message, wait } => {
+                    info!(session = %session.id, user, mechanism, result = "rejected", reason = "directory", "login");
+                    // The service's delay (Auth-Wait) holds this connection only.
+                    tokio::time::sleep(wait).await;
+                    client
+                        .write_all(&response::tagged(
+                            tag,
+                            Status::No,
+                            "AUTHENTICATIONFAILED",
+                            &message,
+                        ))
+                        .await?;
+                    return Ok(LoginAttempt::Rejected);
+                }
+                Decision::Fallback(why) => match lookup.fallback {
+                    LookupFallback::Hash => configured(&snapshot, user),
+                    LookupFallback::Refuse => {
+                        info!(session = %session.id, user, mechanism, result = "rejected", reason = ?why, "login");
+                        let (code, text, attempt) = match why {
+                            Why::NotFound => (
+                                "AUTHENTICATIONFAILED",
+                                "Authentication failed.",
+                                LoginAttempt::Rejected,
+                            ),
+                            Why::DirectoryDown => (
+                                "UNAVAILABLE",
+                                "Backend for this user is not available.",
+                                LoginAttempt::Unavailable,
+                            ),
+                        };
+                        client
+                            .write_all(&response::tagged(tag, Status::No, code, text))
+                            .await?;
+                        return Ok(attempt);
+                    }
+                },
+            }
+        }
+        _ => configured(&snapshot, user),
+    };
+    let credentials = rewritten.as_ref().unwrap_or(credentials);
+    dial_targets(
+        client,
+        session,
+        tag,
+        credentials,
+        client_id,
+        &snapshot,
+        targets,
+    )
+    .await
+}
+
+/// The configured backends that take logins, in the user's order (static map, hash).
+fn configured(snapshot: &Snapshot, user: &str) -> Vec<Target> {
+    let config = &snapshot.config;
+    let route = route::route(config, user);
+    route
+        .candidates(config.routing.failover, |i| {
+            snapshot.backends[i].takes_logins()
+        })
+        .into_iter()
+        .map(|i| Target {
+            backend: Arc::new(config.backends[i].clone()),
+            state: snapshot.backends[i].clone(),
+        })
+        .collect()
+}
+
+/// The backend the directory named: a configured one with that address, else one made from
+/// `routing.lookup.backend_defaults`. The directory's answer is the user's only place: no
+/// failover.
+fn directed(snapshot: &Snapshot, server: &str) -> Vec<Target> {
+    let config = &snapshot.config;
+    if let Some(i) = config.backends.iter().position(|b| b.address == server) {
+        let state = &snapshot.backends[i];
+        return if state.takes_logins() {
+            vec![Target {
+                backend: Arc::new(config.backends[i].clone()),
+                state: state.clone(),
+            }]
+        } else {
+            Vec::new()
+        };
+    }
+    let Some(lookup) = &config.routing.lookup else {
+        return Vec::new();
+    };
+    match lookup.backend_defaults.backend(server.into(), server) {
+        Ok(backend) => vec![Target {
+            state: Arc::new(BackendState::dynamic(
+                server,
+                snapshot.dynamic_metrics.clone(),
+            )),
+            backend: Arc::new(backend),
+        }],
+        Err(error) => {
+            warn!(server, %error, "cannot reach the backend the directory named");
+            Vec::new()
+        }
+    }
+}
+
+async fn dial_targets(
+    client: &mut Stream,
+    session: &Session,
+    tag: &str,
+    credentials: &Credentials,
+    client_id: &[(String, String)],
+    snapshot: &Arc<Snapshot>,
+    targets: Vec<Target>,
+) -> io::Result<LoginAttempt> {
     let config = &snapshot.config;
     let identity = dial::Identity {
         client: session.peer,
@@ -58,11 +215,7 @@ pub async fn route_and_dial(
     };
     let user = credentials.routing_user();
     let mechanism = credentials.mechanism.as_str();
-    let route = route::route(config, user);
-    let candidates = route.candidates(config.routing.failover, |i| {
-        snapshot.backends[i].takes_logins()
-    });
-    if candidates.is_empty() {
+    if targets.is_empty() {
         // Known down or taken out: say so now instead of making the user wait for a timeout.
         info!(session = %session.id, user, mechanism, result = "unavailable", reason = "no backend takes logins", "login");
     }
@@ -70,14 +223,12 @@ pub async fn route_and_dial(
         config.timeouts.backend_greeting,
         config.timeouts.backend_login,
     );
-    for index in candidates {
-        let backend = &config.backends[index];
-        let state = &snapshot.backends[index];
+    for Target { backend, state } in targets {
         let started = std::time::Instant::now();
-        let outcome = match backend::connect(state, config.timeouts.backend_connect).await {
+        let outcome = match backend::connect(&state, config.timeouts.backend_connect).await {
             Ok(stream) => {
                 state.metrics.connected(started.elapsed());
-                dial::replay(stream, backend, credentials, &identity, timeouts).await
+                dial::replay(stream, &backend, credentials, &identity, timeouts).await
             }
             Err(e) => Err(DialError::BeforeLogin(e)),
         };
@@ -105,7 +256,8 @@ pub async fn route_and_dial(
                 return Ok(LoginAttempt::LoggedIn(Box::new(Authenticated {
                     backend: logged_in,
                     snapshot: snapshot.clone(),
-                    backend_index: index,
+                    quickack: backend.quickack,
+                    state,
                     user: user.to_string(),
                     client_buffered: Vec::new(),
                 })));

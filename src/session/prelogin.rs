@@ -136,6 +136,11 @@ impl Prelogin {
     }
 
     /// The client's own ID fields, filtered, for the backend's ID.
+    /// This connection's login attempts so far, the one being made included.
+    pub fn attempt(&self) -> u32 {
+        self.failures + 1
+    }
+
     pub fn client_id(&self) -> &[(String, String)] {
         &self.client_id
     }

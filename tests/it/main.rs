@@ -5,6 +5,7 @@ mod backends_smoke;
 mod capabilities;
 mod clients;
 mod config_corpus;
+mod directory;
 mod fd_limit;
 mod interop;
 mod live_ops;
