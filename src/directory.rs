@@ -293,3 +293,33 @@ impl Drop for Pending<'_> {
         }
     }
 }
+
+/// For `imapgate route`: asks the configured directory about `user` now (no cache) and says
+/// what it answered, in one line; `None` without a directory.
+pub async fn ask_once(config: &crate::config::Config, user: &str) -> Option<String> {
+    let lookup = config.routing.lookup.as_ref()?;
+    let metrics = Arc::new(Metrics::new(config));
+    let directory = Directory::new(lookup, Arc::new(Cache::default()), metrics);
+    let query = Query {
+        user,
+        password: None,
+        method: "plain",
+        client: SocketAddr::from(([127, 0, 0, 1], 0)),
+        attempt: 1,
+        tls: false,
+    };
+    Some(match directory.source_ask(&query).await {
+        Ok(Answer::Found(route)) => match route.user {
+            Some(u) => format!("directory\t{}\tas {u}", route.server),
+            None => format!("directory\t{}", route.server),
+        },
+        Ok(Answer::NotFound | Answer::Refused { .. }) => format!(
+            "directory\tnot found: fallback {}",
+            match lookup.fallback {
+                crate::config::LookupFallback::Hash => "hash (below)",
+                crate::config::LookupFallback::Refuse => "refuse",
+            }
+        ),
+        Err(error) => format!("directory\t{error}"),
+    })
+}

@@ -25,6 +25,7 @@ pub(crate) mod tls;
 
 // The public façade, for the binaries, the integration tests and the benches; everything else
 // is the crate's own (so the compiler reports what nothing uses).
+pub use directory::ask_once as ask_directory;
 pub use imap::scan::{CommandId, CommandSink, Completion, Observer};
 pub use reload::{ReloadError, reload};
 pub use route::backends_for;

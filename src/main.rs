@@ -76,9 +76,22 @@ fn main() -> ExitCode {
         },
         Command::Route { user, config } => match config::load(&config) {
             Ok(c) => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let directory = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()
+                    .and_then(|r| r.block_on(imapgate::ask_directory(&c, &user)));
+                // Output may go to a pipe that closes early (`| head -1`): stop quietly.
+                if let Some(line) = directory {
+                    let _ = writeln!(out, "{line}");
+                }
                 for (n, i) in imapgate::backends_for(&c, &user).into_iter().enumerate() {
                     let b = &c.backends[i];
-                    println!("{}\t{}\t{}", n + 1, b.name, b.address);
+                    if writeln!(out, "{}\t{}\t{}", n + 1, b.name, b.address).is_err() {
+                        break;
+                    }
                 }
                 ExitCode::SUCCESS
             }

@@ -341,3 +341,57 @@ async fn with_the_password_sent_the_service_may_refuse() {
     );
     proxy.stop().await;
 }
+
+/// `imapgate route` asks the directory too, and stops quietly when its reader goes away.
+#[tokio::test]
+async fn the_route_command_shows_the_directory_answer() {
+    let service = AuthService::start(table(&[(
+        "alice",
+        "10.0.0.9:143",
+        Some("alice@example.net"),
+    )]))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imapgate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "backends:\n  - {{ name: b1, address: \"10.0.0.1:143\" }}\nrouting:\n  lookup:\n    http: {{ url: \"http://{}/auth\" }}\n",
+            service.addr
+        ),
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["route", "alice", "--config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        stdout.lines().next(),
+        Some("directory\t10.0.0.9:143\tas alice@example.net"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1\tb1\t10.0.0.1:143"), "{stdout}");
+
+    // A reader that closes at once (as `| head -1` does after one line): no panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["route", "alice", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    assert!(
+        !String::from_utf8_lossy(&status.stderr).contains("panicked"),
+        "{status:?}"
+    );
+}
