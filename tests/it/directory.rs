@@ -21,6 +21,8 @@ enum Behaviour {
     Status(u16),
     /// Never answers.
     Silent,
+    /// Like the table, after a pause (so that lookups overlap).
+    Slow(Duration, Box<Behaviour>),
 }
 
 struct AuthService {
@@ -78,12 +80,17 @@ impl AuthService {
                             })
                         };
                         let user = header("Auth-User").unwrap_or_default().replace("%40", "@");
-                        let now = behaviour.lock().unwrap().clone();
+                        let mut now = behaviour.lock().unwrap().clone();
+                        if let Behaviour::Slow(pause, inner) = now {
+                            tokio::time::sleep(pause).await;
+                            now = *inner;
+                        }
                         let answer = match now {
                             Behaviour::Silent => {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 return;
                             }
+                            Behaviour::Slow(..) => unreachable!("unwrapped above"),
                             Behaviour::Status(code) => {
                                 format!("HTTP/1.1 {code} Oops\r\nContent-Length: 0\r\n\r\n")
                             }
@@ -394,4 +401,42 @@ async fn the_route_command_shows_the_directory_answer() {
         !String::from_utf8_lossy(&status.stderr).contains("panicked"),
         "{status:?}"
     );
+}
+
+/// Logins of one user at the same moment wait for one lookup.
+#[tokio::test]
+async fn concurrent_lookups_of_one_user_are_one_question() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let service = AuthService::start(Behaviour::Slow(
+        Duration::from_millis(300),
+        Box::new(table(&[("alice", &b1.address(), None)])),
+    ))
+    .await;
+    let proxy = Proxy::start(&yaml(
+        &[("b1", b1.address())],
+        &format!("    http: {{ url: \"http://{}/auth\" }}\n", service.addr),
+    ))
+    .await;
+    let logins: Vec<_> = (0..10)
+        .map(|_| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let mut c = crate::support::Raw::connect(addr).await;
+                c.login("alice", "alice-secret").await;
+                c
+            })
+        })
+        .collect();
+    for login in logins {
+        login.await.unwrap();
+    }
+    assert_eq!(
+        service.requests.load(Ordering::SeqCst),
+        1,
+        "one question for ten logins"
+    );
+    proxy.stop().await;
 }
