@@ -137,7 +137,22 @@ mail {
 EOF
   nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
   NG_MASTER=$!; PIDS+=("$NG_MASTER")
+
+  # imapgate routing from the same auth_http service as nginx: with its cache, and without.
+  IGW_PORT=$(free_port) IGN_PORT=$(free_port)
+  for variant in warm:IGW_PORT:5m nocache:IGN_PORT:0s; do
+    IFS=: read -r name var ttl <<<"$variant"
+    cat > "$WORK/imapgate-$name.yaml" <<EOF
+listeners: [{ name: imap, bind: "127.0.0.1:${!var}" }]
+backends: [{ name: b, address: "127.0.0.1:$BACKEND_PORT" }]
+limits: { max_connections: 1000000, per_ip: 1000000 }
+routing: { lookup: { http: { url: "http://127.0.0.1:$AUTH_PORT/auth" }, cache: { ttl: $ttl, stale_max_age: 0s } } }
+EOF
+    IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate-$name.yaml" 2>"$WORK/imapgate-$name.log" &
+    PIDS+=("$!"); eval "IG_${name^^}_PIDS=$!"
+  done
   wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"; wait_port "$IG_TLS_PORT"; wait_port "$HA_TLS_PORT"
+  wait_port "$IGW_PORT"; wait_port "$IGN_PORT"
   NG_PIDS=$(pgrep -d, -P "$NG_MASTER" || true); NG_PIDS="$NG_MASTER${NG_PIDS:+,$NG_PIDS}"
 }
 
@@ -154,6 +169,16 @@ run_scenarios() {  # $1: backend kind
       "$LOAD" noop "${common[@]}" --workers 50 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
       "$LOAD" fetch "${common[@]}" --workers 1 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
     done
+    # Routing from a directory: nginx asks its auth_http service at every login (a new
+    # connection each time); imapgate asks the same service with its cache warm (1,000 users
+    # in turn) and off (every login a user never seen: one request per login, kept alive).
+    if [ "$kind" = fake ]; then
+      for t in nginx:$NG_PORT:$NG_PIDS:1000000 warm:$IGW_PORT:$IG_WARM_PIDS:1000 nocache:$IGN_PORT:$IG_NOCACHE_PIDS:100000000; do
+        IFS=: read -r label port pids users <<<"$t"
+        "$LOAD" login --target "127.0.0.1:$port" --pid "$pids" --label "dir-$label" --workers 50 \
+          --seconds "$SECONDS_PER" --users "$users" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+      done
+    fi
     # Implicit TLS (993-style), where the proxy terminates it: HAProxy and imapgate.
     if [ "$kind" = fake ]; then
       for t in haproxy imapgate; do

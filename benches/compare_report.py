@@ -155,6 +155,29 @@ if any(r["scenario"] == "tls" for r in rows):
           "for TLS here.\n")
     print(tls_table())
     print()
+if any(r.get("target", "").startswith("dir-") for r in rows):
+    print("## Routing from a directory (nginx's `auth_http` protocol, fake backend)\n")
+    print("The same auth service (`imapgate-load auth-http`) for both. nginx asks it at every login, "
+          "on a new connection; imapgate keeps its connections to it alive, and caches routes. "
+          "Warm: logins cycle through 1,000 users (the cache holds them all after the first round); "
+          "no cache: `ttl: 0s` and every login a user never seen, so every login is a request. "
+          "CPU is the proxy's own (the auth service's is not counted for either).\n")
+    out = ["| target | logins/s (50 workers) | CPU-s per 1k logins | login p50 / p99 µs |", "|---|---|---|---|"]
+    names = {"dir-nginx": "nginx (auth_http per login)", "dir-warm": "imapgate, cache warm", "dir-nocache": "imapgate, no cache"}
+    for t, name in names.items():
+        out.append(f'| {name} | {fmt(med("fake", "login", t, "logins_per_s"))} | {fmt(med("fake", "login", t, "cpu_s_per_1k_logins"), 3)} | '
+                   f'{fmt(med("fake", "login", t, "p50_us"))} / {fmt(med("fake", "login", t, "p99_us"))} |')
+    print("\n".join(out))
+    print()
+    ng, warm, nocache = (med("fake", "login", t, "logins_per_s") for t in names)
+    ng_cpu, nocache_cpu = (med("fake", "login", t, "cpu_s_per_1k_logins") for t in ("dir-nginx", "dir-nocache"))
+    if ng and warm and nocache:
+        print("| target | measured | |\n|---|---|---|")
+        print(f"| warm cache ≥ 1.5× nginx's login rate | {fmt(warm)} vs {fmt(ng)} ({warm / ng:.2f}×) | {'met' if warm >= 1.5 * ng else '**not met**'} |")
+        print(f"| no cache ≥ nginx's login rate | {fmt(nocache)} vs {fmt(ng)} ({nocache / ng:.2f}×) | {'met' if nocache >= ng else '**not met**'} |")
+        if ng_cpu and nocache_cpu:
+            print(f"| no cache: CPU per login < nginx's | {nocache_cpu:.3f} vs {ng_cpu:.3f} s per 1k | {'met' if nocache_cpu < ng_cpu else '**not met**'} |")
+        print()
 print("Scenarios (`imapgate-load`): login = connect, greeting, LOGIN, LOGOUT, close, 50 workers; "
       "noop = one session per worker, NOOP round trips; fetch = one session, `FETCH 1 BODY[]` of a "
       "1 MB message in a loop; idle = N sessions logged in and in IDLE, from 8 source addresses, "

@@ -90,6 +90,10 @@ struct Common {
     seconds: f64,
     #[arg(long, default_value = "load")]
     user: String,
+    /// Log in as `USER0` … `USER{N-1}` in turn (login scenario) instead of `USER` every time:
+    /// a directory cache then sees N users.
+    #[arg(long)]
+    users: Option<u64>,
     #[arg(long, default_value = "secret")]
     password: String,
     /// The target's processes, comma-separated, for their CPU time and RSS.
@@ -107,6 +111,7 @@ impl Common {
             workers: self.workers.max(1),
             seconds: self.seconds,
             user: self.user,
+            users: self.users,
             password: self.password,
             pids: self.pid,
             label: self.label,

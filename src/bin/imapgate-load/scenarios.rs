@@ -132,6 +132,8 @@ pub struct Common {
     pub workers: usize,
     pub seconds: f64,
     pub user: String,
+    /// With `Some(n)`, logins cycle through `user0` … `user{n-1}`.
+    pub users: Option<u64>,
     pub password: String,
     /// The target's processes (nginx has several), for their CPU time and RSS; empty when
     /// unknown.
@@ -208,17 +210,25 @@ where
 
 pub async fn login(common: &Common) -> Report {
     let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
+    let (users, workers) = (common.users, common.workers as u64);
     let started = Instant::now();
-    let (mut lat, errors, _, cpu) = run_workers(common, |_, until| {
+    let (mut lat, errors, _, cpu) = run_workers(common, |worker, until| {
         let (user, password) = (user.clone(), password.clone());
         async move {
             let mut lat = Vec::new();
             let mut errors = 0;
+            // Workers take turns through the user numbers: worker w uses w, w + workers, ...
+            let mut next = worker as u64;
             while Instant::now() < until {
                 let t = Instant::now();
+                let name = match users {
+                    Some(n) => format!("{user}{}", next % n.max(1)),
+                    None => user.clone(),
+                };
+                next += workers;
                 let result = async {
                     let mut c = Conn::open(target, None).await?;
-                    c.login(&user, &password).await?;
+                    c.login(&name, &password).await?;
                     c.send("o LOGOUT\r\n").await?;
                     c.until_ok("o").await
                 }
