@@ -255,6 +255,12 @@ async fn sighup_without_tls_reloads_and_the_process_lives() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status}");
+    let rest = logs.rest().await;
+    assert!(rest.contains("stopped"), "{rest}");
+    assert!(
+        !rest.contains('\x1b'),
+        "no colour codes when stderr is not a terminal: {rest:?}"
+    );
 }
 
 /// Every process of a Dovecot instance (the master and its children), to freeze or thaw.
