@@ -621,3 +621,54 @@ async fn a_bye_after_the_credentials_is_not_failed_over() {
     );
     proxy.stop().await;
 }
+
+/// The admin server bounds what one client can hold: connections and request bodies.
+#[tokio::test]
+async fn the_admin_server_has_bounds() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start(&crate::support::config(
+        &[("b1", crate::support::nowhere())],
+        "admin: { bind: \"127.0.0.1:9143\" }\n",
+    ))
+    .await;
+    // A body over 64 KiB is refused before anything is done.
+    let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    s.write_all(b"POST /reload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, s.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    // 64 connections at once; the 65th is closed at once, and a slot frees when one goes.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(tokio::net::TcpStream::connect(proxy.admin).await.unwrap());
+    }
+    // Each of the 64 is accepted in turn; the next one finds no slot.
+    let mut extra = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    let mut byte = [0u8; 1];
+    // Well before the 10 s an accepted connection would get to send its request.
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut byte))
+        .await
+        .expect("closed at once, not held");
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "the 65th is closed: {closed:?}"
+    );
+    drop(held);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, _) = crate::support::http_get(proxy.admin, "/healthz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slots never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.stop().await;
+}
