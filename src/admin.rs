@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::backend::state::{Health, Mode};
+use crate::config::file::duration;
 use crate::reload;
 use crate::route;
 use crate::services::Services;
@@ -267,7 +268,7 @@ fn set_mode(services: &Services, name: &str, action: &str, query: &Query) -> Res
         "enable" => Mode::Active,
         _ => return text(StatusCode::NOT_FOUND, "not found\n"),
     };
-    let grace = match query.get("grace").map(parse_duration) {
+    let grace = match query.get("grace").map(duration::parse) {
         None => Duration::ZERO,
         Some(Some(d)) => d,
         Some(None) => {
@@ -354,21 +355,6 @@ fn route_of(services: &Services, user: &str) -> serde_json::Value {
         "order": order,
         "tries": candidates.iter().map(|&i| &*snapshot.backends[i].name).collect::<Vec<_>>(),
     })
-}
-
-/// `30s`, `500ms`, `2m`, `1h`, or plain seconds.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let n: u64 = text[..digits].parse().ok()?;
-    match &text[digits..] {
-        "" | "s" => Some(Duration::from_secs(n)),
-        "ms" => Some(Duration::from_millis(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
-    }
 }
 
 /// The query string's parameters, percent-decoded.
@@ -478,11 +464,8 @@ mod tests {
         assert!(f.backend.is_none(), "empty means not given");
         assert_eq!(percent_decode("a%2"), "a%2", "short escape kept");
         assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("soon"), None);
-        assert_eq!(parse_duration(""), None);
+        assert_eq!(duration::parse("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(duration::parse("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(duration::parse("soon"), None);
     }
 }
