@@ -177,7 +177,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         }
     };
 
-    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listeners.len());
     let mut listener_names = HashSet::new();
     for l in &raw.listeners {
         check_name(&v, "listeners[].name", &l.name)?;
@@ -196,6 +196,20 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                 ),
             )
         })?;
+        // Two sockets of ours on one address would split its clients between two listeners
+        // (SO_REUSEPORT lets them). Port 0 is a new port for each.
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.bind == bind && bind.port() != 0)
+        {
+            return Err(v.err(
+                &l.bind.referenced,
+                format!(
+                    "listeners[].bind: {:?} is already the bind of listener {:?}",
+                    l.bind.value, other.name
+                ),
+            ));
+        }
         let mut trusted_proxies = Vec::new();
         for cidr in &l.trusted_proxies {
             trusted_proxies.push(Cidr::parse(&cidr.value).ok_or_else(|| {
@@ -348,15 +362,30 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
 
     let admin = match &raw.admin {
         None => None,
-        Some(a) => Some(a.bind.value.parse::<SocketAddr>().map_err(|_| {
-            v.err(
-                &a.bind.referenced,
-                format!(
-                    "admin.bind: {:?} is not an IP address and port (e.g. \"127.0.0.1:9143\")",
-                    a.bind.value
-                ),
-            )
-        })?),
+        Some(a) => {
+            let bind = a.bind.value.parse::<SocketAddr>().map_err(|_| {
+                v.err(
+                    &a.bind.referenced,
+                    format!(
+                        "admin.bind: {:?} is not an IP address and port (e.g. \"127.0.0.1:9143\")",
+                        a.bind.value
+                    ),
+                )
+            })?;
+            if let Some(l) = listeners
+                .iter()
+                .find(|l| l.bind == bind && bind.port() != 0)
+            {
+                return Err(v.err(
+                    &a.bind.referenced,
+                    format!(
+                        "admin.bind: {:?} is already the bind of listener {:?}",
+                        a.bind.value, l.name
+                    ),
+                ));
+            }
+            Some(bind)
+        }
     };
     let h = &raw.health;
     let health = HealthChecks {
@@ -518,6 +547,27 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("routing.static"), "{e}");
+    }
+
+    #[test]
+    fn one_address_one_socket_but_port_0_is_new_each_time() {
+        let backends = "backends:\n  - { name: a, address: \"h:1\" }\n";
+        let e = parse(
+            &format!("listeners:\n  - {{ name: a, bind: \"127.0.0.1:1143\" }}\nadmin: {{ bind: \"127.0.0.1:1143\" }}\n{backends}"),
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.yaml:3:16: admin.bind: \"127.0.0.1:1143\" is already the bind of listener \"a\""
+        );
+        let c = parse(
+            &format!(
+                "listeners:\n  - {{ name: a, bind: \"127.0.0.1:0\" }}\n  - {{ name: b, bind: \"127.0.0.1:0\" }}\nadmin: {{ bind: \"127.0.0.1:0\" }}\n{backends}"
+            ),
+            "t.yaml",
+        );
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]
