@@ -190,7 +190,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         }
     };
 
-    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.listeners.len());
     let mut listener_names = HashSet::new();
     for l in &raw.listeners {
         check_name(&v, "listeners[].name", &l.name)?;
@@ -209,6 +209,20 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                 ),
             )
         })?;
+        // Two sockets of ours on one address would split its clients between two listeners
+        // (SO_REUSEPORT lets them). Port 0 is a new port for each.
+        if let Some(other) = listeners
+            .iter()
+            .find(|o| o.bind == bind && bind.port() != 0)
+        {
+            return Err(v.err(
+                &l.bind.referenced,
+                format!(
+                    "listeners[].bind: {:?} is already the bind of listener {:?}",
+                    l.bind.value, other.name
+                ),
+            ));
+        }
         let mut trusted_proxies = Vec::new();
         for cidr in &l.trusted_proxies {
             trusted_proxies.push(Cidr::parse(&cidr.value).ok_or_else(|| {
@@ -376,6 +390,18 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                     ),
                 )
             })?;
+            if let Some(l) = listeners
+                .iter()
+                .find(|l| l.bind == bind && bind.port() != 0)
+            {
+                return Err(v.err(
+                    &a.bind.referenced,
+                    format!(
+                        "admin.bind: {:?} is already the bind of listener {:?}",
+                        a.bind.value, l.name
+                    ),
+                ));
+            }
             let token = match &a.token_file {
                 None => None,
                 Some(path) => Some(read_token(&v, path)?),
@@ -676,6 +702,27 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("routing.static"), "{e}");
+    }
+
+    #[test]
+    fn one_address_one_socket_but_port_0_is_new_each_time() {
+        let backends = "backends:\n  - { name: a, address: \"h:1\" }\n";
+        let e = parse(
+            &format!("listeners:\n  - {{ name: a, bind: \"127.0.0.1:1143\" }}\nadmin: {{ bind: \"127.0.0.1:1143\" }}\n{backends}"),
+            "t.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.yaml:3:16: admin.bind: \"127.0.0.1:1143\" is already the bind of listener \"a\""
+        );
+        let c = parse(
+            &format!(
+                "listeners:\n  - {{ name: a, bind: \"127.0.0.1:0\" }}\n  - {{ name: b, bind: \"127.0.0.1:0\" }}\nadmin: {{ bind: \"127.0.0.1:0\" }}\n{backends}"
+            ),
+            "t.yaml",
+        );
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]

@@ -103,11 +103,31 @@ pub struct Bound {
     pub admin: Option<TcpListener>,
 }
 
-/// Binds every listener in the config, and the admin server if configured.
+/// Binds every listener in the config, and the admin server if configured. Fails when another
+/// process (another imapgate, too) already holds a listener's address: SO_REUSEPORT is for our
+/// own workers only, not for sharing clients with whoever else started on the address.
 pub async fn bind(config: &Config) -> std::io::Result<Bound> {
     let named = |what: String, e: std::io::Error| {
         std::io::Error::new(e.kind(), format!("cannot bind {what}: {e}"))
     };
+    // Every address is probed before any is bound: two listeners of one config on overlapping
+    // addresses (0.0.0.0:143 and 127.0.0.1:143), which our SO_REUSEPORT sockets may share,
+    // would otherwise take each other for another process.
+    for l in &config.listeners {
+        probe(l.bind).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "listener {}: {} is already in use by another process",
+                        l.name, l.bind
+                    ),
+                )
+            } else {
+                named(format!("listener {} to {}", l.name, l.bind), e)
+            }
+        })?;
+    }
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (index, l) in config.listeners.iter().enumerate() {
         let listener = bind_shared(l.bind)
@@ -153,6 +173,27 @@ fn into_bound(
         .collect()
 }
 
+/// Fails with `AddrInUse` when someone else holds `addr`. The kernel lets a socket with
+/// SO_REUSEPORT join any listener of the same user that has it too (a second imapgate, say), so
+/// the test is a bind without it: SO_REUSEADDR alone still lets us start over our own
+/// connections in TIME_WAIT, but not beside a listening socket. The probe is closed again before
+/// the real sockets are bound, so a small race stays: a process binding with SO_REUSEPORT in
+/// that moment (two imapgates started at once) still gets in. Binding the first real socket
+/// without SO_REUSEPORT and setting it afterwards would close the gap, but socket(7) asks for it
+/// before bind. Port 0 is not probed: every bind gets a port of its own.
+fn probe(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// A non-blocking listening socket with SO_REUSEPORT (and SO_REUSEADDR, for restarts).
 fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
@@ -168,8 +209,10 @@ fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
-/// Whether `addr` can be bound now (a reload adding a listener checks before it is put in use).
+/// Whether `addr` can be bound now, and by no other process (a reload adding a listener checks
+/// before it is put in use).
 pub(crate) fn check_bindable(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    probe(addr)?;
     bind_shared(addr).map(drop)
 }
 

@@ -10,10 +10,10 @@
 //!   credentials go nowhere else (DialError::AfterLogin)
 //! ```
 //!
-//! The login is replayed as it came: LOGIN as LOGIN (quoted when that is exact, else a literal,
-//! `{n+}` when the backend offers LITERAL+), AUTHENTICATE PLAIN as PLAIN (with SASL-IR when
-//! offered), so an authzid reaches the backend and the backend decides; AUTHENTICATE LOGIN as
-//! AUTHENTICATE LOGIN where the backend offers AUTH=LOGIN, else as LOGIN. The backend's tagged
+//! The login is replayed as it came: LOGIN as LOGIN (quoted when that is exact and short, else
+//! a literal, `{n+}` when the backend offers LITERAL+), AUTHENTICATE PLAIN as PLAIN (with SASL-IR
+//! when offered), so an authzid reaches the backend and the backend decides; AUTHENTICATE LOGIN
+//! as AUTHENTICATE LOGIN where the backend offers AUTH=LOGIN, else as LOGIN. The backend's tagged
 //! answer is returned without its tag, to be sent on with the client's.
 
 use std::net::SocketAddr;
@@ -328,7 +328,10 @@ fn id_command(identity: &Identity) -> Vec<u8> {
     format!("ID ({})", fields.join(" ")).into_bytes()
 }
 
-/// `ig1 AUTHENTICATE PLAIN ...`, in one part with SASL-IR or two without.
+/// `ig1 AUTHENTICATE PLAIN ...`, in one part with SASL-IR or two without. A long initial
+/// response stays on the command line: Dovecot reads an AUTHENTICATE line (the mechanism
+/// aside) into its SASL buffer (8 KiB), the same one a response after `+` goes to, not into
+/// the small buffer LOGIN's arguments share; waiting for `+` would only cost a round trip.
 fn plain_command(credentials: &Credentials, sasl_ir: bool) -> Vec<Vec<u8>> {
     let encoded = sasl::encode(credentials.plain_message().expose());
     if sasl_ir {
@@ -361,7 +364,7 @@ fn sasl_login_command(credentials: &Credentials, sasl_ir: bool) -> Vec<Vec<u8>> 
 }
 
 /// `ig1 LOGIN user password`, split after every synchronizing literal.
-pub fn login_command(user: &[u8], password: &[u8], literal_plus: bool) -> Vec<Vec<u8>> {
+pub(crate) fn login_command(user: &[u8], password: &[u8], literal_plus: bool) -> Vec<Vec<u8>> {
     let mut parts = Vec::new();
     let mut current = format!("{TAG} LOGIN ").into_bytes();
     for (i, value) in [user, password].into_iter().enumerate() {
@@ -391,9 +394,19 @@ pub fn login_command(user: &[u8], password: &[u8], literal_plus: bool) -> Vec<Ve
     parts
 }
 
-/// Quoted strings carry 7-bit text without CR, LF or NUL; anything else goes as a literal.
+/// The longest quoted string (quotes and backslashes included) a login is replayed with; a
+/// longer value goes as a literal. Backends read pre-login arguments into small buffers: Dovecot
+/// 2.3 holds 1,026 octets and answers more with `* BYE Input buffer full`, and in quotes every
+/// `"` and `\` of a password doubles. A literal carries the octets as they are, its size
+/// announced first. 200 is far above any real user name or password, far below those buffers.
+const QUOTED_MAX: usize = 200;
+
+/// Whether `value` goes as a quoted string: quoted strings carry 7-bit text without CR, LF or
+/// NUL (printable ASCII only here, the same with every backend), and only up to `QUOTED_MAX`
+/// octets as written; anything else goes as a literal.
 fn quotable(value: &[u8]) -> bool {
-    value.iter().all(|&c| (0x20..0x7f).contains(&c))
+    let escapes = value.iter().filter(|&&c| c == b'"' || c == b'\\').count();
+    value.len() + escapes + 2 <= QUOTED_MAX && value.iter().all(|&c| (0x20..0x7f).contains(&c))
 }
 
 #[cfg(test)]
@@ -420,6 +433,47 @@ mod tests {
                 b"ig1 LOGIN {2}\r\n".to_vec(),
                 b"\xc3\xa4 {4}\r\n".to_vec(),
                 b"x\r\ny\r\n".to_vec()
+            ]
+        );
+    }
+
+    /// A long value goes as a literal even when it is printable ASCII: quoted, it could overflow
+    /// a backend's pre-login buffer (Dovecot: `* BYE Input buffer full`).
+    #[test]
+    fn long_values_go_as_literals() {
+        let long = "x\"\\".repeat(334)[..1000].to_string();
+        assert_eq!(
+            login_command(b"bob", long.as_bytes(), true),
+            vec![format!("ig1 LOGIN \"bob\" {{1000+}}\r\n{long}\r\n").into_bytes()]
+        );
+        assert_eq!(
+            login_command(b"bob", long.as_bytes(), false),
+            vec![
+                b"ig1 LOGIN \"bob\" {1000}\r\n".to_vec(),
+                format!("{long}\r\n").into_bytes()
+            ]
+        );
+        // A long user name too.
+        let user = "u".repeat(300);
+        assert_eq!(
+            login_command(user.as_bytes(), b"pw", false),
+            vec![
+                b"ig1 LOGIN {300}\r\n".to_vec(),
+                format!("{user} \"pw\"\r\n").into_bytes()
+            ]
+        );
+        // The limit counts the quoted string as written: quotes and escapes included.
+        let fits = "a".repeat(QUOTED_MAX - 2);
+        assert_eq!(
+            login_command(b"bob", fits.as_bytes(), false),
+            vec![format!("ig1 LOGIN \"bob\" \"{fits}\"\r\n").into_bytes()]
+        );
+        // Without its escape this one would fit too.
+        let escaped = format!("{}\\", "a".repeat(QUOTED_MAX - 3));
+        assert_eq!(
+            login_command(b"bob", escaped.as_bytes(), true),
+            vec![
+                format!("ig1 LOGIN \"bob\" {{{}+}}\r\n{escaped}\r\n", QUOTED_MAX - 2).into_bytes()
             ]
         );
     }

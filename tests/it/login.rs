@@ -166,23 +166,7 @@ async fn every_login_form_reaches_the_backend() {
     let logins = || b1.info_log().matches("Login: user=<").count();
     for (name, parts) in forms {
         let before = logins();
-        let mut c = proxy.connect().await;
-        c.line().await.unwrap();
-        for (i, part) in parts.iter().enumerate() {
-            c.send(part).await;
-            if i + 1 < parts.len() {
-                let cont = c.line().await.unwrap();
-                assert!(
-                    cont.starts_with("+"),
-                    "{name}: expected a continuation, got {cont:?}"
-                );
-            }
-        }
-        let (_, answer) = c.until_tagged("t").await;
-        assert!(answer.starts_with("t OK"), "{name}: {answer}");
-        c.send("s SELECT INBOX\r\n").await;
-        let (_, answer) = c.until_tagged("s").await;
-        assert!(answer.starts_with("s OK"), "{name}: after login: {answer}");
+        log_in_as(&proxy, name, &parts).await;
         // Dovecot logged one more login (its log is written a moment after the answer).
         b1.wait_for_info_line(|_| logins() == before + 1).await;
         // The mechanism is replayed as it came (Dovecot counts LOGIN as PLAIN).
@@ -199,6 +183,140 @@ async fn every_login_form_reaches_the_backend() {
         );
     }
     proxy.stop().await;
+}
+
+/// Connects, sends `parts` (each after the `+` the one before asked for), checks that the
+/// tagged OK reaches the client and that the session is logged in (SELECT works).
+async fn log_in_as(proxy: &Proxy, name: &str, parts: &[String]) {
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        c.send(part).await;
+        if i + 1 < parts.len() {
+            let cont = c.line().await.unwrap();
+            assert!(
+                cont.starts_with("+"),
+                "{name}: expected a continuation, got {cont:?}"
+            );
+        }
+    }
+    let (_, answer) = c.until_tagged("t").await;
+    assert!(answer.starts_with("t OK"), "{name}: {answer}");
+    c.send("s SELECT INBOX\r\n").await;
+    let (_, answer) = c.until_tagged("s").await;
+    assert!(answer.starts_with("s OK"), "{name}: after login: {answer}");
+}
+
+/// A 1,000-octet password, which quoted (its `"` and `\` escaped) would overflow Dovecot's
+/// pre-login buffer (`* BYE Input buffer full`), logs in however the client sends it. LOGIN is
+/// replayed with a literal: `{1000+}` to a backend with LITERAL+, `{1000}` and the wait for `+`
+/// to one without (Dovecot with LITERAL-); AUTHENTICATE PLAIN keeps SASL-IR, since Dovecot reads
+/// an AUTHENTICATE line into a buffer of its own (8 KiB). A forwarder between imapgate and
+/// Dovecot shows what was replayed.
+#[tokio::test]
+async fn a_1000_octet_password_logs_in_every_way() {
+    if !dovecot::available() {
+        return;
+    }
+    let password = dovecot::longer_password();
+    assert_eq!(password.len(), 1000);
+    let escaped = password.replace('\\', "\\\\").replace('"', "\\\"");
+    let plain = B64.encode(format!("\0longerpw\0{password}"));
+    let forms: Vec<(&str, Vec<String>)> = vec![
+        (
+            "quoted",
+            vec![format!("t LOGIN longerpw \"{escaped}\"\r\n")],
+        ),
+        (
+            "sync literal",
+            vec![
+                "t LOGIN longerpw {1000}\r\n".into(),
+                format!("{password}\r\n"),
+            ],
+        ),
+        (
+            "non-sync literal",
+            vec![format!("t LOGIN longerpw {{1000+}}\r\n{password}\r\n")],
+        ),
+        (
+            "AUTHENTICATE PLAIN with SASL-IR",
+            vec![format!("t AUTHENTICATE PLAIN {plain}\r\n")],
+        ),
+        (
+            "AUTHENTICATE PLAIN with a + exchange",
+            vec!["t AUTHENTICATE PLAIN\r\n".into(), format!("{plain}\r\n")],
+        ),
+    ];
+    for (literal_minus, replayed) in [(false, "{1000+}\r\n"), (true, "{1000}\r\n")] {
+        let b1 = Dovecot::start_with(
+            "b1",
+            dovecot::Options {
+                literal_minus,
+                ..Default::default()
+            },
+        );
+        let seen = Forwarder::start(b1.address()).await;
+        let proxy = Proxy::start(&config(&[("b1", seen.address.clone())], "")).await;
+        for (name, parts) in &forms {
+            let name = format!("{name}, literal_minus: {literal_minus}");
+            seen.take();
+            log_in_as(&proxy, &name, parts).await;
+            let sent = String::from_utf8_lossy(&seen.take()).into_owned();
+            let expected = if name.starts_with("AUTHENTICATE") {
+                format!("ig1 AUTHENTICATE PLAIN {plain}\r\n")
+            } else {
+                format!("ig1 LOGIN \"longerpw\" {replayed}{password}\r\n")
+            };
+            assert!(sent.contains(&expected), "{name}: replayed as {sent:?}");
+        }
+        proxy.stop().await;
+    }
+}
+
+/// A TCP forwarder to a backend that keeps what imapgate sent it (health checks included).
+struct Forwarder {
+    address: String,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Forwarder {
+    async fn start(backend: String) -> Forwarder {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&backend).await else {
+                    continue;
+                };
+                let (mut client_in, mut client_out) = client.into_split();
+                let (mut server_in, mut server_out) = server.into_split();
+                let keep = keep.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                        keep.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if server_out.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_out.shutdown().await;
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_in, &mut client_out).await;
+                    let _ = client_out.shutdown().await;
+                });
+            }
+        });
+        Forwarder { address, sent }
+    }
+
+    /// What imapgate sent since the last call.
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.sent.lock().unwrap())
+    }
 }
 
 /// An authzid goes to the backend as it came: Dovecot (with no master users) must refuse

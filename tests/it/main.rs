@@ -2,6 +2,7 @@
 //! with a loud message when it is missing, and fail when `CI` is set.
 
 mod backends_smoke;
+mod bind;
 mod capabilities;
 mod clients;
 mod config_corpus;

@@ -36,41 +36,57 @@ pub struct Proxy {
 impl Proxy {
     /// `yaml` is a whole config; its listeners are ignored (the test binds its own).
     pub async fn start(yaml: &str) -> Proxy {
-        let mut config = imapgate::config::parse(yaml, "test config").expect("valid test config");
-        // Tests stop the proxy while their clients are still logged in.
-        if !yaml.contains("shutdown_grace") {
-            config.timeouts.shutdown_grace = Duration::from_millis(200);
-        }
+        let config = test_config(yaml);
         Proxy::start_config(config).await
     }
 
     /// From a config file, which `POST /reload` (and SIGHUP) reads again. Its listeners are
     /// ignored like `start`'s; a reload that keeps their names and binds keeps them.
     pub async fn start_file(path: &std::path::Path) -> Proxy {
+        init_logs();
         let config = imapgate::config::load(path).expect("valid test config file");
-        Proxy::start_config(config).await
+        Proxy::start_config(Arc::new(config)).await
     }
 
-    async fn start_config(config: imapgate::config::Config) -> Proxy {
-        init_logs();
-        let config = Arc::new(config);
+    async fn start_config(config: Arc<imapgate::config::Config>) -> Proxy {
         // The config's bind addresses are replaced by ports the OS picks.
         let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
         for index in 0..config.listeners.len() {
             let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addrs.push(listener.local_addr().expect("addr"));
             listeners.push(BoundListener { index, listener });
         }
-        let addr = addrs[0];
-        let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = admin_listener.local_addr().expect("admin addr");
-        let shutdown = Shutdown::new();
-        let (config_for_server, shutdown_for_server) = (config.clone(), shutdown.clone());
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let bound = Bound {
             listeners,
-            admin: Some(admin_listener),
+            admin: Some(admin),
         };
+        Proxy::serve(config, bound)
+    }
+
+    /// Like `start`, but on the config's own addresses, bound by `imapgate::bind` as `main`
+    /// binds them (SO_REUSEPORT); its error when that fails. Without `admin:` in `yaml`,
+    /// `admin` is 0.0.0.0:0.
+    pub async fn start_bound(yaml: &str) -> std::io::Result<Proxy> {
+        let config = test_config(yaml);
+        let bound = imapgate::bind(&config).await?;
+        Ok(Proxy::serve(config, bound))
+    }
+
+    fn serve(config: Arc<imapgate::config::Config>, bound: Bound) -> Proxy {
+        let addrs: Vec<SocketAddr> = bound
+            .listeners
+            .iter()
+            .map(|l| l.listener.local_addr().expect("addr"))
+            .collect();
+        let addr = addrs[0];
+        let admin = bound
+            .admin
+            .as_ref()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |a| {
+                a.local_addr().expect("admin addr")
+            });
+        let shutdown = Shutdown::new();
+        let (config_for_server, shutdown_for_server) = (config.clone(), shutdown.clone());
         let task = tokio::spawn(async move {
             let server = imapgate::Server::new(
                 bound,
@@ -189,6 +205,17 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+/// A parsed test config; tests stop the proxy while their clients are still logged in, so
+/// the grace period is short unless the config sets its own.
+fn test_config(yaml: &str) -> Arc<imapgate::config::Config> {
+    init_logs();
+    let mut config = imapgate::config::parse(yaml, "test config").expect("valid test config");
+    if !yaml.contains("shutdown_grace") {
+        config.timeouts.shutdown_grace = Duration::from_millis(200);
+    }
+    Arc::new(config)
 }
 
 /// A config with the given backends (name, address) and extra YAML.

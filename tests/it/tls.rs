@@ -23,7 +23,7 @@ fn tls_yaml(pki: &Pki) -> String {
     )
 }
 
-const TWO_LISTENERS: &str = "listeners:\n  - { name: imap, bind: \"127.0.0.1:1\", tls: starttls }\n  - { name: imaps, bind: \"127.0.0.1:1\", tls: implicit }\n";
+const TWO_LISTENERS: &str = "listeners:\n  - { name: imap, bind: \"127.0.0.1:1\", tls: starttls }\n  - { name: imaps, bind: \"127.0.0.1:2\", tls: implicit }\n";
 
 /// imapgate with a STARTTLS and an implicit-TLS listener, and no backend behind it.
 async fn tls_proxy_without_backend(pki: &Pki) -> Proxy {
@@ -282,7 +282,7 @@ async fn client_address_reaches_dovecot_and_plaintext_policy() {
 async fn proxy_listener_refuses_untrusted_peers_and_missing_headers() {
     let nowhere = crate::support::nowhere();
     let proxy = Proxy::start(&format!(
-        "listeners:\n  - {{ name: strict, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"10.0.0.0/8\"] }}\n  - {{ name: trusting, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }}\n\
+        "listeners:\n  - {{ name: strict, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"10.0.0.0/8\"] }}\n  - {{ name: trusting, bind: \"127.0.0.1:2\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }}\n\
          backends:\n  - {{ name: b1, address: \"{nowhere}\" }}\n"
     ))
     .await;

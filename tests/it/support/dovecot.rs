@@ -29,6 +29,12 @@ pub fn long_password() -> String {
     "x!y \"z\\".repeat(72)[..500].to_string()
 }
 
+/// A password of 1,000 octets for the `longerpw` user: quoted, with its `"` and `\` escaped,
+/// it is more than Dovecot's pre-login buffer (1,026 octets) holds.
+pub fn longer_password() -> String {
+    "x!y \"z\\".repeat(143)[..1000].to_string()
+}
+
 const TEMPLATE: &str = include_str!("dovecot.conf");
 /// The Debian user that owns mail (Dovecot refuses mail access as root).
 const MAIL_UID: u32 = 8;
@@ -41,6 +47,9 @@ pub struct Options {
     /// Trust 127.0.0.0/8 for ID fields (`login_trusted_networks`) and open `haproxy_port`,
     /// which takes a PROXY header from 127.0.0.0/8 (`haproxy_trusted_networks`).
     pub trust_proxy: bool,
+    /// LITERAL- instead of LITERAL+ (`imap_literal_minus`): a backend a login must be replayed
+    /// to with synchronizing literals.
+    pub literal_minus: bool,
 }
 
 pub struct Dovecot {
@@ -124,10 +133,16 @@ impl Dovecot {
                 &format!("service imap-login {{\n  inet_listener imap_haproxy {{\n    address = 127.0.0.1\n    port = {p}\n    haproxy = yes\n  }}\n"),
             );
         }
+        if options.literal_minus {
+            conf.push_str("imap_literal_minus = yes\n");
+        }
         std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
         let mut passwd = String::new();
-        let long = long_password();
-        let users = USERS.iter().copied().chain([("longpw", long.as_str())]);
+        let (long, longer) = (long_password(), longer_password());
+        let users = USERS
+            .iter()
+            .copied()
+            .chain([("longpw", long.as_str()), ("longerpw", longer.as_str())]);
         for (user, password) in users {
             passwd.push_str(&format!("{user}:{{PLAIN}}{password}::::::\n"));
             make_maildir(&root.join("mail").join(user), name).map_err(|e| e.to_string())?;
