@@ -389,11 +389,19 @@ async fn handle(
     Ok(Ok(Attempt::Login { tag, credentials }))
 }
 
-/// The client's ID fields that may go on to the backend: printable ASCII, no more than fit
-/// beside imapgate's own in RFC 2971's 30 pairs, and never an `x-` field, which a backend may trust (x-originating-ip, ...):
-/// those only imapgate sets.
+/// Longest client ID field (name or value) passed on. RFC 2971 allows 1,024 octets, but
+/// Dovecot's pre-login parser takes arguments of ~1 KB at most (quotes and escapes counted),
+/// and a backend that drops the connection over an ID makes the login fail; real clients'
+/// fields ("Thunderbird", "115.3.1") are short.
+const ID_FIELD_FORWARD_MAX: usize = 256;
+
+/// The client's ID fields that may go on to the backend: printable ASCII of at most
+/// `ID_FIELD_FORWARD_MAX` octets, no more than fit beside imapgate's own in RFC 2971's 30
+/// pairs, and never an `x-` field, which a backend may trust (x-originating-ip, ...): those
+/// only imapgate sets.
 fn forwardable_id(fields: Vec<(String, Option<String>)>) -> Vec<(String, String)> {
-    let printable = |s: &str| s.len() <= 1024 && s.bytes().all(|c| (0x20..0x7f).contains(&c));
+    let printable =
+        |s: &str| s.len() <= ID_FIELD_FORWARD_MAX && s.bytes().all(|c| (0x20..0x7f).contains(&c));
     fields
         .into_iter()
         .filter_map(|(k, v)| Some((k, v?)))
@@ -505,5 +513,29 @@ where
             }
             Err(_too_long) => return Ok(Err(Sasl::TooLong)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_short_plain_fields_are_forwarded() {
+        let long = "v".repeat(ID_FIELD_FORWARD_MAX + 1);
+        let fields = vec![
+            ("name".to_string(), Some("Thunderbird".to_string())),
+            (
+                "x-originating-ip".to_string(),
+                Some("203.0.113.9".to_string()),
+            ),
+            ("os".to_string(), Some(long)),
+            ("vendor".to_string(), None),
+            ("support-url".to_string(), Some("tab\there".to_string())),
+        ];
+        assert_eq!(
+            forwardable_id(fields),
+            vec![("name".to_string(), "Thunderbird".to_string())]
+        );
     }
 }
