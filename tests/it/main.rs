@@ -1,5 +1,6 @@
-//! One integration-test binary (faster to build than many). Tests that need Dovecot return early
-//! with a loud message when it is missing, and fail when `CI` is set.
+//! One integration-test binary (faster to build than many). Tests that need a real server or
+//! tool fail when it is missing, unless IMAPGATE_SKIP_EXTERNAL=1 asks for a loud skip
+//! (`support::external`).
 
 mod backends_smoke;
 mod bind;

@@ -16,23 +16,18 @@ pub fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/opt/imapgate-test-backends"))
 }
 
-/// Whether `root()/<marker>` exists. When it does not: a loud message and `false` (the test
-/// returns early), or a panic when `CI` is set, since CI must run every backend test.
+/// Whether `root()/<marker>` exists (see `support::external` for what happens when not).
 pub fn available(server: &str, marker: &str) -> bool {
     let root = root();
     let found = root.join("STAMP").is_file() && root.join(marker).exists();
-    if !found {
-        let hint = format!(
+    super::external(
+        found,
+        &format!(
             "{server} is not unpacked in {} (run tests/it/support/fetch-backends.sh {0}, or set \
              IMAPGATE_TEST_BACKENDS)",
             root.display()
-        );
-        if std::env::var_os("CI").is_some() {
-            panic!("{hint} but CI is set");
-        }
-        eprintln!("\n!!!!! SKIPPED: {hint}; this test did not run !!!!!\n");
-    }
-    found
+        ),
+    )
 }
 
 /// A port nobody listened on a moment ago (the server binds it; a start that loses the race is

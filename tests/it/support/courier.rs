@@ -45,7 +45,7 @@ pub struct Courier {
     dir: tempfile::TempDir,
 }
 
-/// Whether the unpacked Courier is there: a loud skip without it, a panic under `CI`.
+/// Whether the unpacked Courier is there (see `support::external`).
 pub fn available() -> bool {
     backends::available(
         "Courier-IMAP (courier-imap)",

@@ -35,7 +35,7 @@ pub struct Cyrus {
     dir: tempfile::TempDir,
 }
 
-/// Whether the unpacked Cyrus is there: a loud skip without it, a panic under `CI`.
+/// Whether the unpacked Cyrus is there (see `support::external`).
 pub fn available() -> bool {
     backends::available("Cyrus IMAP (cyrus-imapd)", "cyrus/usr/lib/cyrus/bin/master")
 }

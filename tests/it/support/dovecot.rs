@@ -62,19 +62,12 @@ pub struct Dovecot {
     child: Child,
 }
 
-/// Whether Dovecot is installed. When it is not: a loud message and `false` (the test returns
-/// early), or a panic when `CI` is set, since CI must run every Dovecot test.
+/// Whether Dovecot is installed (see `support::external` for what happens when not).
 pub fn available() -> bool {
-    let found = Path::new("/usr/sbin/dovecot").exists();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("Dovecot is not installed but CI is set: install dovecot-imapd");
-        }
-        eprintln!(
-            "\n!!!!! SKIPPED: Dovecot (dovecot-imapd) is not installed; this test did not run !!!!!\n"
-        );
-    }
-    found
+    super::external(
+        Path::new("/usr/sbin/dovecot").exists(),
+        "Dovecot is not installed: install dovecot-imapd",
+    )
 }
 
 impl Dovecot {
