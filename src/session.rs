@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -86,6 +86,10 @@ impl fmt::Display for SessionId {
 
 /// How long a last word (BYE) to a client that may not be reading may take.
 const LAST_WORD_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a BYE, how long and how much of the client's further input is read and dropped
+/// before the close (`linger`).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_MAX: usize = 1 << 20;
 /// How long a logged-in session being closed (kicked, shutdown) may take to reach a response
 /// boundary: a FETCH in flight gets this long to finish before the BYE.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -212,6 +216,7 @@ async fn until_login(
                 return end_before_login(&session, started, EndReason::Client);
             }
             Ok(Ok(Phase::Closed(Closed::Bye(reason)))) => {
+                linger(&mut client).await;
                 return end_before_login(&session, started, reason);
             }
             Ok(Ok(Phase::LoggedIn(authenticated))) => {
@@ -459,10 +464,33 @@ fn end_before_login<T>(session: &Session, started: Instant, reason: EndReason) -
 }
 
 /// Best effort: a client that does not read gets no more than `LAST_WORD_TIMEOUT`.
-async fn last_word<S: AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
-    let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, async {
+async fn last_word<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
+    let sent = tokio::time::timeout(LAST_WORD_TIMEOUT, async {
         client.write_all(bytes).await?;
         client.flush().await
+    })
+    .await;
+    if matches!(sent, Ok(Ok(()))) {
+        linger(client).await;
+    }
+}
+
+/// After a BYE: half-close, and read and drop what the client still sends (up to
+/// `LINGER_MAX` octets, for `LINGER_TIME`) before the socket is closed. Closing with unread
+/// input makes the kernel send a reset, and a client that is still sending (a line over the
+/// limit, a literal it announced) then loses the BYE before it reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        client.shutdown().await?;
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_MAX {
+            match client.read(&mut buf).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, io::Error>(())
     })
     .await;
 }

@@ -179,3 +179,45 @@ async fn maximum_size_id_then_login() {
         .await;
     proxy.stop().await;
 }
+
+/// A BYE for input over a limit reaches the client even while it is still sending: imapgate
+/// half-closes and reads on briefly instead of closing with unread input (which would make
+/// the kernel send a reset and the client lose the BYE).
+#[tokio::test]
+async fn the_bye_arrives_while_the_client_is_still_sending() {
+    let proxy = Proxy::start(&config(
+        &[("b1", nowhere())],
+        "limits: { line_max: 1024, literal_max: 512 }\n",
+    ))
+    .await;
+    for opening in [b"a1 LOGIN ".to_vec(), b"t3 LOGIN {100000+}\r\n".to_vec()] {
+        let mut c = proxy.connect().await;
+        c.line().await.unwrap();
+        let mut flood = opening;
+        flood.extend(std::iter::repeat_n(b'x', 300_000));
+        // Written in the background: the client goes on sending while imapgate refuses.
+        let (mut read, mut write) = tokio::io::split(c.stream);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = write.write_all(&flood).await;
+            write
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            use tokio::io::AsyncReadExt;
+            match tokio::time::timeout(crate::support::DEADLINE, read.read(&mut buf))
+                .await
+                .expect("imapgate closes within the deadline")
+            {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("{e} after {:?}", String::from_utf8_lossy(&got)),
+            }
+        }
+        let got = String::from_utf8_lossy(&got).into_owned();
+        assert!(got.starts_with("* BYE [LIMIT]"), "{got:?}");
+        let _ = writer.await;
+    }
+    proxy.stop().await;
+}
