@@ -365,6 +365,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         line_max: between(&v, "limits.line_max", &l.line_max, 1024, PRELOGIN_MAX)? as usize,
         literal_max: between(&v, "limits.literal_max", &l.literal_max, 256, PRELOGIN_MAX)? as usize,
         login_attempts: at_least(&v, "limits.login_attempts", &l.login_attempts, 1)?,
+        bad_commands: at_least(&v, "limits.bad_commands", &l.bad_commands, 1)?,
     };
 
     let t = &raw.timeouts;

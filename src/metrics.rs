@@ -292,6 +292,8 @@ label_values! {
         BadCredentials => "bad_credentials",
         /// `limits.login_attempts` failed logins (BYE).
         LoginAttempts => "login_attempts",
+        /// `limits.bad_commands` syntax errors in a row.
+        BadCommands => "bad_commands",
         /// `timeouts.prelogin` passed (BYE).
         PreloginTimeout => "prelogin_timeout",
         /// `limits.max_connections` or `limits.per_ip` (BYE).

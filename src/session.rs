@@ -435,6 +435,7 @@ pub enum EndReason {
     LineTooLong,
     LiteralTooLarge,
     LoginAttempts,
+    BadCommands,
 }
 
 impl EndReason {
@@ -449,6 +450,7 @@ impl EndReason {
             EndReason::LineTooLong => "line_too_long",
             EndReason::LiteralTooLarge => "literal_too_large",
             EndReason::LoginAttempts => "login_attempts",
+            EndReason::BadCommands => "bad_commands",
         }
     }
 }

@@ -356,6 +356,7 @@ pub struct LimitsFile {
     pub line_max: Spanned<u32>,
     pub literal_max: Spanned<u32>,
     pub login_attempts: Spanned<u32>,
+    pub bad_commands: Spanned<u32>,
 }
 
 impl Default for LimitsFile {
@@ -367,6 +368,8 @@ impl Default for LimitsFile {
             line_max: unspanned(65536),
             literal_max: unspanned(8192),
             login_attempts: unspanned(3),
+            // Dovecot closes after 10 as well; no client makes that many mistakes in a row.
+            bad_commands: unspanned(10),
         }
     }
 }

@@ -388,6 +388,8 @@ pub struct Limits {
     pub literal_max: usize,
     /// Failed logins on one connection before it is closed.
     pub login_attempts: u32,
+    /// Syntax errors in a row before login before the connection is closed.
+    pub bad_commands: u32,
 }
 
 #[derive(Debug, Clone)]

@@ -86,6 +86,8 @@ pub struct Prelogin {
     reader: CommandReader,
     client_id: Vec<(String, String)>,
     failures: u32,
+    /// Syntax errors since the last command that parsed.
+    bad_in_a_row: u32,
     policy: Policy,
 }
 
@@ -109,6 +111,7 @@ impl Prelogin {
             reader: CommandReader::new(config.limits.line_max, config.limits.literal_max),
             client_id: Vec::new(),
             failures: 0,
+            bad_in_a_row: 0,
             policy,
         })
     }
@@ -181,6 +184,18 @@ impl Prelogin {
                             "Syntax error in command.",
                         ))
                         .await?;
+                    // Garbage (a port scanner, another protocol) is not answered forever.
+                    self.bad_in_a_row += 1;
+                    if self.bad_in_a_row >= session.snapshot.config.limits.bad_commands {
+                        session.services.metrics.rejected(Rejection::BadCommands);
+                        return bye(
+                            client,
+                            "",
+                            "Too many invalid commands.",
+                            EndReason::BadCommands,
+                        )
+                        .await;
+                    }
                     continue;
                 }
                 Step::LiteralRefused { tag } => {
@@ -223,6 +238,7 @@ impl Prelogin {
                 }
             };
 
+            self.bad_in_a_row = 0;
             match handle(
                 client,
                 session,

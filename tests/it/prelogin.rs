@@ -221,3 +221,42 @@ async fn the_bye_arrives_while_the_client_is_still_sending() {
     }
     proxy.stop().await;
 }
+
+/// Garbage is not answered forever: after `limits.bad_commands` syntax errors in a row, BYE.
+#[tokio::test]
+async fn garbage_ends_with_bye_after_bad_commands() {
+    let proxy = Proxy::start(&config(
+        &[("b1", nowhere())],
+        "limits: { bad_commands: 5 }\n",
+    ))
+    .await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    // Lines of random bytes: each a syntax error.
+    let mut x: u32 = 12345;
+    let mut garbage = Vec::new();
+    for _ in 0..200 {
+        for _ in 0..60 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let b = (x >> 16) as u8;
+            garbage.push(if b == b'\n' || b == b'\r' { b'?' } else { b });
+        }
+        garbage.extend_from_slice(b"\r\n");
+    }
+    c.send(&garbage).await;
+    let rest = c.rest().await;
+    let lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(lines.len(), 6, "5 BADs then the BYE: {rest:?}");
+    assert!(lines[..5].iter().all(|l| l.contains(" BAD ")), "{rest:?}");
+    assert_eq!(lines[5], "* BYE Too many invalid commands.");
+    // A mistake now and then is fine: the count is of mistakes in a row.
+    let mut d = proxy.connect().await;
+    d.line().await.unwrap();
+    for i in 0..8 {
+        d.send(format!("bad{i} FROBNICATE\r\nn{i} NOOP\r\n")).await;
+        d.until_tagged(&format!("n{i}")).await;
+    }
+    d.send("z LOGOUT\r\n").await;
+    assert!(d.until_tagged("z").await.1.starts_with("z OK"));
+    proxy.stop().await;
+}
