@@ -1,6 +1,7 @@
 //! Login orchestration: route the user, dial its backends in order (failover), replay the
 //! login (`dial`), and answer the client under its own tag. Pre-login hands over a login
-//! request; this module decides where it goes and records how it went.
+//! request; this module decides where it goes and records how it went, in the shared abuse
+//! tables too: a failed login's NO waits out the address's penalty.
 
 use std::io;
 
@@ -12,7 +13,7 @@ use super::dial::{self, LoginOutcome};
 use crate::backend;
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
-use crate::metrics::LoginResult;
+use crate::metrics::{LoginResult, Rejection};
 use crate::route;
 use crate::stream::Stream;
 
@@ -107,7 +108,18 @@ pub async fn route_and_dial(
                 })));
             }
             Ok(LoginOutcome::Rejected { tagged_rest }) => {
-                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, "login");
+                // The address's penalty, slept in this task only: this client waits, no
+                // worker does. Successful logins never wait.
+                let delay = session
+                    .services
+                    .abuse
+                    .login_failed(session.peer.ip(), &config.limits);
+                let delay_ms = delay.as_millis() as u64;
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, delay_ms, "login");
+                if !delay.is_zero() {
+                    session.services.metrics.rejected(Rejection::LoginPenalty);
+                    tokio::time::sleep(delay).await;
+                }
                 let mut out = tag.as_bytes().to_vec();
                 out.push(b' ');
                 out.extend_from_slice(&tagged_rest);

@@ -1,6 +1,7 @@
 //! One integration-test binary (faster to build than many). Tests that need Dovecot return early
 //! with a loud message when it is missing, and fail when `CI` is set.
 
+mod abuse;
 mod backends_smoke;
 mod capabilities;
 mod clients;

@@ -1,0 +1,115 @@
+//! The abuse limits shared across connections (`limits.login_penalty`) against a real Dovecot,
+//! from two client addresses: 127.0.0.1 and 127.0.0.2 (all of 127.0.0.0/8 is loopback on
+//! Linux).
+
+use std::time::{Duration, Instant};
+
+use crate::support::dovecot::{self, Dovecot};
+use crate::support::{DEADLINE, Proxy, Raw, config, sample};
+
+/// A connection to the proxy from `local` (an address of this host).
+async fn connect_from(proxy: &Proxy, local: &str) -> Raw {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{local}:0").parse().expect("address"))
+        .expect("bind the client side");
+    let stream = tokio::time::timeout(DEADLINE, socket.connect(proxy.addr))
+        .await
+        .expect("connect deadline")
+        .expect("connect");
+    Raw::new(stream)
+}
+
+/// Greeting, then LOGIN with `password`: how long the answer took, and the answer.
+async fn login_timed(c: &mut Raw, user: &str, password: &str) -> (Duration, String) {
+    let greeting = c.line().await.expect("greeting");
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let started = Instant::now();
+    c.send(format!("t LOGIN {user} {password}\r\n")).await;
+    let (_, answer) = c.until_tagged("t").await;
+    (started.elapsed(), answer)
+}
+
+fn rejections(metrics: &str, reason: &str) -> f64 {
+    sample(
+        metrics,
+        "imapgate_prelogin_rejections_total",
+        &format!("reason=\"{reason}\""),
+    )
+    .unwrap_or_else(|| panic!("no {reason} series:\n{metrics}"))
+}
+
+fn table_entries(metrics: &str, table: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "imapgate_abuse_table_entries",
+        &format!("table=\"{table}\""),
+    )
+}
+
+/// Wrong passwords from one address, each on a new connection (so `login_attempts` never ends
+/// one): each NO comes later than the one before, as configured; another address is not
+/// delayed, and neither is a right password from the punished one.
+///
+/// Dovecot answers every failure late too, on its failure timer (every 500 ms, even with
+/// `auth_failure_delay = 0`; the test instances have Dovecot's own per-address penalty off). So
+/// the configured delays are lower bounds, and "not delayed" means no later than the first,
+/// unpunished failure plus less than the least penalty.
+#[tokio::test]
+async fn failed_logins_cost_their_address_more_each_time() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let base = Duration::from_millis(300);
+    let max = Duration::from_secs(1);
+    let proxy = Proxy::start(&config(
+        &[("b1", b1.address())],
+        "limits:\n  login_penalty: { base: 300ms, max: 1s, forget_after: 10m }\n",
+    ))
+    .await;
+
+    // The schedule for failures 1 to 6: 0, base, 2 × base, then the cap.
+    let configured = [Duration::ZERO, base, 2 * base, max, max, max];
+    let mut took = Vec::new();
+    for expected in configured {
+        let mut c = connect_from(&proxy, "127.0.0.1").await;
+        let (t, answer) = login_timed(&mut c, "bob", "wrong").await;
+        assert!(
+            answer.starts_with("t NO [AUTHENTICATIONFAILED]"),
+            "{answer}"
+        );
+        assert!(
+            t >= expected,
+            "failure {}: answered after {t:?}, the penalty is {expected:?}",
+            took.len() + 1
+        );
+        took.push(t);
+    }
+    eprintln!("failures answered after {took:?}");
+    let unpunished = took[0];
+    let m = proxy.metrics().await;
+    assert_eq!(rejections(&m, "login_penalty"), 5.0, "five delayed NOs");
+    assert_eq!(table_entries(&m, "login_penalty"), Some(1.0));
+
+    // Another address: its first failure is not delayed.
+    let mut other = connect_from(&proxy, "127.0.0.2").await;
+    let (t, answer) = login_timed(&mut other, "bob", "wrong").await;
+    assert!(
+        answer.starts_with("t NO [AUTHENTICATIONFAILED]"),
+        "{answer}"
+    );
+    assert!(
+        t < unpunished + base,
+        "another address waited {t:?} (an unpunished failure: {unpunished:?})"
+    );
+    // The punished address still logs in at once with the right password.
+    let mut right = connect_from(&proxy, "127.0.0.1").await;
+    let (t, answer) = login_timed(&mut right, "bob", "bob-secret").await;
+    assert!(answer.starts_with("t OK"), "{answer}");
+    assert!(t < base, "a successful login waited {t:?}");
+    let m = proxy.metrics().await;
+    assert_eq!(rejections(&m, "login_penalty"), 5.0, "no more delays");
+    assert_eq!(table_entries(&m, "login_penalty"), Some(2.0));
+    proxy.stop().await;
+}
