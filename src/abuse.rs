@@ -1,37 +1,50 @@
-//! The abuse tables every connection shares, on every worker: recent failed logins per client
-//! address. The limits on one connection (`login_attempts`, `line_max`, ...) end with it; these
-//! outlive it, so reconnecting does not start over.
+//! The abuse tables every connection shares, on every worker: recent failed logins and
+//! new-connection rates per client address. The limits on one connection (`login_attempts`,
+//! `line_max`, ...) end with it; these outlive it, so reconnecting does not start over.
 //!
 //! The client address is the session's: a trusted PROXY header's behind a balancer. IPv4
 //! addresses count one by one, IPv6 addresses by /64: a subscriber usually gets a whole /64,
 //! and could otherwise walk through 2^64 keys, each with a fresh start.
 //!
-//! An address table holds at most `limits.table_max` entries. When it is full, entries that
-//! no longer matter go first (failures older than `forget_after`: what a missing entry means
-//! anyway), then the least recently used, down to 7/8 of the cap, so the O(n) pass runs at most
-//! once per `table_max / 8` new addresses.
+//! The two address tables hold at most `limits.table_max` entries each. When one is full,
+//! entries that no longer matter go first (failures older than `forget_after`, buckets full
+//! again: both are what a missing entry means anyway), then the least recently used, down to
+//! 7/8 of the cap, so the O(n) pass runs at most once per `table_max / 8` new addresses.
 //!
-//! Each table is one std `Mutex<HashMap>`, held for a few map operations on the login path
-//! only, never on the relay. The settings come from the caller's config snapshot at each
-//! call, so a new snapshot applies from the next login on.
+//! Each table is one std `Mutex<HashMap>`, held for a few map operations on the accept and login
+//! paths only, never on the relay. The settings come from the caller's config snapshot at each
+//! call, so a new snapshot applies from the next connection or login on.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::config::{Limits, LoginPenalty};
+use crate::config::{ConnectionRate, Limits, LoginPenalty};
 use crate::metrics::{AbuseTable, Metrics, TableMetrics};
 
 /// The shared abuse tables (one per process, in `Services`).
 pub(crate) struct Abuse {
     failures: Mutex<Table<Failures>>,
+    rates: Mutex<Table<Bucket>>,
+}
+
+/// What `Abuse::connection` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RateCheck {
+    Within,
+    /// Over `limits.connection_rate`; `first` for the first refusal since the address was last
+    /// let in, so that an episode is logged once, not once per connection.
+    Over {
+        first: bool,
+    },
 }
 
 impl Abuse {
     pub(crate) fn new(metrics: &Metrics) -> Arc<Abuse> {
         Arc::new(Abuse {
             failures: Mutex::new(Table::new(metrics.abuse_table(AbuseTable::LoginPenalty))),
+            rates: Mutex::new(Table::new(metrics.abuse_table(AbuseTable::ConnectionRate))),
         })
     }
 
@@ -75,6 +88,46 @@ impl Abuse {
         table.publish();
         delay
     }
+
+    /// Whether a new connection from `client` is within `limits.connection_rate` (always,
+    /// when that is off); takes one token from the address's bucket if so.
+    pub(crate) fn connection(&self, client: IpAddr, limits: &Limits) -> RateCheck {
+        match &limits.connection_rate {
+            Some(rate) => self.connection_at(
+                ClientKey::of(client),
+                rate,
+                limits.table_max,
+                Instant::now(),
+            ),
+            None => RateCheck::Within,
+        }
+    }
+
+    fn connection_at(
+        &self,
+        key: ClientKey,
+        rate: &ConnectionRate,
+        max: usize,
+        now: Instant,
+    ) -> RateCheck {
+        let mut table = lock(&self.rates);
+        let bucket = table.entry(
+            key,
+            max,
+            |b: &Bucket| b.is_full(now, rate),
+            || Bucket::full(now, rate),
+        );
+        let check = if bucket.take(now, rate) {
+            bucket.refusing = false;
+            RateCheck::Within
+        } else {
+            let first = !bucket.refusing;
+            bucket.refusing = true;
+            RateCheck::Over { first }
+        };
+        table.publish();
+        check
+    }
 }
 
 /// How long to hold the answer to a failed login when the address failed `prior` times
@@ -109,6 +162,47 @@ struct Failures {
     last: Instant,
 }
 
+/// An address's new-connection token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    at: Instant,
+    /// The last connection was refused.
+    refusing: bool,
+}
+
+impl Bucket {
+    fn full(now: Instant, rate: &ConnectionRate) -> Bucket {
+        Bucket {
+            tokens: f64::from(rate.burst),
+            at: now,
+            refusing: false,
+        }
+    }
+
+    fn refilled(&self, now: Instant, rate: &ConnectionRate) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * rate.per_second).min(f64::from(rate.burst))
+    }
+
+    fn is_full(&self, now: Instant, rate: &ConnectionRate) -> bool {
+        self.refilled(now, rate) >= f64::from(rate.burst)
+    }
+
+    /// Refills for the time passed, then takes a token if there is a whole one.
+    fn take(&mut self, now: Instant, rate: &ConnectionRate) -> bool {
+        self.tokens = self.refilled(now, rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// When an entry was last used, for evicting the least recently used.
 trait LastUsed {
     fn last_used(&self) -> Instant;
@@ -117,6 +211,12 @@ trait LastUsed {
 impl LastUsed for Failures {
     fn last_used(&self) -> Instant {
         self.last
+    }
+}
+
+impl LastUsed for Bucket {
+    fn last_used(&self) -> Instant {
+        self.at
     }
 }
 
@@ -235,6 +335,37 @@ mod tests {
     }
 
     #[test]
+    fn token_bucket() {
+        let abuse = abuse();
+        let rate = ConnectionRate {
+            per_second: 2.0,
+            burst: 3,
+        };
+        let t0 = Instant::now();
+        let connect = |at| abuse.connection_at(key(1), &rate, 1000, at);
+        for _ in 0..3 {
+            assert_eq!(connect(t0), RateCheck::Within);
+        }
+        assert_eq!(connect(t0), RateCheck::Over { first: true });
+        assert_eq!(connect(t0), RateCheck::Over { first: false });
+        assert_eq!(
+            abuse.connection_at(key(2), &rate, 1000, t0),
+            RateCheck::Within,
+            "another address has its own bucket"
+        );
+        // Half a second brings one token back (2 per second).
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(connect(t1), RateCheck::Within);
+        assert_eq!(connect(t1), RateCheck::Over { first: true });
+        // Never more than the burst, however long the quiet.
+        let t2 = t1 + S(3600);
+        for _ in 0..3 {
+            assert_eq!(connect(t2), RateCheck::Within);
+        }
+        assert_eq!(connect(t2), RateCheck::Over { first: true });
+    }
+
+    #[test]
     fn tables_stay_under_the_cap_and_evict_the_oldest() {
         let abuse = abuse();
         let settings = LoginPenalty {
@@ -261,5 +392,19 @@ mod tests {
         assert!(!table.map.contains_key(&key(1)), "the oldest went");
         assert_eq!(table.metrics.entries.get(), table.map.len() as i64);
         assert!(table.metrics.evicted.get() >= 4 * cap as u64 - 1);
+        drop(table);
+
+        // Stale entries go before anyone is evicted: a bucket that is full again is dropped.
+        let rate = ConnectionRate {
+            per_second: 1.0,
+            burst: 1,
+        };
+        for n in 0..cap as u32 {
+            abuse.connection_at(key(n), &rate, cap, t0);
+        }
+        abuse.connection_at(key(cap as u32), &rate, cap, t0 + S(2));
+        let table = lock(&abuse.rates);
+        assert_eq!(table.map.len(), 1, "only the new bucket is not full");
+        assert_eq!(table.metrics.evicted.get(), 0);
     }
 }

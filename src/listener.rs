@@ -1,6 +1,7 @@
-//! Accept loop: accept, check the connection caps, spawn. Nothing slow happens here; the
-//! session task does the talking, even the refusal.
+//! Accept loop: accept, check the connection rate and caps, spawn. Nothing slow happens here;
+//! the session task does the talking, even the refusal.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::Services;
+use crate::abuse::RateCheck;
 use crate::config::ProxyProtocol;
 use crate::imap::response;
 use crate::limits::OpenConnection;
@@ -30,8 +32,8 @@ pub async fn accept_loop(
     let config = &services.config.listeners[index];
     let name = &config.name;
     let caps = &services.caps;
-    // Behind a PROXY balancer every connection comes from the balancer: the per-address cap
-    // is applied in the session, to the address the header carries.
+    // Behind a PROXY balancer every connection comes from the balancer: the per-address rate
+    // and cap are applied in the session, to the address the header carries.
     let proxied = config.proxy_protocol == ProxyProtocol::Required;
     let mut failing = false;
     let counters = services.metrics.listener(name);
@@ -66,6 +68,10 @@ pub async fn accept_loop(
             }
         };
         counters.accepted.inc();
+        if !proxied && over_connection_rate(&services, peer, name) {
+            tracker.spawn(refuse(stream, rate_bye()));
+            continue;
+        }
         let admitted = if proxied {
             Ok(None)
         } else {
@@ -89,13 +95,44 @@ pub async fn accept_loop(
             Err(limit) => {
                 warn!(listener = %name, client = %peer, limit = limit.as_str(), "connection refused by limit");
                 services.metrics.rejected(Rejection::ConnectionLimit);
-                tracker.spawn(refuse(stream));
+                let bye = response::bye("LIMIT", "Too many connections, try again later.");
+                tracker.spawn(refuse(stream, bye));
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream) {
-    let bye = response::bye("LIMIT", "Too many connections, try again later.");
+async fn refuse(mut stream: TcpStream, bye: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&bye)).await;
+}
+
+/// Whether a new connection from `client` is over `limits.connection_rate`: counted, and
+/// logged once per episode (a flood must not flood the log too).
+pub(crate) fn over_connection_rate(
+    services: &Services,
+    client: SocketAddr,
+    listener: &str,
+) -> bool {
+    match services
+        .abuse
+        .connection(client.ip(), &services.config.limits)
+    {
+        RateCheck::Within => false,
+        RateCheck::Over { first } => {
+            services.metrics.rejected(Rejection::ConnectionRate);
+            if first {
+                warn!(listener, %client, "connection rate exceeded; refusing new connections from this address until it slows down");
+            }
+            true
+        }
+    }
+}
+
+/// What a client over `limits.connection_rate` is told before the close: UNAVAILABLE, a
+/// temporary state, so that it tries again later.
+pub(crate) fn rate_bye() -> Vec<u8> {
+    response::bye(
+        "UNAVAILABLE",
+        "Too many connections from your address, try again later.",
+    )
 }

@@ -463,6 +463,10 @@ async fn accept_proxy_header(
             return None;
         }
     }
+    if crate::listener::over_connection_rate(&services, session.peer, &listener.name) {
+        last_word(tcp, &crate::listener::rate_bye()).await;
+        return None;
+    }
     match services.caps.admit(session.peer.ip()) {
         Ok(permit) => Some(permit),
         Err(limit) => {

@@ -1,6 +1,6 @@
-//! The abuse limits shared across connections (`limits.login_penalty`) against a real Dovecot,
-//! from two client addresses: 127.0.0.1 and 127.0.0.2 (all of 127.0.0.0/8 is loopback on
-//! Linux).
+//! The abuse limits shared across connections (`limits.login_penalty`, `connection_rate`)
+//! against a real Dovecot, from two client addresses: 127.0.0.1 and 127.0.0.2 (all of
+//! 127.0.0.0/8 is loopback on Linux).
 
 use std::time::{Duration, Instant};
 
@@ -111,5 +111,81 @@ async fn failed_logins_cost_their_address_more_each_time() {
     let m = proxy.metrics().await;
     assert_eq!(rejections(&m, "login_penalty"), 5.0, "no more delays");
     assert_eq!(table_entries(&m, "login_penalty"), Some(2.0));
+    proxy.stop().await;
+}
+
+/// `connection_rate`: a burst of new connections from one address beyond the bucket gets
+/// `* BYE [UNAVAILABLE]` and the close; another address has a bucket of its own. No backend is
+/// needed: the refusal comes before the greeting.
+#[tokio::test]
+async fn connections_over_the_rate_get_bye() {
+    let nowhere = crate::support::nowhere();
+    // One new token per 10 s: none comes back while the test runs.
+    let proxy = Proxy::start(&config(
+        &[("b1", nowhere)],
+        "limits:\n  connection_rate: { per_second: 0.1, burst: 3 }\n",
+    ))
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut c = proxy.connect().await;
+        let greeting = c.line().await.expect("greeting");
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        open.push(c);
+    }
+    for _ in 0..2 {
+        let mut over = proxy.connect().await;
+        assert_eq!(
+            over.rest().await,
+            "* BYE [UNAVAILABLE] Too many connections from your address, try again later.\r\n"
+        );
+    }
+    // Closing connections gives no tokens back: it is a rate, not a cap.
+    drop(open);
+    let mut over = proxy.connect().await;
+    assert!(over.rest().await.starts_with("* BYE [UNAVAILABLE]"));
+
+    let mut other = connect_from(&proxy, "127.0.0.2").await;
+    let greeting = other.line().await.expect("greeting");
+    assert!(greeting.starts_with("* OK"), "{greeting}");
+    let m = proxy.metrics().await;
+    assert_eq!(rejections(&m, "connection_rate"), 3.0);
+    assert_eq!(rejections(&m, "connection_limit"), 0.0, "not the caps");
+    assert_eq!(table_entries(&m, "connection_rate"), Some(2.0));
+    proxy.stop().await;
+}
+
+/// Behind a PROXY balancer every connection comes from the balancer: the rate is kept for the
+/// address each header carries, so one client over its rate does not shut out the others.
+#[tokio::test]
+async fn behind_a_proxy_balancer_the_rate_is_per_client() {
+    let nowhere = crate::support::nowhere();
+    let proxy = Proxy::start(&config(
+        &[("b1", nowhere)],
+        "listeners:\n  - { name: lb, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }\n\
+         limits:\n  connection_rate: { per_second: 0.1, burst: 2 }\n",
+    ))
+    .await;
+    let via_balancer = |client: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let mut c = proxy.connect().await;
+            c.send(format!("PROXY TCP4 {client} 127.0.0.1 40001 143\r\n"))
+                .await;
+            c.line().await.unwrap_or_default()
+        }
+    };
+    for _ in 0..2 {
+        assert!(via_balancer("203.0.113.7").await.starts_with("* OK"));
+    }
+    assert!(
+        via_balancer("203.0.113.7")
+            .await
+            .starts_with("* BYE [UNAVAILABLE]")
+    );
+    assert!(via_balancer("203.0.113.8").await.starts_with("* OK"));
+    let m = proxy.metrics().await;
+    assert_eq!(rejections(&m, "connection_rate"), 1.0);
+    assert_eq!(table_entries(&m, "connection_rate"), Some(2.0));
     proxy.stop().await;
 }
