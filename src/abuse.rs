@@ -1,6 +1,7 @@
 //! The abuse tables every connection shares, on every worker: recent failed logins and
-//! new-connection rates per client address. The limits on one connection (`login_attempts`,
-//! `line_max`, ...) end with it; these outlive it, so reconnecting does not start over.
+//! new-connection rates per client address, logged-in sessions per user. The limits on one
+//! connection (`login_attempts`, `line_max`, ...) end with it; these outlive it, so reconnecting
+//! does not start over.
 //!
 //! The client address is the session's: a trusted PROXY header's behind a balancer. IPv4
 //! addresses count one by one, IPv6 addresses by /64: a subscriber usually gets a whole /64,
@@ -9,7 +10,9 @@
 //! The two address tables hold at most `limits.table_max` entries each. When one is full,
 //! entries that no longer matter go first (failures older than `forget_after`, buckets full
 //! again: both are what a missing entry means anyway), then the least recently used, down to
-//! 7/8 of the cap, so the O(n) pass runs at most once per `table_max / 8` new addresses.
+//! 7/8 of the cap, so the O(n) pass runs at most once per `table_max / 8` new addresses. The
+//! per-user table has no cap of its own: an entry lives only while one of the user's sessions
+//! does (so `max_connections` bounds it), and dropping one would let the user past the limit.
 //!
 //! Each table is one std `Mutex<HashMap>`, held for a few map operations on the accept and login
 //! paths only, never on the relay. The settings come from the caller's config snapshot at each
@@ -20,6 +23,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use crate::config::{ConnectionRate, Limits, LoginPenalty};
 use crate::metrics::{AbuseTable, Metrics, TableMetrics};
 
@@ -27,6 +32,8 @@ use crate::metrics::{AbuseTable, Metrics, TableMetrics};
 pub(crate) struct Abuse {
     failures: Mutex<Table<Failures>>,
     rates: Mutex<Table<Bucket>>,
+    users: Mutex<HashMap<Arc<str>, u32>>,
+    user_entries: Gauge,
 }
 
 /// What `Abuse::connection` found.
@@ -45,6 +52,8 @@ impl Abuse {
         Arc::new(Abuse {
             failures: Mutex::new(Table::new(metrics.abuse_table(AbuseTable::LoginPenalty))),
             rates: Mutex::new(Table::new(metrics.abuse_table(AbuseTable::ConnectionRate))),
+            users: Mutex::new(HashMap::new()),
+            user_entries: metrics.abuse_table(AbuseTable::PerUser).entries,
         })
     }
 
@@ -127,6 +136,49 @@ impl Abuse {
         };
         table.publish();
         check
+    }
+
+    /// A place for one more logged-in session of `user` (the normalised routing key), or
+    /// `None` when the user has `max` already.
+    pub(crate) fn user_session(self: &Arc<Self>, user: &str, max: u32) -> Option<UserSession> {
+        let mut users = lock(&self.users);
+        let key = match users.get_key_value(user) {
+            Some((_, &count)) if count >= max => return None,
+            Some((key, _)) => key.clone(),
+            None => Arc::from(user),
+        };
+        *users.entry(key.clone()).or_insert(0) += 1;
+        self.user_entries.set(users.len() as i64);
+        Some(UserSession {
+            abuse: self.clone(),
+            user: key,
+        })
+    }
+}
+
+/// One logged-in session's place under `limits.per_user`, owned by the session; given back
+/// when dropped.
+pub(crate) struct UserSession {
+    abuse: Arc<Abuse>,
+    user: Arc<str>,
+}
+
+impl Drop for UserSession {
+    fn drop(&mut self) {
+        let mut users = lock(&self.abuse.users);
+        if let Some(count) = users.get_mut(&*self.user) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                users.remove(&*self.user);
+            }
+        }
+        self.abuse.user_entries.set(users.len() as i64);
+    }
+}
+
+impl std::fmt::Debug for UserSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserSession")
     }
 }
 
@@ -406,5 +458,23 @@ mod tests {
         let table = lock(&abuse.rates);
         assert_eq!(table.map.len(), 1, "only the new bucket is not full");
         assert_eq!(table.metrics.evicted.get(), 0);
+    }
+
+    #[test]
+    fn user_sessions_up_to_the_limit_given_back_on_drop() {
+        let abuse = abuse();
+        let a = abuse.user_session("alice@example.net", 2).unwrap();
+        let b = abuse.user_session("alice@example.net", 2).unwrap();
+        assert!(abuse.user_session("alice@example.net", 2).is_none());
+        let bob = abuse.user_session("bob@example.net", 2).unwrap();
+        assert_eq!(abuse.user_entries.get(), 2);
+        drop(a);
+        let c = abuse.user_session("alice@example.net", 2).unwrap();
+        drop((b, c, bob));
+        assert!(
+            lock(&abuse.users).is_empty(),
+            "no entry outlives its sessions"
+        );
+        assert_eq!(abuse.user_entries.get(), 0);
     }
 }

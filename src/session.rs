@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::Services;
+use crate::abuse::UserSession;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::Observer;
@@ -208,7 +209,7 @@ async fn until_login(
                 return Some(Handover {
                     session,
                     client,
-                    authenticated,
+                    authenticated: *authenticated,
                     permit,
                     started,
                 });
@@ -219,7 +220,7 @@ async fn until_login(
 
 /// How the pre-login and login phases on one stream ended.
 enum Phase {
-    LoggedIn(Authenticated),
+    LoggedIn(Box<Authenticated>),
     /// STARTTLS was answered OK: the handshake comes next, then pre-login again.
     StartTls,
     Closed(Closed),
@@ -237,9 +238,8 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
         };
         let client_id = prelogin.client_id();
         match login::route_and_dial(client, session, &tag, &credentials, client_id).await? {
-            LoginAttempt::LoggedIn(authenticated) => {
+            LoginAttempt::LoggedIn(mut authenticated) => {
                 client.flush().await?;
-                let mut authenticated = *authenticated;
                 authenticated.client_buffered = prelogin.take_buffered();
                 return Ok(Phase::LoggedIn(authenticated));
             }
@@ -248,7 +248,7 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
                     return Ok(Phase::Closed(closed));
                 }
             }
-            LoginAttempt::Unavailable => {}
+            LoginAttempt::Unavailable | LoginAttempt::OverLimit => {}
         }
     }
 }
@@ -264,6 +264,7 @@ struct LoggedInSession {
     metrics: Arc<BackendMetrics>,
     _registration: Registration,
     _permit: Permit,
+    _user_session: Option<UserSession>,
     _open: OpenConnection,
 }
 
@@ -314,6 +315,7 @@ impl LoggedInSession {
             metrics,
             _registration: registration,
             _permit: permit,
+            _user_session: authenticated.user_session,
             _open: session.open,
         }
     }

@@ -1,7 +1,8 @@
 //! Login orchestration: route the user, dial its backends in order (failover), replay the
 //! login (`dial`), and answer the client under its own tag. Pre-login hands over a login
 //! request; this module decides where it goes and records how it went, in the shared abuse
-//! tables too: a failed login's NO waits out the address's penalty.
+//! tables too: a failed login's NO waits out the address's penalty, and a login the backend
+//! accepted takes one of the user's places under `limits.per_user`.
 
 use std::io;
 
@@ -10,6 +11,7 @@ use tracing::{info, warn};
 
 use super::Session;
 use super::dial::{self, LoginOutcome};
+use crate::abuse::UserSession;
 use crate::backend;
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
@@ -25,6 +27,10 @@ pub enum LoginAttempt {
     Rejected,
     /// No backend could be used (`NO [UNAVAILABLE]`): pre-login goes on, nothing counted.
     Unavailable,
+    /// The backend accepted, but the user has `limits.per_user` sessions already: logged out
+    /// of the backend again and answered `NO [LIMIT]`. Pre-login goes on; not a failed login
+    /// (the password was right).
+    OverLimit,
 }
 
 /// A login the backend accepted: what the relay needs.
@@ -38,6 +44,8 @@ pub struct Authenticated {
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
     pub client_buffered: Vec<u8>,
+    /// The session's place under `limits.per_user` (`None` when unlimited), held while it runs.
+    pub user_session: Option<UserSession>,
 }
 
 /// Routes the user, tries its backends in order, and answers the client with its own tag.
@@ -91,6 +99,32 @@ pub async fn route_and_dial(
             .login(index, credentials.mechanism, result, took);
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
+                // Counted once the backend accepted, not before: otherwise anyone who knows a
+                // user name could fill its places with wrong passwords and lock the user out.
+                let user_session = match config.limits.per_user {
+                    None => None,
+                    Some(max) => {
+                        let key = config.routing.normalize(user);
+                        match session.services.abuse.user_session(&key, max) {
+                            Some(place) => Some(place),
+                            None => {
+                                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "per_user", elapsed_ms, "login");
+                                session.services.metrics.rejected(Rejection::PerUser);
+                                // In its own task: the client's answer does not wait for it.
+                                tokio::spawn(dial::log_out(logged_in));
+                                client
+                                    .write_all(&response::tagged(
+                                        tag,
+                                        Status::No,
+                                        "LIMIT",
+                                        "Too many sessions for this user.",
+                                    ))
+                                    .await?;
+                                return Ok(LoginAttempt::OverLimit);
+                            }
+                        }
+                    }
+                };
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
                 // Untagged responses first, then the tagged OK with the client's tag; the
                 // backend's [CAPABILITY ...] code in it tells the client what it has now.
@@ -105,6 +139,7 @@ pub async fn route_and_dial(
                     backend_name: backend.name.clone(),
                     user: user.to_string(),
                     client_buffered: Vec::new(),
+                    user_session,
                 })));
             }
             Ok(LoginOutcome::Rejected { tagged_rest }) => {

@@ -1,11 +1,11 @@
-//! The abuse limits shared across connections (`limits.login_penalty`, `connection_rate`)
-//! against a real Dovecot, from two client addresses: 127.0.0.1 and 127.0.0.2 (all of
-//! 127.0.0.0/8 is loopback on Linux).
+//! The abuse limits shared across connections (`limits.login_penalty`, `per_user`,
+//! `connection_rate`) against a real Dovecot, from two client addresses: 127.0.0.1 and
+//! 127.0.0.2 (all of 127.0.0.0/8 is loopback on Linux).
 
 use std::time::{Duration, Instant};
 
 use crate::support::dovecot::{self, Dovecot};
-use crate::support::{DEADLINE, Proxy, Raw, config, sample};
+use crate::support::{DEADLINE, Proxy, Raw, config, metrics_when, sample};
 
 /// A connection to the proxy from `local` (an address of this host).
 async fn connect_from(proxy: &Proxy, local: &str) -> Raw {
@@ -111,6 +111,61 @@ async fn failed_logins_cost_their_address_more_each_time() {
     let m = proxy.metrics().await;
     assert_eq!(rejections(&m, "login_penalty"), 5.0, "no more delays");
     assert_eq!(table_entries(&m, "login_penalty"), Some(2.0));
+    proxy.stop().await;
+}
+
+/// `per_user: 1`: a second session of the same user (spelled in capitals: the normalised
+/// routing key counts) is authenticated by the backend, then refused with NO [LIMIT] and
+/// logged out of the backend; the first session goes on, and once it ends the user may log
+/// in again. A wrong password is a failed login, not a limit: the check comes after the
+/// backend's verdict.
+#[tokio::test]
+async fn per_user_limit_refuses_a_second_session() {
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let proxy = Proxy::start(&config(
+        &[("b1", b1.address())],
+        "limits: { per_user: 1 }\n",
+    ))
+    .await;
+    let mut first = proxy.connect().await;
+    first.login("alice", "alice-secret").await;
+
+    let mut second = proxy.connect().await;
+    let (_, answer) = login_timed(&mut second, "ALICE", "alice-secret").await;
+    assert_eq!(answer, "t NO [LIMIT] Too many sessions for this user.\r\n");
+    // The backend's login was undone with a LOGOUT, not left open or cut.
+    b1.wait_for_info_line(|l| l.contains("imap(alice)") && l.contains("Logged out"))
+        .await;
+    second.send("w LOGIN alice wrong\r\n").await;
+    let (_, answer) = second.until_tagged("w").await;
+    assert!(
+        answer.starts_with("w NO [AUTHENTICATIONFAILED]"),
+        "{answer}"
+    );
+
+    // Other users are not counted against alice.
+    let mut bob = proxy.connect().await;
+    bob.login("bob", "bob-secret").await;
+    // The first session still works.
+    first.send("f1 SELECT INBOX\r\n").await;
+    assert!(first.until_tagged("f1").await.1.starts_with("f1 OK"));
+    let m = proxy.metrics().await;
+    assert_eq!(rejections(&m, "per_user"), 1.0);
+    assert_eq!(table_entries(&m, "per_user"), Some(2.0), "alice and bob");
+
+    // Once the first session is over, alice may log in again (on the connection that was
+    // refused: it is still in pre-login).
+    first.send("f2 LOGOUT\r\n").await;
+    first.rest().await;
+    metrics_when(&proxy, |m| table_entries(m, "per_user") == Some(1.0)).await;
+    second.send("a LOGIN alice alice-secret\r\n").await;
+    let (_, answer) = second.until_tagged("a").await;
+    assert!(answer.starts_with("a OK"), "{answer}");
+    second.send("s SELECT INBOX\r\n").await;
+    assert!(second.until_tagged("s").await.1.starts_with("s OK"));
     proxy.stop().await;
 }
 
