@@ -14,8 +14,9 @@ use serde_saphyr::{Location, Spanned};
 pub use file::{BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
 pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
-    DnsConfig, HealthChecks, HttpLookup, Limits, ListenerConfig, ListenerTls, Lookup, LookupCache,
-    LookupSource, ProxyProtocol, ReloadConfig, Routing, SendProxy, Timeouts,
+    ConnectionRate, DnsConfig, HealthChecks, HttpLookup, Limits, ListenerConfig, ListenerTls,
+    LoginPenalty, Lookup, LookupCache, LookupSource, ProxyProtocol, ReloadConfig, Routing,
+    SendProxy, Timeouts,
 };
 
 use crate::tls::{self, CertSource, ServerTls};
@@ -366,6 +367,10 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         literal_max: between(&v, "limits.literal_max", &l.literal_max, 256, PRELOGIN_MAX)? as usize,
         login_attempts: at_least(&v, "limits.login_attempts", &l.login_attempts, 1)?,
         bad_commands: at_least(&v, "limits.bad_commands", &l.bad_commands, 1)?,
+        login_penalty: login_penalty(&v, &l.login_penalty)?,
+        per_user: Some(l.per_user.value).filter(|&n| n > 0),
+        connection_rate: connection_rate(&v, &l.connection_rate)?,
+        table_max: between(&v, "limits.table_max", &l.table_max, 1000, TABLE_MAX)? as usize,
     };
 
     let t = &raw.timeouts;
@@ -638,6 +643,54 @@ fn at_least(
     }
 }
 
+/// The most entries an abuse table may hold (some 60 octets each).
+const TABLE_MAX: u32 = 10_000_000;
+
+/// `limits.login_penalty`; `base: 0s` is off.
+fn login_penalty(
+    v: &Validator,
+    p: &file::LoginPenaltyFile,
+) -> Result<Option<LoginPenalty>, ConfigError> {
+    let (base, max) = (p.base.value.0, p.max.value.0);
+    if base.is_zero() {
+        return Ok(None);
+    }
+    if max < base {
+        return Err(v.err(
+            &p.max.referenced,
+            format!("limits.login_penalty.max: {max:?} is shorter than base ({base:?})"),
+        ));
+    }
+    Ok(Some(LoginPenalty {
+        base,
+        max,
+        forget_after: nonzero(v, "limits.login_penalty.forget_after", &p.forget_after)?,
+    }))
+}
+
+/// `limits.connection_rate`; `per_second: 0` is off.
+fn connection_rate(
+    v: &Validator,
+    r: &file::ConnectionRateFile,
+) -> Result<Option<ConnectionRate>, ConfigError> {
+    let per_second = r.per_second.value;
+    if per_second == 0.0 {
+        return Ok(None);
+    }
+    if !(per_second.is_finite() && per_second > 0.0) {
+        return Err(v.err(
+            &r.per_second.referenced,
+            format!(
+                "limits.connection_rate.per_second: {per_second} is not a rate (0 turns it off)"
+            ),
+        ));
+    }
+    Ok(Some(ConnectionRate {
+        per_second,
+        burst: at_least(v, "limits.connection_rate.burst", &r.burst, 1)?,
+    }))
+}
+
 /// The most any pre-login command may buffer, line or literals: what is held before anyone
 /// logged in must stay small.
 const PRELOGIN_MAX: u32 = 16 * 1024 * 1024;
@@ -724,6 +777,61 @@ mod tests {
             "t.yaml",
         );
         assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn abuse_limits_defaults_and_off() {
+        let c = embedded_default().unwrap();
+        assert_eq!(
+            c.limits.login_penalty,
+            Some(LoginPenalty {
+                base: std::time::Duration::from_secs(2),
+                max: std::time::Duration::from_secs(15),
+                forget_after: std::time::Duration::from_secs(600),
+            })
+        );
+        assert_eq!(c.limits.per_user, None);
+        assert_eq!(c.limits.connection_rate, None);
+        assert_eq!(c.limits.table_max, 100_000);
+        let c = parse(
+            "backends:\n  - { name: a, address: \"h:1\" }\nlimits:\n  login_penalty: { base: 0s }\n  per_user: 5\n  connection_rate: { per_second: 0.5 }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.limits.login_penalty, None);
+        assert_eq!(c.limits.per_user, Some(5));
+        assert_eq!(
+            c.limits.connection_rate,
+            Some(ConnectionRate {
+                per_second: 0.5,
+                burst: 20
+            })
+        );
+    }
+
+    #[test]
+    fn abuse_limits_are_checked_where_written() {
+        let limits = |yaml: &str| {
+            parse(
+                &format!("backends:\n  - {{ name: a, address: \"h:1\" }}\nlimits:\n{yaml}"),
+                "t.yaml",
+            )
+            .unwrap_err()
+        };
+        let e = limits("  login_penalty: { base: 5s, max: 2s }\n");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("limits.login_penalty.max"), "{e}");
+        let e = limits("  connection_rate: { per_second: 1, burst: 0 }\n");
+        assert!(e.message.contains("limits.connection_rate.burst"), "{e}");
+        let e = limits("  connection_rate: { per_second: -1 }\n");
+        assert!(
+            e.message.contains("limits.connection_rate.per_second"),
+            "{e}"
+        );
+        let e = limits("  table_max: 10\n");
+        assert!(e.message.contains("limits.table_max"), "{e}");
+        let e = limits("  login_penalty: { forget_after: 0s }\n");
+        assert!(e.message.contains("forget_after"), "{e}");
     }
 
     #[test]

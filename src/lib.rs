@@ -3,6 +3,7 @@
 //! A `Server` takes bound sockets, the shared services (config snapshot, metrics, ...) and a
 //! shutdown handle, so that the binary and the tests (which bind port 0) start it the same way.
 
+pub(crate) mod abuse;
 pub(crate) mod admin;
 pub(crate) mod backend;
 pub mod config;

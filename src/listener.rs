@@ -1,6 +1,7 @@
-//! Accept loop: accept, check the connection caps, spawn. Nothing slow happens here; the
-//! session task does the talking, even the refusal.
+//! Accept loop: accept, check the connection rate and caps, spawn. Nothing slow happens here;
+//! the session task does the talking, even the refusal.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::Services;
-use crate::config::ProxyProtocol;
+use crate::abuse::RateCheck;
+use crate::config::{Limits, ProxyProtocol};
 use crate::imap::response;
 use crate::limits::OpenConnection;
 use crate::metrics::{AcceptError, Rejection};
@@ -81,6 +83,10 @@ pub async fn accept_loop(
         // Behind a PROXY balancer every connection comes from the balancer: the per-address
         // cap is applied in the session, to the address the header carries.
         let proxied = snapshot.config.listeners[index].proxy_protocol == ProxyProtocol::Required;
+        if !proxied && over_connection_rate(&services, &snapshot.config.limits, peer, &name) {
+            tracker.spawn(refuse(stream, rate_bye()));
+            continue;
+        }
         let admitted = if proxied {
             Ok(None)
         } else {
@@ -105,13 +111,42 @@ pub async fn accept_loop(
             Err(limit) => {
                 warn!(listener = %name, client = %peer, limit = limit.as_str(), "connection refused by limit");
                 services.metrics.rejected(Rejection::ConnectionLimit);
-                tracker.spawn(refuse(stream));
+                let bye = response::bye("LIMIT", "Too many connections, try again later.");
+                tracker.spawn(refuse(stream, bye));
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream) {
-    let bye = response::bye("LIMIT", "Too many connections, try again later.");
+async fn refuse(mut stream: TcpStream, bye: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&bye)).await;
+}
+
+/// Whether a new connection from `client` is over `limits.connection_rate`: counted, and
+/// logged once per episode (a flood must not flood the log too).
+pub(crate) fn over_connection_rate(
+    services: &Services,
+    limits: &Limits,
+    client: SocketAddr,
+    listener: &str,
+) -> bool {
+    match services.abuse.connection(client.ip(), limits) {
+        RateCheck::Within => false,
+        RateCheck::Over { first } => {
+            services.metrics.rejected(Rejection::ConnectionRate);
+            if first {
+                warn!(listener, %client, "connection rate exceeded; refusing new connections from this address until it slows down");
+            }
+            true
+        }
+    }
+}
+
+/// What a client over `limits.connection_rate` is told before the close: UNAVAILABLE, a
+/// temporary state, so that it tries again later.
+pub(crate) fn rate_bye() -> Vec<u8> {
+    response::bye(
+        "UNAVAILABLE",
+        "Too many connections from your address, try again later.",
+    )
 }

@@ -306,7 +306,37 @@ label_values! {
         ProxyHeader => "proxy_header",
         /// A TLS handshake that failed or timed out (closed).
         TlsHandshake => "tls_handshake",
+        /// A failed login answered late: `limits.login_penalty` for the client's address.
+        LoginPenalty => "login_penalty",
+        /// A login the backend accepted, refused by `limits.per_user` and logged out (NO [LIMIT]).
+        PerUser => "per_user",
+        /// A connection over `limits.connection_rate` for its address (BYE [UNAVAILABLE]).
+        ConnectionRate => "connection_rate",
     }
+}
+
+label_values! {
+    /// The shared abuse tables (abuse.rs).
+    pub enum AbuseTable {
+        /// Recent failed logins per client address.
+        LoginPenalty => "login_penalty",
+        /// New-connection token buckets per client address.
+        ConnectionRate => "connection_rate",
+        /// Logged-in sessions per user (never evicted: an entry lives while its sessions do).
+        PerUser => "per_user",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    table: AbuseTable,
+}
+
+/// One abuse table's size and evictions.
+#[derive(Clone)]
+pub struct TableMetrics {
+    pub entries: Gauge,
+    pub evicted: Counter,
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -318,6 +348,8 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    /// By `AbuseTable::index`.
+    abuse_tables: [TableMetrics; AbuseTable::ALL.len()],
     connections_total: Family<ListenerLabels, Counter>,
     connections_active: Family<ListenerLabels, Gauge>,
     accept_errors: Family<AcceptErrorLabels, Counter>,
@@ -479,6 +511,25 @@ impl Metrics {
             })
             .set(1);
 
+        let table_entries = Family::<TableLabels, Gauge>::default();
+        r.register(
+            "abuse_table_entries",
+            "Entries in a shared abuse table (client addresses or users)",
+            table_entries.clone(),
+        );
+        let table_evictions = Family::<TableLabels, Counter>::default();
+        r.register(
+            "abuse_table_evictions",
+            "Entries dropped from a full abuse table before they expired, least recently used first",
+            table_evictions.clone(),
+        );
+        let abuse_tables = AbuseTable::ALL.map(|table| TableMetrics {
+            entries: table_entries.get_or_create(&TableLabels { table }).clone(),
+            evicted: table_evictions
+                .get_or_create(&TableLabels { table })
+                .clone(),
+        });
+
         // Every series exists from the start (at 0), so dashboards and rate() have data.
         for reason in Rejection::ALL {
             let _ = prelogin_rejections.get_or_create(&ReasonLabels { reason });
@@ -565,6 +616,7 @@ impl Metrics {
 
         Metrics {
             registry,
+            abuse_tables,
             connections_total,
             connections_active,
             accept_errors,
@@ -735,6 +787,11 @@ impl Metrics {
             fd_limit: error(AcceptError::FdLimit),
             other_error: error(AcceptError::Other),
         }
+    }
+
+    /// Handles for one abuse table's size and evictions.
+    pub fn abuse_table(&self, table: AbuseTable) -> TableMetrics {
+        self.abuse_tables[table.index()].clone()
     }
 
     pub fn rejected(&self, reason: Rejection) {

@@ -1,8 +1,10 @@
 //! The process-wide parts every session shares: the current snapshot (config and backend
-//! states), metrics, the session table and the connection caps.
+//! states), metrics, the session table, the connection caps and the abuse tables.
 //!
 //! A reload builds a new `Snapshot` and swaps it in (arc-swap: readers never wait). A session
 //! keeps the snapshot it started with; new connections and new logins take the current one.
+//! The abuse tables are process-wide and never part of a snapshot: a reload must not give
+//! every address a fresh start.
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::abuse::Abuse;
 use crate::backend::state::{BackendState, BackendStates};
 use crate::config::Config;
 use crate::directory::Directory;
@@ -53,6 +56,7 @@ pub struct Services {
     pub(crate) caps: Arc<ConnectionCaps>,
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
+    pub(crate) abuse: Arc<Abuse>,
 }
 
 impl Services {
@@ -64,6 +68,7 @@ impl Services {
         metrics.config_in_use(&config.hash);
         Arc::new(Services {
             generation: watch::Sender::new(0),
+            abuse: Abuse::new(&metrics),
             sessions: Arc::new(SessionTable::default()),
             caps: ConnectionCaps::new(config.limits.max_connections, config.limits.per_ip),
             current: ArcSwap::from_pointee(snapshot),

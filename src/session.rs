@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::abuse::UserSession;
 use crate::config::{ListenerConfig, ListenerTls};
 use crate::imap::response;
 use crate::imap::scan::Observer;
@@ -223,7 +224,7 @@ async fn until_login(
                 return Some(Handover {
                     session,
                     client,
-                    authenticated,
+                    authenticated: *authenticated,
                     permit,
                     started,
                 });
@@ -234,7 +235,7 @@ async fn until_login(
 
 /// How the pre-login and login phases on one stream ended.
 enum Phase {
-    LoggedIn(Authenticated),
+    LoggedIn(Box<Authenticated>),
     /// STARTTLS was answered OK: the handshake comes next, then pre-login again.
     StartTls,
     Closed(Closed),
@@ -254,9 +255,8 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
         let attempt = prelogin.attempt();
         match login::route_and_dial(client, session, &tag, &credentials, client_id, attempt).await?
         {
-            LoginAttempt::LoggedIn(authenticated) => {
+            LoginAttempt::LoggedIn(mut authenticated) => {
                 client.flush().await?;
-                let mut authenticated = *authenticated;
                 authenticated.client_buffered = prelogin.take_buffered();
                 return Ok(Phase::LoggedIn(authenticated));
             }
@@ -265,7 +265,7 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
                     return Ok(Phase::Closed(closed));
                 }
             }
-            LoginAttempt::Unavailable => {}
+            LoginAttempt::Unavailable | LoginAttempt::OverLimit => {}
         }
     }
 }
@@ -281,6 +281,7 @@ struct LoggedInSession {
     services: Arc<Services>,
     _registration: Registration,
     _permit: Permit,
+    _user_session: Option<UserSession>,
     _open: OpenConnection,
 }
 
@@ -328,6 +329,7 @@ impl LoggedInSession {
             services: session.services.clone(),
             _registration: registration,
             _permit: permit,
+            _user_session: authenticated.user_session,
             _open: session.open,
         }
     }
@@ -528,6 +530,15 @@ async fn accept_proxy_header(
             services.metrics.rejected(Rejection::PreloginTimeout);
             return None;
         }
+    }
+    if crate::listener::over_connection_rate(
+        &services,
+        &snapshot.config.limits,
+        session.peer,
+        &listener.name,
+    ) {
+        last_word(tcp, &crate::listener::rate_bye()).await;
+        return None;
     }
     match services.caps.admit(session.peer.ip()) {
         Ok(permit) => Some(permit),

@@ -357,6 +357,14 @@ pub struct LimitsFile {
     pub literal_max: Spanned<u32>,
     pub login_attempts: Spanned<u32>,
     pub bad_commands: Spanned<u32>,
+    /// The delay before the NO to a failed login, by the client address's recent failures.
+    pub login_penalty: LoginPenaltyFile,
+    /// Logged-in sessions per (normalised) user; 0: unlimited.
+    pub per_user: Spanned<u32>,
+    /// New connections per client address: a token bucket.
+    pub connection_rate: ConnectionRateFile,
+    /// Entries in each shared table keyed by client address (login_penalty, connection_rate).
+    pub table_max: Spanned<u32>,
 }
 
 impl Default for LimitsFile {
@@ -370,6 +378,50 @@ impl Default for LimitsFile {
             login_attempts: unspanned(3),
             // Dovecot closes after 10 as well; no client makes that many mistakes in a row.
             bad_commands: unspanned(10),
+            login_penalty: LoginPenaltyFile::default(),
+            per_user: unspanned(0),
+            connection_rate: ConnectionRateFile::default(),
+            table_max: unspanned(100_000),
+        }
+    }
+}
+
+/// The first failed login from a client address is answered at once, the next after `base`,
+/// each later one after twice the one before, at most `max`; the address's failures are
+/// forgotten after `forget_after` without one. `base: 0s` turns it off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginPenaltyFile {
+    pub base: Spanned<ConfigDuration>,
+    pub max: Spanned<ConfigDuration>,
+    pub forget_after: Spanned<ConfigDuration>,
+}
+
+impl Default for LoginPenaltyFile {
+    fn default() -> Self {
+        let secs = |s| unspanned(ConfigDuration(Duration::from_secs(s)));
+        LoginPenaltyFile {
+            base: secs(2),
+            max: secs(15),
+            forget_after: secs(600),
+        }
+    }
+}
+
+/// `per_second` new connections per client address on average (fractions allowed: 0.2 is one
+/// per 5 s), `burst` at once; `per_second: 0` turns it off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionRateFile {
+    pub per_second: Spanned<f64>,
+    pub burst: Spanned<u32>,
+}
+
+impl Default for ConnectionRateFile {
+    fn default() -> Self {
+        ConnectionRateFile {
+            per_second: unspanned(0.0),
+            burst: unspanned(20),
         }
     }
 }

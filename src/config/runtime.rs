@@ -390,6 +390,31 @@ pub struct Limits {
     pub login_attempts: u32,
     /// Syntax errors in a row before login before the connection is closed.
     pub bad_commands: u32,
+    /// The delay before the NO to a failed login, per client address; `None`: off.
+    pub login_penalty: Option<LoginPenalty>,
+    /// Logged-in sessions per normalised user; `None`: unlimited.
+    pub per_user: Option<u32>,
+    /// New connections per client address; `None`: unlimited.
+    pub connection_rate: Option<ConnectionRate>,
+    /// Entries in each abuse table keyed by client address.
+    pub table_max: usize,
+}
+
+/// `limits.login_penalty`: 0, `base`, 2 × `base`, 4 × `base`, ... up to `max`, by the client
+/// address's failures within `forget_after` of each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginPenalty {
+    pub base: Duration,
+    pub max: Duration,
+    pub forget_after: Duration,
+}
+
+/// `limits.connection_rate`: a token bucket per client address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectionRate {
+    /// Tokens added per second; finite and above 0.
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]

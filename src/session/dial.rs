@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::{self, BackendError, Conn, LINE_MAX, ProxyOut, printable};
@@ -34,6 +34,10 @@ const TAG: &str = "ig1";
 const POST_TAG: &str = "ig2";
 /// How long that CAPABILITY may take before the client is told the baseline instead.
 const CAPABILITY_WAIT: Duration = Duration::from_secs(5);
+/// The tag of the LOGOUT that ends a backend login no client gets (`log_out`).
+const LOGOUT_TAG: &str = "ig3";
+/// How long that LOGOUT may take.
+const LOGOUT_WAIT: Duration = Duration::from_secs(5);
 
 /// A backend connection that accepted the login, handed to the relay.
 #[derive(Debug)]
@@ -172,6 +176,21 @@ async fn log_in(
             "unexpected continuation after the login was sent".into(),
         )),
     }
+}
+
+/// Logs out of a backend session that will not be relayed (the backend accepted the login,
+/// imapgate refused it after): LOGOUT, then read until the backend closes, under
+/// `LOGOUT_WAIT`, so the backend sees a clean logout rather than a dropped connection.
+pub async fn log_out(mut backend: BackendSession) {
+    let _ = tokio::time::timeout(LOGOUT_WAIT, async {
+        let logout = format!("{LOGOUT_TAG} LOGOUT\r\n");
+        backend.stream.write_all(logout.as_bytes()).await?;
+        backend.stream.flush().await?;
+        let mut discard = [0u8; 512];
+        while backend.stream.read(&mut discard).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 async fn tagged_or_continuation(

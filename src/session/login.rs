@@ -1,7 +1,9 @@
 //! Login orchestration: route the user (the directory first, when one is configured; then the
 //! static map and the hash), dial its backends in order (failover), replay the login (`dial`),
 //! and answer the client under its own tag. Pre-login hands over a login request; this module
-//! decides where it goes and records how it went.
+//! decides where it goes and records how it went, in the shared abuse tables too: a failed
+//! login's NO waits out the address's penalty, and a login the backend accepted takes one of
+//! the user's places under `limits.per_user`.
 
 use std::io;
 use std::sync::Arc;
@@ -11,13 +13,14 @@ use tracing::{info, warn};
 
 use super::Session;
 use super::dial::{self, DialError, LoginOutcome};
+use crate::abuse::UserSession;
 use crate::backend;
 use crate::backend::state::BackendState;
 use crate::config::{Backend, LookupFallback};
 use crate::directory::{Decision, Query, Why};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
-use crate::metrics::LoginResult;
+use crate::metrics::{LoginResult, Rejection};
 use crate::route;
 use crate::services::Snapshot;
 use crate::stream::Stream;
@@ -29,6 +32,10 @@ pub enum LoginAttempt {
     Rejected,
     /// No backend could be used (`NO [UNAVAILABLE]`): pre-login goes on, nothing counted.
     Unavailable,
+    /// The backend accepted, but the user has `limits.per_user` sessions already: logged out
+    /// of the backend again and answered `NO [LIMIT]`. Pre-login goes on; not a failed login
+    /// (the password was right).
+    OverLimit,
 }
 
 /// A login the backend accepted: what the relay needs.
@@ -43,6 +50,8 @@ pub struct Authenticated {
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
     pub client_buffered: Vec<u8>,
+    /// The session's place under `limits.per_user` (`None` when unlimited), held while it runs.
+    pub user_session: Option<UserSession>,
 }
 
 /// A backend a login may try: a configured one, or one the directory named by address.
@@ -95,9 +104,15 @@ pub async fn route_and_dial(
                     directed(&snapshot, &route.server)
                 }
                 Decision::Refused { message, wait } => {
-                    info!(session = %session.id, user, mechanism, result = "rejected", reason = "directory", "login");
-                    // The service's delay (Auth-Wait) holds this connection only.
-                    tokio::time::sleep(wait).await;
+                    // A failed login like a backend's NO: the address's penalty applies too,
+                    // and the longer of it and the service's Auth-Wait holds this connection.
+                    let penalty = session
+                        .services
+                        .abuse
+                        .login_failed(session.peer.ip(), &config.limits);
+                    let delay = wait.max(penalty);
+                    info!(session = %session.id, user, mechanism, result = "rejected", reason = "directory", delay_ms = delay.as_millis() as u64, "login");
+                    tokio::time::sleep(delay).await;
                     client
                         .write_all(&response::tagged(
                             tag,
@@ -245,6 +260,32 @@ async fn dial_targets(
         state.metrics.login(credentials.mechanism, result, took);
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
+                // Counted once the backend accepted, not before: otherwise anyone who knows a
+                // user name could fill its places with wrong passwords and lock the user out.
+                let user_session = match config.limits.per_user {
+                    None => None,
+                    Some(max) => {
+                        let key = config.routing.normalize(user);
+                        match session.services.abuse.user_session(&key, max) {
+                            Some(place) => Some(place),
+                            None => {
+                                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "per_user", elapsed_ms, "login");
+                                session.services.metrics.rejected(Rejection::PerUser);
+                                // In its own task: the client's answer does not wait for it.
+                                tokio::spawn(dial::log_out(logged_in));
+                                client
+                                    .write_all(&response::tagged(
+                                        tag,
+                                        Status::No,
+                                        "LIMIT",
+                                        "Too many sessions for this user.",
+                                    ))
+                                    .await?;
+                                return Ok(LoginAttempt::OverLimit);
+                            }
+                        }
+                    }
+                };
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
                 // Untagged responses first, then the tagged OK with the client's tag; the
                 // backend's [CAPABILITY ...] code in it tells the client what it has now.
@@ -260,10 +301,22 @@ async fn dial_targets(
                     state,
                     user: user.to_string(),
                     client_buffered: Vec::new(),
+                    user_session,
                 })));
             }
             Ok(LoginOutcome::Rejected { tagged_rest }) => {
-                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, "login");
+                // The address's penalty, slept in this task only: this client waits, no
+                // worker does. Successful logins never wait.
+                let delay = session
+                    .services
+                    .abuse
+                    .login_failed(session.peer.ip(), &config.limits);
+                let delay_ms = delay.as_millis() as u64;
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "rejected", elapsed_ms, delay_ms, "login");
+                if !delay.is_zero() {
+                    session.services.metrics.rejected(Rejection::LoginPenalty);
+                    tokio::time::sleep(delay).await;
+                }
                 let mut out = tag.as_bytes().to_vec();
                 out.push(b' ');
                 out.extend_from_slice(&tagged_rest);

@@ -2,6 +2,7 @@
 //! tool fail when it is missing, unless IMAPGATE_SKIP_EXTERNAL=1 asks for a loud skip
 //! (`support::external`).
 
+mod abuse;
 mod backends_smoke;
 mod bind;
 mod capabilities;

@@ -163,7 +163,8 @@ async fn every_dashboard_and_alert_query_returns_data() {
     let b1 = Dovecot::start("b1");
     let proxy = Proxy::start(&config(
         &[("b1", b1.address())],
-        "health: { interval: 200ms }\n",
+        // Each round has a wrong password: without the penalty off they would wait 2, 4, 8 s...
+        "health: { interval: 200ms }\nlimits: { login_penalty: { base: 0s } }\n",
     ))
     .await;
     let prometheus = start_prometheus(proxy.admin);
