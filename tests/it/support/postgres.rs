@@ -1,8 +1,8 @@
 //! A private PostgreSQL cluster for tests: `initdb` in a temp dir, `postgres` on a loopback
 //! port picked by the OS with its UNIX socket in the same dir, stopped on drop.
 //!
-//! PostgreSQL refuses to run as root, so the server (and initdb) run as `nobody`, who owns
-//! the temp dir. The superuser `postgres` connects over the UNIX socket without a password
+//! PostgreSQL refuses to run as root, so as root the server (and initdb) run as `nobody`, who
+//! owns the temp dir. The superuser `postgres` connects over the UNIX socket without a password
 //! (the test's own setup, through `psql`); over TCP every user needs its password
 //! (scram-sha-256): `USER` / `PASSWORD` is the role imapgate connects as.
 
@@ -64,6 +64,19 @@ pub fn available() -> bool {
     found
 }
 
+fn as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// As root, the command runs as `nobody` (PostgreSQL refuses root); otherwise as the caller.
+fn as_server_user(command: &mut Command) -> &mut Command {
+    if as_root() {
+        command.uid(NOBODY).gid(NOBODY);
+    }
+    command
+}
+
 impl Postgres {
     /// initdb, start, create the `USER` role and the `DATABASE` it owns; panics with the
     /// server's log if it does not come up.
@@ -76,15 +89,15 @@ impl Postgres {
             .expect("temp dir");
         let root = dir.path();
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::os::unix::fs::chown(root, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
-        let out = Command::new(bin.join("initdb"))
+        if as_root() {
+            std::os::unix::fs::chown(root, Some(NOBODY), Some(NOBODY)).expect("chown to nobody");
+        }
+        let out = as_server_user(&mut Command::new(bin.join("initdb")))
             .arg("-D")
             .arg(root.join("data"))
             .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C"])
             .args(["--auth-local=trust", "--auth-host=scram-sha-256"])
             .current_dir(root)
-            .uid(NOBODY)
-            .gid(NOBODY)
             .stdin(Stdio::null())
             .output()
             .expect("run initdb");
@@ -171,9 +184,11 @@ impl Postgres {
     fn run(&mut self) -> Result<(), String> {
         let root = self.dir.path();
         let log = std::fs::File::create(root.join("postgres.log")).map_err(|e| e.to_string())?;
-        std::os::unix::fs::chown(root.join("postgres.log"), Some(NOBODY), Some(NOBODY))
-            .map_err(|e| e.to_string())?;
-        let mut child = Command::new(self.bin.join("postgres"))
+        if as_root() {
+            std::os::unix::fs::chown(root.join("postgres.log"), Some(NOBODY), Some(NOBODY))
+                .map_err(|e| e.to_string())?;
+        }
+        let mut child = as_server_user(&mut Command::new(self.bin.join("postgres")))
             .arg("-D")
             .arg(root.join("data"))
             .args(["-p", &self.port.to_string()])
@@ -182,8 +197,6 @@ impl Postgres {
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
             .args(["-c", "shared_buffers=16MB", "-c", "max_connections=50"])
             .current_dir(root)
-            .uid(NOBODY)
-            .gid(NOBODY)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
