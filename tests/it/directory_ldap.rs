@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::support::dovecot::{self, Dovecot};
+use crate::support::pki::Pki;
 use crate::support::slapd::{self, BASE, BIND_DN, Slapd, person};
 use crate::support::{Proxy, config, sample};
 
@@ -203,5 +204,74 @@ async fn directory_ldap_outage_is_served_from_the_cache_then_the_fallback_and_re
     assert_eq!(c.backend().await, bob_home, "LDAP answers again");
     let metrics = proxy.metrics().await;
     assert_eq!(lookups(&metrics, "ok"), 2.0);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn directory_ldap_over_starttls_and_ldaps_verifies_the_server() {
+    if !dovecot::available() || !slapd::available() {
+        return;
+    }
+    let b1 = Dovecot::start("b1");
+    let pki = Pki::new();
+    // Its names: backend.test and 127.0.0.1, the host in the URLs.
+    let pair = pki.pair("backend");
+    let ldap = Slapd::start_tls(
+        &person("alice", Some("127.0.0.1"), Some(b1.port)),
+        &pair.cert,
+        &pair.key,
+    );
+    let backends = [("b1", b1.address())];
+    let refuse = "    cache: { ttl: 0s }\n    fallback: refuse\n";
+    for (what, url, tls) in [
+        ("StartTLS", ldap.url(), "      starttls: true\n"),
+        ("ldaps", ldap.ldaps_url(), ""),
+    ] {
+        let yaml = ldap_yaml(
+            &backends,
+            &ldap,
+            &format!("{tls}      ca: {:?}\n", pki.ca()),
+            refuse,
+        )
+        .replace(
+            &format!("url: \"{}\"", ldap.url()),
+            &format!("url: \"{url}\""),
+        );
+        let proxy = Proxy::start(&yaml).await;
+        let mut c = proxy.connect().await;
+        c.login("alice", "alice-secret").await;
+        assert_eq!(c.backend().await, "b1", "{what}");
+        assert_eq!(lookups(&proxy.metrics().await, "ok"), 1.0, "{what}");
+        proxy.stop().await;
+    }
+
+    // Without StartTLS the server refuses the bind: the StartTLS case above really was TLS.
+    let proxy = Proxy::start(&ldap_yaml(&backends, &ldap, "", refuse)).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send("a LOGIN alice alice-secret\r\n").await;
+    let (_, answer) = c.until_tagged("a").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+    proxy.stop().await;
+
+    // A certificate from a CA imapgate does not trust: no lookup, so no route (refuse:
+    // UNAVAILABLE), and nothing was sent to that server but the TLS handshake.
+    let yaml = ldap_yaml(
+        &backends,
+        &ldap,
+        &format!("      ca: {:?}\n", pki.rogue_ca()),
+        refuse,
+    )
+    .replace(
+        &format!("url: \"{}\"", ldap.url()),
+        &format!("url: \"{}\"", ldap.ldaps_url()),
+    );
+    let proxy = Proxy::start(&yaml).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send("a LOGIN alice alice-secret\r\n").await;
+    let (_, answer) = c.until_tagged("a").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+    assert_eq!(lookups(&proxy.metrics().await, "error"), 1.0);
     proxy.stop().await;
 }

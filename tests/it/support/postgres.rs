@@ -49,19 +49,12 @@ fn bin_dir() -> Option<PathBuf> {
     })
 }
 
-/// Whether PostgreSQL is installed. When it is not: a loud message and `false` (the test
-/// returns early), or a panic when `CI` is set, since CI must run every PostgreSQL test.
+/// Whether PostgreSQL is installed (see `support::external` for what happens when not).
 pub fn available() -> bool {
-    let found = bin_dir().is_some();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("PostgreSQL is not installed but CI is set: install postgresql");
-        }
-        eprintln!(
-            "\n!!!!! SKIPPED: PostgreSQL (postgresql) is not installed; this test did not run !!!!!\n"
-        );
-    }
-    found
+    super::external(
+        bin_dir().is_some(),
+        "PostgreSQL is not installed: install postgresql",
+    )
 }
 
 fn as_root() -> bool {

@@ -22,23 +22,18 @@ const SLAPADD: &str = "/usr/sbin/slapadd";
 
 pub struct Slapd {
     pub port: u16,
+    /// `ldaps://` (and StartTLS on `port`), with `start_tls`.
+    pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
-/// Whether slapd is installed. When it is not: a loud message and `false` (the test returns
-/// early), or a panic when `CI` is set, since CI must run every LDAP test.
+/// Whether slapd is installed (see `support::external` for what happens when not).
 pub fn available() -> bool {
-    let found = Path::new(SLAPD).exists() && Path::new(SLAPADD).exists();
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("OpenLDAP's slapd is not installed but CI is set: install slapd and ldap-utils");
-        }
-        eprintln!(
-            "\n!!!!! SKIPPED: OpenLDAP (slapd) is not installed; this test did not run !!!!!\n"
-        );
-    }
-    found
+    super::external(
+        Path::new(SLAPD).exists() && Path::new(SLAPADD).exists(),
+        "OpenLDAP's slapd is not installed: install slapd and ldap-utils",
+    )
 }
 
 /// One person under `PEOPLE`, in LDIF: `uid`, and `mailHost` / `mailPort` when given.
@@ -60,12 +55,30 @@ impl Slapd {
     /// Starts an instance holding the base tree and `entries` (LDIF, e.g. from `person`);
     /// panics with slapd's output if it does not come up.
     pub fn start(entries: &str) -> Slapd {
+        Self::start_with(entries, None)
+    }
+
+    /// Like `start`, with this certificate and key (PEM): StartTLS on `port` and implicit TLS
+    /// on `tls_port`; every operation (the bind too) requires TLS.
+    pub fn start_tls(entries: &str, cert: &Path, key: &Path) -> Slapd {
+        Self::start_with(entries, Some((cert, key)))
+    }
+
+    fn start_with(entries: &str, tls: Option<(&Path, &Path)>) -> Slapd {
         let dir = tempfile::Builder::new()
             .prefix("sl.")
             .tempdir_in("/tmp")
             .expect("temp dir");
         let root = dir.path();
         std::fs::create_dir(root.join("data")).expect("data dir");
+        let tls_conf = tls.map_or(String::new(), |(cert, key)| {
+            format!(
+                // Every operation needs TLS: a client that skipped StartTLS gets nowhere.
+                "TLSCertificateFile {}\nTLSCertificateKeyFile {}\nsecurity tls=1\n",
+                cert.display(),
+                key.display()
+            )
+        });
         let conf = format!(
             r#"include /etc/ldap/schema/core.schema
 include /etc/ldap/schema/cosine.schema
@@ -75,7 +88,7 @@ attributetype ( 1.3.6.1.4.1.55555.1.1 NAME 'mailPort' EQUALITY integerMatch SYNT
 objectclass ( 1.3.6.1.4.1.55555.2.1 NAME 'imapgateRoute' SUP top AUXILIARY MAY mailPort )
 pidfile {root}/slapd.pid
 argsfile {root}/slapd.args
-modulepath /usr/lib/ldap
+{tls_conf}modulepath /usr/lib/ldap
 moduleload back_mdb
 database mdb
 maxsize 10485760
@@ -111,12 +124,14 @@ access to * by dn.exact="{BIND_DN}" read by anonymous auth by * none
         );
         let mut slapd = Slapd {
             port: 0,
+            tls_port: None,
             dir,
             child: None,
         };
         let mut last_error = String::new();
         for _ in 0..5 {
             slapd.port = super::free_port();
+            slapd.tls_port = tls.map(|_| super::free_port());
             match slapd.run() {
                 Ok(()) => return slapd,
                 Err(e) => last_error = e,
@@ -127,6 +142,13 @@ access to * by dn.exact="{BIND_DN}" read by anonymous auth by * none
 
     pub fn url(&self) -> String {
         format!("ldap://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ldaps_url(&self) -> String {
+        format!(
+            "ldaps://127.0.0.1:{}",
+            self.tls_port.expect("started with TLS")
+        )
     }
 
     /// The bind password in a file, as `bind_password_file` wants it.
@@ -153,13 +175,17 @@ access to * by dn.exact="{BIND_DN}" read by anonymous auth by * none
     /// it takes connections.
     fn run(&mut self) -> Result<(), String> {
         let root = self.dir.path();
+        let mut urls = format!("ldap://127.0.0.1:{}/", self.port);
+        if let Some(p) = self.tls_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{p}/"));
+        }
         let mut child = Command::new(SLAPD)
             .arg("-d")
             .arg("0")
             .arg("-f")
             .arg(root.join("slapd.conf"))
             .arg("-h")
-            .arg(format!("ldap://127.0.0.1:{}/", self.port))
+            .arg(urls)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
