@@ -19,6 +19,7 @@
 
 pub(crate) mod cache;
 pub(crate) mod http;
+mod idle;
 pub(crate) mod ldap;
 pub(crate) mod sql;
 

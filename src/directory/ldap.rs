@@ -6,16 +6,16 @@
 //! (the filter is ambiguous), never a guess.
 //!
 //! Connections are bound once (simple bind, or anonymous) and kept: at most `pool_size`, each
-//! carrying one search at a time; more lookups wait for one. A kept connection that fails is
+//! carrying one search at a time; more lookups wait for one; one unused for a minute is closed. A kept connection that fails is
 //! dropped and the lookup tried once more on a new one (the server may have closed an idle
 //! connection); the whole lookup has `timeout`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, Scope, SearchEntry, SearchOptions};
 use tokio::sync::Semaphore;
 
+use super::idle::Idle;
 use super::{Answer, LookupError, Route, server_address, split_host_port};
 use crate::config::LdapLookup;
 
@@ -26,7 +26,7 @@ pub(crate) struct LdapSource {
     config: LdapLookup,
     filter: Vec<Part>,
     /// Bound connections not in use.
-    idle: Mutex<Vec<Ldap>>,
+    idle: Idle<Ldap>,
     /// One per connection: a lookup holds one while it uses a connection.
     slots: Semaphore,
 }
@@ -121,7 +121,7 @@ impl LdapSource {
             // Checked at config load; a filter that no longer parses finds nobody.
             filter: parse_template(&config.filter).unwrap_or_default(),
             slots: Semaphore::new(config.pool_size),
-            idle: Mutex::new(Vec::new()),
+            idle: Idle::new(),
             config: config.clone(),
         }
     }
@@ -141,7 +141,7 @@ impl LdapSource {
             .await
             .map_err(|_| LookupError::Failed("closed".into()))?;
         let filter = expand(&self.filter, user);
-        if let Some(ldap) = self.idle_connection() {
+        if let Some(ldap) = self.idle.pop(|ldap| !ldap.is_closed()) {
             match self.search(ldap, &filter).await {
                 Ok(answer) => return answer,
                 // The kept connection is gone; a new one gets the same question.
@@ -150,16 +150,6 @@ impl LdapSource {
         }
         let ldap = self.connect().await?;
         self.search(ldap, &filter).await?
-    }
-
-    fn idle_connection(&self) -> Option<Ldap> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut ldap) = idle.pop() {
-            if !ldap.is_closed() {
-                return Some(ldap);
-            }
-        }
-        None
     }
 
     /// A new connection, bound.
@@ -218,10 +208,7 @@ impl LdapSource {
                 Some(entry) => self.route(&SearchEntry::construct(entry)),
             }
         };
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.config.pool_size {
-            idle.push(ldap);
-        }
+        self.idle.push(ldap, self.config.pool_size);
         Ok(answer)
     }
 

@@ -8,22 +8,21 @@
 //!
 //! Connections are plain TCP (or a UNIX socket): no TLS, so keep the database on loopback or a
 //! trusted network. At most `pool_size` connections, each carrying one query at a time; more
-//! lookups wait for one. A kept connection that fails is dropped and the query tried once more
+//! lookups wait for one; one unused for a minute is closed. A kept connection that fails is dropped and the query tried once more
 //! on a new one; the whole lookup has `timeout`.
-
-use std::sync::Mutex;
 
 use tokio::sync::Semaphore;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
+use super::idle::Idle;
 use super::{Answer, LookupError, Route, server_address, split_host_port};
 use crate::config::SqlLookup;
 
 pub(crate) struct SqlSource {
     config: SqlLookup,
     /// Connections not in use, with the query prepared on each.
-    idle: Mutex<Vec<Connection>>,
+    idle: Idle<Connection>,
     /// One per connection: a lookup holds one while it uses a connection.
     slots: Semaphore,
 }
@@ -48,7 +47,7 @@ impl SqlSource {
     pub(crate) fn new(config: &SqlLookup) -> Self {
         SqlSource {
             config: config.clone(),
-            idle: Mutex::new(Vec::new()),
+            idle: Idle::new(),
             slots: Semaphore::new(config.pool_size),
         }
     }
@@ -67,7 +66,7 @@ impl SqlSource {
             .acquire()
             .await
             .map_err(|_| LookupError::Failed("closed".into()))?;
-        if let Some(connection) = self.idle_connection() {
+        if let Some(connection) = self.idle.pop(|c| !c.client.is_closed()) {
             match self.query(connection, user).await {
                 Ok(answer) => return answer,
                 // The kept connection is gone; a new one gets the same question.
@@ -76,16 +75,6 @@ impl SqlSource {
         }
         let connection = self.connect().await?;
         self.query(connection, user).await?
-    }
-
-    fn idle_connection(&self) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(connection) = idle.pop() {
-            if !connection.client.is_closed() {
-                return Some(connection);
-            }
-        }
-        None
     }
 
     /// A new connection with the query prepared and its shape checked.
@@ -130,10 +119,7 @@ impl SqlSource {
             Err(e) if e.as_db_error().is_some() => Err(LookupError::Failed(format!("query: {e}"))),
             Err(e) => return Err(LookupError::Failed(format!("query: {e}"))),
         };
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.config.pool_size {
-            idle.push(connection);
-        }
+        self.idle.push(connection, self.config.pool_size);
         Ok(answer)
     }
 
