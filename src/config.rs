@@ -14,11 +14,12 @@ use serde_saphyr::{Location, Spanned};
 pub use file::{BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
 pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
-    ConnectionRate, DnsConfig, HealthChecks, HttpLookup, Limits, ListenerConfig, ListenerTls,
-    LoginPenalty, Lookup, LookupCache, LookupSource, ProxyProtocol, ReloadConfig, Routing,
-    SendProxy, Timeouts,
+    ConnectionRate, DnsConfig, HealthChecks, HttpLookup, LdapLookup, Limits, ListenerConfig,
+    ListenerTls, LoginPenalty, Lookup, LookupCache, LookupSource, ProxyProtocol, ReloadConfig,
+    Routing, SendProxy, SqlLookup, Timeouts,
 };
 
+use crate::imap::secret::Secret;
 use crate::tls::{self, CertSource, ServerTls};
 
 /// The configuration used when `imapgate run` gets no `--config`.
@@ -461,8 +462,25 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
 
 /// `routing.lookup`.
 fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
-    let source = match &l.http {
-        Some(h) => {
+    // Exactly one source; a second one is pointed at.
+    let second = match (&l.http, &l.ldap, &l.sql) {
+        (Some(_), Some(ldap), _) => Some((&ldap.referenced, "ldap", "http")),
+        (Some(_), None, Some(sql)) => Some((&sql.referenced, "sql", "http")),
+        (None, Some(_), Some(sql)) => Some((&sql.referenced, "sql", "ldap")),
+        _ => None,
+    };
+    if let Some((at, this, other)) = second {
+        return Err(v.err(
+            at,
+            format!(
+                "routing.lookup.{this}: only one source may be set, and routing.lookup.{other} is set too"
+            ),
+        ));
+    }
+    let source = match (&l.http, &l.ldap, &l.sql) {
+        (None, Some(ldap), _) => LookupSource::Ldap(ldap_lookup(v, &ldap.value)?),
+        (None, None, Some(sql)) => LookupSource::Sql(sql_lookup(v, &sql.value)?),
+        (Some(h), _, _) => {
             let bad = || {
                 v.err(
                     &h.url.referenced,
@@ -502,8 +520,8 @@ fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
                 )? as usize,
             })
         }
-        None => {
-            return Err(v.unplaced("routing.lookup: name a source (http)"));
+        (None, None, None) => {
+            return Err(v.unplaced("routing.lookup: name a source (http, ldap or sql)"));
         }
     };
     let c = &l.cache;
@@ -551,6 +569,219 @@ fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
             quickack: d.quickack,
         },
     })
+}
+
+/// `routing.lookup.ldap`. Nothing is connected here: a config loads without the directory.
+fn ldap_lookup(v: &Validator, l: &file::LdapLookupFile) -> Result<LdapLookup, ConfigError> {
+    let url = &l.url;
+    let bad = |why: &str| {
+        v.err(
+            &url.referenced,
+            format!(
+                "routing.lookup.ldap.url: {:?} {why} (expected ldap://host:port or ldaps://host:port)",
+                url.value
+            ),
+        )
+    };
+    let (tls, rest) = if let Some(rest) = url.value.strip_prefix("ldap://") {
+        (false, rest)
+    } else if let Some(rest) = url.value.strip_prefix("ldaps://") {
+        (true, rest)
+    } else {
+        return Err(bad("is not an LDAP URL"));
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '@', ' ']) {
+        return Err(bad("must name a host and nothing else"));
+    }
+    let url_port = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((_, "")) => None,
+            Some((_, after)) => Some(after.strip_prefix(':').unwrap_or("x")),
+            None => return Err(bad("lacks a ']'")),
+        },
+        None => match authority.matches(':').count() {
+            0 => None,
+            1 => authority.rsplit_once(':').map(|(_, p)| p),
+            _ => return Err(bad("needs brackets around an IPv6 address")),
+        },
+    };
+    if url_port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        return Err(bad("has an invalid port"));
+    }
+    if l.starttls && tls {
+        return Err(v.err(
+            &url.referenced,
+            "routing.lookup.ldap.starttls: ldaps:// is TLS from the start; StartTLS is for ldap://"
+                .to_string(),
+        ));
+    }
+    let tls = if tls || l.starttls {
+        let verify = match &l.ca {
+            Some(ca) => tls::Verify::CaFile(ca.value.clone().into()),
+            None => tls::Verify::SystemRoots,
+        };
+        let at = l.ca.as_ref().map_or(&url.referenced, |ca| &ca.referenced);
+        Some(
+            tls::client_config(verify)
+                .map_err(|e| v.err(at, format!("routing.lookup.ldap.ca: {e}")))?,
+        )
+    } else {
+        if let Some(ca) = &l.ca {
+            return Err(v.err(
+                &ca.referenced,
+                "routing.lookup.ldap.ca: only used with ldaps:// or starttls: true".to_string(),
+            ));
+        }
+        None
+    };
+    let bind = match (&l.bind_dn, &l.bind_password_file) {
+        (None, None) => None,
+        (Some(dn), Some(file)) => {
+            if dn.value.trim().is_empty() {
+                return Err(v.err(
+                    &dn.referenced,
+                    "routing.lookup.ldap.bind_dn: must not be empty".to_string(),
+                ));
+            }
+            let password = read_secret(v, "routing.lookup.ldap.bind_password_file", file)?;
+            Some((dn.value.clone(), password))
+        }
+        (Some(dn), None) => {
+            return Err(v.err(
+                &dn.referenced,
+                "routing.lookup.ldap.bind_password_file: bind_dn needs a password file".to_string(),
+            ));
+        }
+        (None, Some(file)) => {
+            return Err(v.err(
+                &file.referenced,
+                "routing.lookup.ldap.bind_dn: a bind password needs a bind_dn".to_string(),
+            ));
+        }
+    };
+    crate::directory::ldap::check_filter(&l.filter.value).map_err(|e| {
+        v.err(
+            &l.filter.referenced,
+            format!("routing.lookup.ldap.filter: {:?} {e}", l.filter.value),
+        )
+    })?;
+    let attribute = |field: &str, a: &Spanned<String>| {
+        let ok = !a.value.is_empty()
+            && a.value.len() <= 128
+            && a.value
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b';'));
+        if ok {
+            Ok(a.value.clone())
+        } else {
+            Err(v.err(
+                &a.referenced,
+                format!(
+                    "routing.lookup.ldap.{field}: {:?} is not an attribute name",
+                    a.value
+                ),
+            ))
+        }
+    };
+    Ok(LdapLookup {
+        url: url.value.clone(),
+        starttls: l.starttls,
+        tls,
+        bind,
+        base: l.base.value.clone(),
+        filter: l.filter.value.clone(),
+        host_attribute: attribute("host_attribute", &l.host_attribute)?,
+        port_attribute: match &l.port_attribute {
+            Some(a) => Some(attribute("port_attribute", a)?),
+            None => None,
+        },
+        default_port: port(v, "routing.lookup.ldap.default_port", &l.default_port)?,
+        timeout: nonzero(v, "routing.lookup.ldap.timeout", &l.timeout)?,
+        pool_size: between(v, "routing.lookup.ldap.pool_size", &l.pool_size, 1, 1024)? as usize,
+    })
+}
+
+/// `routing.lookup.sql`. Nothing is connected here: a config loads without the database.
+fn sql_lookup(v: &Validator, s: &file::SqlLookupFile) -> Result<SqlLookup, ConfigError> {
+    // The URL may hold a password: it is never repeated in a message.
+    let mut connect: tokio_postgres::Config = s.url.value.parse().map_err(|e| {
+        v.err(
+            &s.url.referenced,
+            format!("routing.lookup.sql.url: not a PostgreSQL connection URL: {e}"),
+        )
+    })?;
+    if connect.get_hosts().is_empty() {
+        return Err(v.err(
+            &s.url.referenced,
+            "routing.lookup.sql.url: names no host (e.g. postgresql://imapgate@127.0.0.1:5432/mail)"
+                .to_string(),
+        ));
+    }
+    if let Some(file) = &s.password_file {
+        if connect.get_password().is_some() {
+            return Err(v.err(
+                &file.referenced,
+                "routing.lookup.sql.password_file: the url holds a password too; keep it in one place (the file)"
+                    .to_string(),
+            ));
+        }
+        let password = read_secret(v, "routing.lookup.sql.password_file", file)?;
+        connect.password(password.expose().as_bytes());
+    }
+    if !s.query.value.contains("$1") {
+        return Err(v.err(
+            &s.query.referenced,
+            "routing.lookup.sql.query: must use the user as $1 (e.g. SELECT host, port FROM mailbox WHERE username = $1)"
+                .to_string(),
+        ));
+    }
+    let timeout = nonzero(v, "routing.lookup.sql.timeout", &s.timeout)?;
+    connect.connect_timeout(timeout);
+    if connect.get_application_name().is_none() {
+        connect.application_name("imapgate");
+    }
+    Ok(SqlLookup {
+        connect,
+        query: s.query.value.clone(),
+        default_port: port(v, "routing.lookup.sql.default_port", &s.default_port)?,
+        timeout,
+        pool_size: between(v, "routing.lookup.sql.pool_size", &s.pool_size, 1, 1024)? as usize,
+    })
+}
+
+/// A password from a file: its content without a trailing newline, not empty. Never shown.
+fn read_secret(
+    v: &Validator,
+    field: &str,
+    path: &Spanned<String>,
+) -> Result<Secret<String>, ConfigError> {
+    let text = std::fs::read_to_string(&path.value).map_err(|e| {
+        v.err(
+            &path.referenced,
+            format!("{field}: cannot read {:?}: {e}", path.value),
+        )
+    })?;
+    let password = text.strip_suffix('\n').unwrap_or(&text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        // An LDAP simple bind with an empty password is an anonymous bind that "succeeds".
+        return Err(v.err(
+            &path.referenced,
+            format!("{field}: {:?} is empty", path.value),
+        ));
+    }
+    Ok(Secret::new(password.to_string()))
+}
+
+fn port(v: &Validator, field: &str, value: &Spanned<u32>) -> Result<u16, ConfigError> {
+    match u16::try_from(value.value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(v.err(
+            &value.referenced,
+            format!("{field}: {} is not a port (1 to 65535)", value.value),
+        )),
+    }
 }
 
 /// The admin token: the file's content without surrounding white space, at least 16 octets.
@@ -756,6 +987,156 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 5, "{e}");
         assert!(e.message.contains("routing.static"), "{e}");
+    }
+
+    const TWO_BACKENDS: &str = "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\n";
+
+    fn lookup_error(lookup: &str) -> ConfigError {
+        parse(
+            &format!("{TWO_BACKENDS}routing:\n  lookup:\n{lookup}"),
+            "t.yaml",
+        )
+        .unwrap_err()
+    }
+
+    #[test]
+    fn one_lookup_source_only() {
+        let e = lookup_error(
+            "    http: { url: \"http://127.0.0.1:9000/auth\" }\n    sql: { url: \"postgresql://u@127.0.0.1/db\", query: \"SELECT host FROM m WHERE u = $1\" }\n",
+        );
+        assert_eq!(e.line, 6, "{e}");
+        assert!(e.message.contains("routing.lookup.sql"), "{e}");
+        assert!(e.message.contains("routing.lookup.http is set too"), "{e}");
+        let e = lookup_error("    cache: { ttl: 1s }\n");
+        assert!(e.message.contains("http, ldap or sql"), "{e}");
+    }
+
+    #[test]
+    fn ldap_and_sql_load_without_a_server() {
+        let c = parse(
+            &format!(
+                "{TWO_BACKENDS}routing:\n  lookup:\n    ldap: {{ url: \"ldap://127.0.0.1:1\", base: \"dc=example,dc=net\", filter: \"(uid=%u)\", host_attribute: mailHost }}\n"
+            ),
+            "t.yaml",
+        )
+        .unwrap();
+        let lookup = c.routing.lookup.unwrap();
+        assert_eq!(lookup.source.kind(), "ldap");
+        assert!(!lookup.send_password());
+        let c = parse(
+            &format!(
+                "{TWO_BACKENDS}routing:\n  lookup:\n    sql: {{ url: \"postgresql://u:pw@127.0.0.1:1/db\", query: \"SELECT host, port FROM m WHERE u = $1\" }}\n"
+            ),
+            "t.yaml",
+        )
+        .unwrap();
+        let lookup = c.routing.lookup.unwrap();
+        assert_eq!(lookup.source.kind(), "sql");
+        assert!(
+            !format!("{lookup:?}").contains("pw"),
+            "the password is not in Debug output"
+        );
+    }
+
+    #[test]
+    fn ldap_mistakes_are_placed() {
+        let ldap = |fields: &str| {
+            lookup_error(&format!(
+                "    ldap:\n      base: \"dc=x\"\n      host_attribute: mailHost\n{fields}"
+            ))
+        };
+        let cases = [
+            (
+                "      url: \"http://x\"\n      filter: \"(uid=%u)\"\n",
+                8,
+                "ldap.url",
+            ),
+            (
+                "      url: \"ldap://x:0\"\n      filter: \"(uid=%u)\"\n",
+                8,
+                "invalid port",
+            ),
+            (
+                "      url: \"ldap://x\"\n      filter: \"(uid=alice)\"\n",
+                9,
+                "ldap.filter",
+            ),
+            (
+                "      url: \"ldap://x\"\n      filter: \"(uid=%u\"\n",
+                9,
+                "ldap.filter",
+            ),
+            (
+                "      url: \"ldap://x\"\n      filter: \"(uid=%u)\"\n      bind_dn: \"cn=a\"\n",
+                10,
+                "bind_password_file",
+            ),
+            (
+                "      url: \"ldap://x\"\n      filter: \"(uid=%u)\"\n      bind_dn: \"cn=a\"\n      bind_password_file: /nonexistent/pw\n",
+                11,
+                "cannot read",
+            ),
+            (
+                "      url: \"ldaps://x\"\n      filter: \"(uid=%u)\"\n      starttls: true\n",
+                8,
+                "starttls",
+            ),
+            (
+                "      url: \"ldap://x\"\n      filter: \"(uid=%u)\"\n      default_port: 70000\n",
+                10,
+                "default_port",
+            ),
+        ];
+        for (fields, line, text) in cases {
+            let e = ldap(fields);
+            assert_eq!(e.line, line, "{e}");
+            assert!(e.message.contains(text), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_stay_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let c = parse(
+            &format!(
+                "{TWO_BACKENDS}routing:\n  lookup:\n    ldap: {{ url: \"ldap://127.0.0.1:1\", bind_dn: \"cn=imapgate\", bind_password_file: {file:?}, base: \"dc=x\", filter: \"(uid=%u)\", host_attribute: mailHost }}\n"
+            ),
+            "t.yaml",
+        )
+        .unwrap();
+        let lookup = c.routing.lookup.unwrap();
+        let LookupSource::Ldap(ldap) = &lookup.source else {
+            panic!("{lookup:?}")
+        };
+        let (dn, password) = ldap.bind.as_ref().unwrap();
+        assert_eq!(
+            (dn.as_str(), password.expose().as_str()),
+            ("cn=imapgate", "s3cret")
+        );
+        assert!(!format!("{lookup:?}").contains("s3cret"));
+
+        std::fs::write(&file, "\n").unwrap();
+        let e = lookup_error(&format!(
+            "    sql: {{ url: \"postgresql://u@127.0.0.1/db\", password_file: {file:?}, query: \"SELECT h FROM m WHERE u = $1\" }}\n"
+        ));
+        assert!(e.message.contains("is empty"), "{e}");
+        std::fs::write(&file, "pw").unwrap();
+        let e = lookup_error(&format!(
+            "    sql: {{ url: \"postgresql://u:other@127.0.0.1/db\", password_file: {file:?}, query: \"SELECT h FROM m WHERE u = $1\" }}\n"
+        ));
+        assert!(e.message.contains("one place"), "{e}");
+        assert!(!e.to_string().contains("other"), "{e}");
+        let e = lookup_error(
+            "    sql: { url: \"postgresql://u@127.0.0.1/db\", query: \"SELECT h FROM m WHERE u = 'x'\" }\n",
+        );
+        assert!(e.message.contains("$1"), "{e}");
+        let e = lookup_error(
+            "    sql: { url: \"postgresql://u:pw@127.0.0.1:notaport/db\", query: \"SELECT h FROM m WHERE u = $1\" }\n",
+        );
+        assert!(e.message.contains("routing.lookup.sql.url"), "{e}");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,9 @@
 
 pub(crate) mod cache;
 pub(crate) mod http;
+mod idle;
+pub(crate) mod ldap;
+pub(crate) mod sql;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -134,6 +137,8 @@ pub(crate) struct Directory {
 
 enum Source {
     Http(http::HttpSource),
+    Ldap(ldap::LdapSource),
+    Sql(sql::SqlSource),
 }
 
 /// A task waiting for another's lookup of the same user.
@@ -145,6 +150,8 @@ impl Directory {
         let (source, coalesce) = match &lookup.source {
             // With the password sent, every login is its own question.
             LookupSource::Http(h) => (Source::Http(http::HttpSource::new(h)), !h.send_password),
+            LookupSource::Ldap(l) => (Source::Ldap(ldap::LdapSource::new(l)), true),
+            LookupSource::Sql(s) => (Source::Sql(sql::SqlSource::new(s)), true),
         };
         Directory {
             source,
@@ -222,7 +229,7 @@ impl Directory {
     /// One question to the source; concurrent questions about the same user share it.
     async fn ask(&self, key: &str, query: &Query<'_>) -> Result<Answer, LookupError> {
         if !self.coalesce {
-            return self.source_ask(query).await;
+            return self.source_ask(key, query).await;
         }
         let waiter = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -250,20 +257,76 @@ impl Directory {
             key,
             answer: None,
         };
-        let answer = self.source_ask(query).await;
+        let answer = self.source_ask(key, query).await;
         guard.answer = Some(answer.clone());
         answer
     }
 
-    async fn source_ask(&self, query: &Query<'_>) -> Result<Answer, LookupError> {
+    /// The HTTP service gets the user as the client sent it (as nginx sends it); LDAP and SQL
+    /// get the routing key (normalised), since their answers are cached and shared by it.
+    async fn source_ask(&self, key: &str, query: &Query<'_>) -> Result<Answer, LookupError> {
         match &self.source {
             Source::Http(h) => h.ask(query).await,
+            Source::Ldap(l) => l.ask(key).await,
+            Source::Sql(s) => s.ask(key).await,
         }
     }
 
     /// `/route`: what the cache holds for `key`, without asking.
     pub(crate) fn cached(&self, key: &str) -> Option<(Option<Route>, Duration)> {
         self.cache.peek(key, Instant::now())
+    }
+}
+
+/// `host:port` from a directory's host and port, with brackets around an IPv6 address; an
+/// error when the host is not a plain name or address (it ends up in a log line and a dial).
+pub(crate) fn server_address(host: &str, port: u16) -> Result<String, LookupError> {
+    if host.is_empty()
+        || port == 0
+        || !host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-:_[]".contains(&c))
+    {
+        return Err(LookupError::Failed(format!(
+            "{:?} port {port} is not a host and port",
+            host.chars().take(100).collect::<String>()
+        )));
+    }
+    Ok(if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    })
+}
+
+/// A directory's host value that may carry a port: `host`, `host:port`, `[v6]:port`, `[v6]`
+/// or a bare IPv6 address. The port, when there is one, is checked.
+pub(crate) fn split_host_port(value: &str) -> Result<(&str, Option<u16>), LookupError> {
+    let bad_port = || LookupError::Failed(format!("{value:?} has an invalid port"));
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(bad_port()),
+    };
+    if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| LookupError::Failed(format!("{value:?} lacks a ']'")))?;
+        return match after {
+            "" => Ok((host, None)),
+            _ => match after.strip_prefix(':') {
+                Some(p) => Ok((host, Some(port(p)?))),
+                None => Err(bad_port()),
+            },
+        };
+    }
+    match value.matches(':').count() {
+        0 => Ok((value, None)),
+        1 => {
+            let (host, p) = value.split_once(':').unwrap_or((value, ""));
+            Ok((host, Some(port(p)?)))
+        }
+        // A bare IPv6 address.
+        _ => Ok((value, None)),
     }
 }
 
@@ -308,7 +371,8 @@ pub async fn ask_once(config: &crate::config::Config, user: &str) -> Option<Stri
         attempt: 1,
         tls: false,
     };
-    Some(match directory.source_ask(&query).await {
+    let key = config.routing.normalize(user);
+    Some(match directory.source_ask(&key, &query).await {
         Ok(Answer::Found(route)) => match route.user {
             Some(u) => format!("directory\t{}\tas {u}", route.server),
             None => format!("directory\t{}", route.server),
@@ -322,4 +386,41 @@ pub async fn ask_once(config: &crate::config::Config, user: &str) -> Option<Stri
         ),
         Err(error) => format!("directory\t{error}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_and_ports() {
+        assert_eq!(split_host_port("mail1").unwrap(), ("mail1", None));
+        assert_eq!(
+            split_host_port("mail1:1143").unwrap(),
+            ("mail1", Some(1143))
+        );
+        assert_eq!(
+            split_host_port("[fd00::1]:993").unwrap(),
+            ("fd00::1", Some(993))
+        );
+        assert_eq!(split_host_port("[fd00::1]").unwrap(), ("fd00::1", None));
+        assert_eq!(split_host_port("fd00::1").unwrap(), ("fd00::1", None));
+        for bad in [
+            "mail1:",
+            "mail1:0",
+            "mail1:x",
+            "mail1:70000",
+            "[fd00::1",
+            "[::1]x",
+        ] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+        assert_eq!(server_address("10.0.0.7", 143).unwrap(), "10.0.0.7:143");
+        assert_eq!(server_address("fd00::7", 993).unwrap(), "[fd00::7]:993");
+        assert_eq!(server_address("[fd00::7]", 993).unwrap(), "[fd00::7]:993");
+        for bad in ["", "a b", "a/b", "a\r\n", "a;b"] {
+            assert!(server_address(bad, 143).is_err(), "{bad:?}");
+        }
+        assert!(server_address("a", 0).is_err());
+    }
 }

@@ -234,6 +234,12 @@ pub struct RoutingFile {
 pub struct LookupFile {
     #[serde(default)]
     pub http: Option<HttpLookupFile>,
+    /// An LDAP directory (`mailHost` and the like).
+    #[serde(default)]
+    pub ldap: Option<Spanned<LdapLookupFile>>,
+    /// A PostgreSQL table, by a parameterised query.
+    #[serde(default)]
+    pub sql: Option<Spanned<SqlLookupFile>>,
     #[serde(default)]
     pub cache: LookupCacheFile,
     #[serde(default)]
@@ -255,6 +261,71 @@ pub struct HttpLookupFile {
     /// Requests to the service at once; more wait.
     #[serde(default = "default_lookup_in_flight")]
     pub max_in_flight: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapLookupFile {
+    /// `ldap://host:port` or `ldaps://host:port`.
+    pub url: Spanned<String>,
+    /// StartTLS on an `ldap://` connection.
+    #[serde(default)]
+    pub starttls: bool,
+    /// PEM file of CA certificates for `ldaps://` or StartTLS; the system roots without it.
+    #[serde(default)]
+    pub ca: Option<Spanned<String>>,
+    /// Simple bind as this DN (with `bind_password_file`); anonymous without it.
+    #[serde(default)]
+    pub bind_dn: Option<Spanned<String>>,
+    /// A file holding the bind password (read at load; a trailing newline is not part of it).
+    #[serde(default)]
+    pub bind_password_file: Option<Spanned<String>>,
+    /// The search base (subtree).
+    pub base: Spanned<String>,
+    /// The filter, with `%u` (the user), `%n` (its part before the last `@`), `%d` (after it),
+    /// each escaped per RFC 4515, and `%%`.
+    pub filter: Spanned<String>,
+    /// The attribute holding the host (`mailHost`); `host` or `host:port`.
+    pub host_attribute: Spanned<String>,
+    /// The attribute holding the port, if any.
+    #[serde(default)]
+    pub port_attribute: Option<Spanned<String>>,
+    /// The port when neither the host nor `port_attribute` names one.
+    #[serde(default = "default_imap_port")]
+    pub default_port: Spanned<u32>,
+    #[serde(default = "default_lookup_timeout")]
+    pub timeout: Spanned<ConfigDuration>,
+    /// Bound connections kept (and the most lookups at once; more wait).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: Spanned<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlLookupFile {
+    /// `postgresql://user@host:port/db` (or libpq's `key=value` form).
+    pub url: Spanned<String>,
+    /// A file holding the password (read at load; a trailing newline is not part of it).
+    #[serde(default)]
+    pub password_file: Option<Spanned<String>>,
+    /// A query with one parameter, `$1` (the user), returning the host and optionally the port.
+    pub query: Spanned<String>,
+    /// The port when the query returns none (or NULL).
+    #[serde(default = "default_imap_port")]
+    pub default_port: Spanned<u32>,
+    #[serde(default = "default_lookup_timeout")]
+    pub timeout: Spanned<ConfigDuration>,
+    /// Connections kept (and the most queries at once; more wait).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: Spanned<u32>,
+}
+
+fn default_imap_port() -> Spanned<u32> {
+    unspanned(143)
+}
+
+fn default_pool_size() -> Spanned<u32> {
+    unspanned(4)
 }
 
 fn default_lookup_timeout() -> Spanned<ConfigDuration> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use super::file::{ProxyProtocol, SendProxy};
+use crate::imap::secret::Secret;
 use crate::tls::ServerTls;
 
 #[derive(Debug, Clone)]
@@ -266,6 +267,7 @@ impl Lookup {
     pub fn send_password(&self) -> bool {
         match &self.source {
             LookupSource::Http(h) => h.send_password,
+            LookupSource::Ldap(_) | LookupSource::Sql(_) => false,
         }
     }
 }
@@ -273,6 +275,8 @@ impl Lookup {
 #[derive(Debug, Clone)]
 pub enum LookupSource {
     Http(HttpLookup),
+    Ldap(LdapLookup),
+    Sql(SqlLookup),
 }
 
 impl LookupSource {
@@ -280,6 +284,8 @@ impl LookupSource {
     pub fn kind(&self) -> &'static str {
         match self {
             LookupSource::Http(_) => "http",
+            LookupSource::Ldap(_) => "ldap",
+            LookupSource::Sql(_) => "sql",
         }
     }
 }
@@ -296,6 +302,40 @@ pub struct HttpLookup {
     pub send_password: bool,
     pub timeout: Duration,
     pub max_in_flight: usize,
+}
+
+/// An LDAP directory: one entry per user, its host (and port) in attributes.
+#[derive(Debug, Clone)]
+pub struct LdapLookup {
+    /// `ldap://host:port` or `ldaps://host:port`, as ldap3 takes it.
+    pub url: String,
+    /// StartTLS after connecting to an `ldap://` URL.
+    pub starttls: bool,
+    /// For `ldaps://` and StartTLS: how the server's certificate is checked (the name is the
+    /// URL's host).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Simple bind DN and password; anonymous when `None`.
+    pub bind: Option<(String, Secret<String>)>,
+    pub base: String,
+    /// With `%u`, `%n`, `%d` (checked at load: see `directory::ldap::check_filter`).
+    pub filter: String,
+    pub host_attribute: String,
+    pub port_attribute: Option<String>,
+    pub default_port: u16,
+    pub timeout: Duration,
+    pub pool_size: usize,
+}
+
+/// A PostgreSQL query: `$1` is the user; the first column the host, the second (if any) the
+/// port.
+#[derive(Debug, Clone)]
+pub struct SqlLookup {
+    /// Where and as whom to connect (its `Debug` hides the password).
+    pub connect: tokio_postgres::Config,
+    pub query: String,
+    pub default_port: u16,
+    pub timeout: Duration,
+    pub pool_size: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -200,18 +200,8 @@ fn answer(
         .and_then(|p| p.parse::<u16>().ok())
         .filter(|&p| p != 0)
         .ok_or_else(|| LookupError::Failed("Auth-Status OK without a valid Auth-Port".into()))?;
-    if server.is_empty()
-        || !server
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b".-:_[]".contains(&c))
-    {
-        return Err(LookupError::Failed("Auth-Server is not a host".into()));
-    }
-    let server = if server.contains(':') && !server.starts_with('[') {
-        format!("[{server}]:{port}")
-    } else {
-        format!("{server}:{port}")
-    };
+    let server = super::server_address(server, port)
+        .map_err(|_| LookupError::Failed("Auth-Server is not a host".into()))?;
     let user = header("Auth-User")
         .map(|u| String::from_utf8_lossy(&url_decode(u)).into_owned())
         .filter(|u| !u.is_empty());

@@ -9,6 +9,8 @@ mod capabilities;
 mod clients;
 mod config_corpus;
 mod directory;
+mod directory_ldap;
+mod directory_sql;
 mod fd_limit;
 mod interop;
 mod live_ops;

@@ -5,6 +5,8 @@ pub mod courier;
 pub mod cyrus;
 pub mod dovecot;
 pub mod pki;
+pub mod postgres;
+pub mod slapd;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
