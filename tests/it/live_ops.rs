@@ -672,3 +672,50 @@ async fn the_admin_server_has_bounds() {
     }
     proxy.stop().await;
 }
+
+/// `reload.watch`: a change of the file's content is picked up without a signal, through a
+/// symlink swapped the way a Kubernetes ConfigMap volume does it.
+#[tokio::test]
+async fn a_watched_file_reloads_itself() {
+    if !dovecot::available() {
+        return;
+    }
+    let (b1, b2) = (Dovecot::start("b1"), Dovecot::start("b2"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = |n: u32, backend: &Dovecot| {
+        let version = dir.path().join(format!("v{n}"));
+        std::fs::create_dir(&version).unwrap();
+        std::fs::write(
+            version.join("imapgate.yaml"),
+            format!(
+                "reload: {{ watch: true, interval: 100ms }}\nadmin: {{ bind: \"127.0.0.1:9143\" }}\ntimeouts: {{ shutdown_grace: 500ms }}\nbackends:\n  - {{ name: only, address: \"{}\" }}\n",
+                backend.address()
+            ),
+        )
+        .unwrap();
+        version
+    };
+    // ..data -> v1, imapgate.yaml -> ..data/imapgate.yaml, as a ConfigMap volume is laid out.
+    let v1 = data(1, &b1);
+    std::os::unix::fs::symlink(&v1, dir.path().join("..data")).unwrap();
+    let path = dir.path().join("imapgate.yaml");
+    std::os::unix::fs::symlink("..data/imapgate.yaml", &path).unwrap();
+    let proxy = Proxy::start_file(&path).await;
+    let mut c = proxy.connect().await;
+    c.login("alice", "alice-secret").await;
+    assert_eq!(c.backend().await, "b1");
+
+    // The swap: a new directory, then ..data renamed over.
+    let v2 = data(2, &b2);
+    let tmp = dir.path().join("..data_tmp");
+    std::os::unix::fs::symlink(&v2, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.path().join("..data")).unwrap();
+    crate::support::metrics_when(&proxy, |m| {
+        sample(m, "imapgate_config_reloads_total", "result=\"ok\"") == Some(1.0)
+    })
+    .await;
+    let mut c = proxy.connect().await;
+    c.login("alice", "alice-secret").await;
+    assert_eq!(c.backend().await, "b2", "the watched file's new backend");
+    proxy.stop().await;
+}
