@@ -379,6 +379,8 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         prelogin: nonzero(&v, "timeouts.prelogin", &t.prelogin)?,
         backend_connect: nonzero(&v, "timeouts.backend_connect", &t.backend_connect)?,
         backend_greeting: nonzero(&v, "timeouts.backend_greeting", &t.backend_greeting)?,
+        proxy_header: nonzero(&v, "timeouts.proxy_header", &t.proxy_header)?,
+        tls_handshake: nonzero(&v, "timeouts.tls_handshake", &t.tls_handshake)?,
         backend_login: nonzero(&v, "timeouts.backend_login", &t.backend_login)?,
         half_close: nonzero(&v, "timeouts.half_close", &t.half_close)?,
         // 0 is allowed: cut logged-in sessions at once.

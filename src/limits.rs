@@ -51,10 +51,11 @@ pub struct ConnectionCaps {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Holds one connection's place; gives it back on drop.
+/// Holds one connection's place; gives it back on drop. Its place under `per_ip` is taken
+/// with the client's address: at once, or (behind a PROXY balancer) once the header named it.
 pub struct Permit {
     caps: Arc<ConnectionCaps>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 }
 
 impl ConnectionCaps {
@@ -75,21 +76,21 @@ impl ConnectionCaps {
 
     /// A permit, or the cap that refused.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Limit> {
+        let mut permit = self.admit_unnamed()?;
+        permit.name_client(ip)?;
+        Ok(permit)
+    }
+
+    /// A place under `max_connections` only, for a connection whose client is not known yet
+    /// (a PROXY header to come): such connections count from their accept on.
+    pub fn admit_unnamed(self: &Arc<Self>) -> Result<Permit, Limit> {
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total.load(Ordering::Relaxed) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Limit::MaxConnections);
         }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let count = per_ip.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip.load(Ordering::Relaxed) {
-            drop(per_ip);
-            self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(Limit::PerIp);
-        }
-        *count += 1;
         Ok(Permit {
             caps: self.clone(),
-            ip,
+            ip: None,
         })
     }
 
@@ -98,16 +99,38 @@ impl ConnectionCaps {
     }
 }
 
+impl Permit {
+    /// Takes the client's place under `per_ip` (once; a permit named already keeps its name).
+    pub fn name_client(&mut self, ip: IpAddr) -> Result<(), Limit> {
+        if self.ip.is_some() {
+            return Ok(());
+        }
+        let caps = &self.caps;
+        let mut per_ip = caps.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= caps.max_per_ip.load(Ordering::Relaxed) {
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+            return Err(Limit::PerIp);
+        }
+        *count += 1;
+        self.ip = Some(ip);
+        Ok(())
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut per_ip = self.caps.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.caps.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
             }
         }
-        drop(per_ip);
         self.caps.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -129,5 +152,25 @@ mod tests {
         drop(p1);
         assert_eq!(caps.open(), 2);
         assert!(caps.admit(a).is_ok());
+    }
+
+    #[test]
+    fn unnamed_connections_count_in_total_then_per_address() {
+        let caps = ConnectionCaps::new(2, 1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut waiting = caps.admit_unnamed().unwrap();
+        let _other = caps.admit_unnamed().unwrap();
+        assert_eq!(
+            caps.admit_unnamed().err(),
+            Some(Limit::MaxConnections),
+            "headers not in yet count"
+        );
+        waiting.name_client(a).unwrap();
+        drop(_other);
+        let mut second = caps.admit_unnamed().unwrap();
+        assert_eq!(second.name_client(a).err(), Some(Limit::PerIp));
+        drop(waiting);
+        assert!(second.name_client(a).is_ok());
+        assert_eq!(caps.open(), 1);
     }
 }

@@ -87,10 +87,12 @@ pub async fn accept_loop(
             tracker.spawn(refuse(stream, rate_bye()));
             continue;
         }
+        // Behind a balancer the client is named by the PROXY header: until then the
+        // connection counts under max_connections only.
         let admitted = if proxied {
-            Ok(None)
+            caps.admit_unnamed()
         } else {
-            caps.admit(peer.ip()).map(Some)
+            caps.admit(peer.ip())
         };
         match admitted {
             Ok(permit) => {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::abuse::UserSession;
-use crate::config::{ListenerConfig, ListenerTls};
+use crate::config::{ListenerConfig, ListenerTls, ProxyProtocol};
 use crate::imap::response;
 use crate::imap::scan::Observer;
 use crate::limits::{OpenConnection, Permit};
@@ -106,7 +106,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 pub fn handle(
     tcp: TcpStream,
     session: Session,
-    permit: Option<Permit>,
+    permit: Permit,
 ) -> impl Future<Output = ()> + Send + 'static {
     let started = Instant::now();
     let login = Box::pin(until_login(tcp, session, permit, started));
@@ -150,24 +150,27 @@ struct Handover {
 async fn until_login(
     mut tcp: TcpStream,
     mut session: Session,
-    permit: Option<Permit>,
+    mut permit: Permit,
     started: Instant,
 ) -> Option<Handover> {
     let services = session.services.clone();
-    let deadline = tokio::time::Instant::now() + session.snapshot.config.timeouts.prelogin;
+    let accepted = tokio::time::Instant::now();
+    let timeouts = session.snapshot.config.timeouts.clone();
+    let deadline = accepted + timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
 
-    let permit = match permit {
-        Some(permit) => permit,
-        None => accept_proxy_header(&mut tcp, &mut session, deadline).await?,
-    };
+    if session.listener().proxy_protocol == ProxyProtocol::Required {
+        let header_deadline = deadline.min(accepted + timeouts.proxy_header);
+        accept_proxy_header(&mut tcp, &mut session, header_deadline, &mut permit).await?;
+    }
     let listener = session.listener();
     info!(session = %session.id, client = %session.peer, listener = %listener.name, "session start");
 
     let listener_tls = listener.tls.clone();
     let mut client = match &listener_tls {
         ListenerTls::Implicit(certificates) => {
-            match tls_handshake(tcp, certificates, &session, deadline).await {
+            let handshake_deadline = deadline.min(accepted + timeouts.tls_handshake);
+            match tls_handshake(tcp, certificates, &session, handshake_deadline).await {
                 Some(tls) => tls,
                 None => return end_before_login(&session, started, EndReason::TlsHandshake),
             }
@@ -206,7 +209,10 @@ async fn until_login(
                 else {
                     return end_before_login(&session, started, EndReason::StartTlsTwice);
                 };
-                client = match tls_handshake(tcp, certificates, &session, deadline).await {
+                let handshake_deadline =
+                    deadline.min(tokio::time::Instant::now() + timeouts.tls_handshake);
+                client = match tls_handshake(tcp, certificates, &session, handshake_deadline).await
+                {
                     Some(tls) => tls,
                     None => return end_before_login(&session, started, EndReason::TlsHandshake),
                 };
@@ -499,13 +505,15 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(client: &mut S) {
     .await;
 }
 
-/// On a PROXY listener: only trusted peers, and the header must come before the deadline.
-/// Returns the connection's place under the caps, taken for the client the header names.
+/// On a PROXY listener: only trusted peers, and the header must come before the deadline
+/// (`timeouts.proxy_header`). Then the connection's place under `per_ip` is taken for the
+/// client the header names.
 async fn accept_proxy_header(
     tcp: &mut TcpStream,
     session: &mut Session,
     deadline: tokio::time::Instant,
-) -> Option<Permit> {
+    permit: &mut Permit,
+) -> Option<()> {
     let services = session.services.clone();
     let snapshot = session.snapshot.clone();
     let listener = &snapshot.config.listeners[session.listener];
@@ -527,7 +535,8 @@ async fn accept_proxy_header(
             return None;
         }
         Err(_) => {
-            services.metrics.rejected(Rejection::PreloginTimeout);
+            warn!(session = %session.id, peer = %session.peer, "no PROXY header in time");
+            services.metrics.rejected(Rejection::ProxyHeader);
             return None;
         }
     }
@@ -540,8 +549,8 @@ async fn accept_proxy_header(
         last_word(tcp, &crate::listener::rate_bye()).await;
         return None;
     }
-    match services.caps.admit(session.peer.ip()) {
-        Ok(permit) => Some(permit),
+    match permit.name_client(session.peer.ip()) {
+        Ok(()) => Some(()),
         Err(limit) => {
             warn!(session = %session.id, client = %session.peer, limit = limit.as_str(), "connection refused by limit");
             services.metrics.rejected(Rejection::ConnectionLimit);
@@ -592,6 +601,7 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let config = Arc::new(crate::config::embedded_default().unwrap());
         let services = Services::new(config);
+        let permit = services.caps.admit(addr.ip()).unwrap();
         let session = Session {
             id: SessionId::next(),
             peer: addr,
@@ -602,7 +612,7 @@ mod tests {
             shutdown: Shutdown::new(),
             open: OpenConnection::new(&Default::default()),
         };
-        let future = handle(tcp, session, None);
+        let future = handle(tcp, session, permit);
         let size = std::mem::size_of_val(&future);
         eprintln!("session future: {size} bytes");
         assert!(size < 1024, "the session future grew to {size} bytes");

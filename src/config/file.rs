@@ -502,6 +502,10 @@ impl Default for ConnectionRateFile {
 pub struct TimeoutsFile {
     pub prelogin: Spanned<ConfigDuration>,
     pub backend_connect: Spanned<ConfigDuration>,
+    /// From accept to the client's PROXY header, on a PROXY listener.
+    pub proxy_header: Spanned<ConfigDuration>,
+    /// A client's TLS handshake (implicit TLS, or after STARTTLS).
+    pub tls_handshake: Spanned<ConfigDuration>,
     /// After the TCP connect: PROXY header, TLS, greeting, capabilities, ID.
     pub backend_greeting: Spanned<ConfigDuration>,
     /// From the login sent to the backend's answer.
@@ -518,6 +522,8 @@ impl Default for TimeoutsFile {
         TimeoutsFile {
             prelogin: secs(60),
             backend_connect: secs(5),
+            proxy_header: secs(5),
+            tls_handshake: secs(10),
             backend_greeting: secs(5),
             backend_login: secs(30),
             half_close: secs(60),

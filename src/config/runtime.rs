@@ -461,6 +461,10 @@ pub struct ConnectionRate {
 pub struct Timeouts {
     pub prelogin: Duration,
     pub backend_connect: Duration,
+    /// From accept to the PROXY header (within `prelogin`).
+    pub proxy_header: Duration,
+    /// A client's TLS handshake (within `prelogin`).
+    pub tls_handshake: Duration,
     /// From the connect to a backend ready for the login: PROXY header, TLS or STARTTLS,
     /// greeting, capabilities, ID.
     pub backend_greeting: Duration,

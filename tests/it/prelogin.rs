@@ -260,3 +260,76 @@ async fn garbage_ends_with_bye_after_bad_commands() {
     assert!(d.until_tagged("z").await.1.starts_with("z OK"));
     proxy.stop().await;
 }
+
+/// Limits that hold before anything is read: connections waiting for their PROXY header count
+/// under `max_connections`, and the header and a TLS handshake each have a deadline of their
+/// own, far shorter than the pre-login one.
+#[tokio::test]
+async fn waiting_for_a_header_or_a_handshake_is_bounded() {
+    use std::time::{Duration, Instant};
+    let pki = crate::support::pki::Pki::new();
+    let leaf = pki.pair("proxy");
+    let proxy = Proxy::start(&format!(
+        "listeners:\n  - {{ name: balanced, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }}\n  - {{ name: imaps, bind: \"127.0.0.1:2\", tls: implicit }}\n\
+         tls: {{ cert: \"{}\", key: \"{}\" }}\nbackends:\n  - {{ name: b1, address: \"{}\" }}\n\
+         limits: {{ max_connections: 3 }}\ntimeouts: {{ prelogin: 60s, proxy_header: 500ms, tls_handshake: 500ms }}\n",
+        leaf.cert.display(),
+        leaf.key.display(),
+        nowhere()
+    ))
+    .await;
+    // Three connections that never send their header fill max_connections ...
+    let waiting: Vec<_> =
+        futures_collect((0..3).map(|_| tokio::net::TcpStream::connect(proxy.addrs[0]))).await;
+    crate::support::metrics_when(&proxy, |m| {
+        crate::support::sample(m, "imapgate_connections_active", "listener=\"balanced\"")
+            == Some(3.0)
+    })
+    .await;
+    // ... so the fourth is refused at once with a BYE, on either listener.
+    let mut fourth = crate::support::Raw::connect(proxy.addrs[1]).await;
+    let refused = fourth.rest().await;
+    assert!(refused.starts_with("* BYE [LIMIT]"), "{refused:?}");
+    // The header deadline closes the silent ones long before the pre-login timeout.
+    let started = Instant::now();
+    for stream in waiting {
+        let mut raw = crate::support::Raw::new(stream);
+        assert_eq!(raw.rest().await, "", "closed without a greeting");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // A TLS client that never says hello is closed by the handshake deadline.
+    let started = Instant::now();
+    let mut silent = crate::support::Raw::connect(proxy.addrs[1]).await;
+    assert_eq!(silent.rest().await, "");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        crate::support::sample(
+            &metrics,
+            "imapgate_prelogin_rejections_total",
+            "reason=\"proxy_header\""
+        ),
+        Some(3.0)
+    );
+    proxy.stop().await;
+}
+
+async fn futures_collect<
+    F: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
+>(
+    connects: impl Iterator<Item = F>,
+) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for c in connects {
+        out.push(c.await.unwrap());
+    }
+    out
+}
