@@ -100,6 +100,7 @@ pub async fn accept_loop(
                     id: SessionId::next(),
                     peer,
                     local: stream.local_addr().unwrap_or(peer),
+                    client_unknown: false,
                     listener: index,
                     snapshot,
                     services: services.clone(),

@@ -11,6 +11,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// v1's longest line (spec: 107 octets, CRLF included).
 const V1_MAX: usize = 107;
+/// Longest v2 address block and TLVs taken. The spec allows 65,535; balancers send the
+/// addresses (12 or 36 octets) and a few TLVs, so more is refused, not buffered.
+const V2_MAX: usize = 1024;
 
 /// The source address the header carries; `None` for `UNKNOWN` / `LOCAL` (health checks of the
 /// balancer itself), where the connection's own address stands.
@@ -33,12 +36,15 @@ pub async fn read<R: AsyncRead + Unpin>(stream: &mut R) -> io::Result<Option<Soc
             return Err(invalid("bad PROXY v2 signature"));
         }
         let length = u16::from_be_bytes([header[14], header[15]]) as usize;
+        if length > V2_MAX {
+            return Err(invalid("PROXY v2 header too long"));
+        }
         header.resize(16 + length, 0);
         stream.read_exact(&mut header[16..]).await?;
     } else {
         return Err(invalid("no PROXY header"));
     }
-    match ppp::HeaderResult::parse(&header) {
+    let source = match ppp::HeaderResult::parse(&header) {
         ppp::HeaderResult::V1(Ok(h)) => Ok(match h.addresses {
             ppp::v1::Addresses::Tcp4(a) => {
                 Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port))
@@ -58,7 +64,14 @@ pub async fn read<R: AsyncRead + Unpin>(stream: &mut R) -> io::Result<Option<Soc
             ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => None,
         }),
         _ => Err(invalid("malformed PROXY header")),
+    }?;
+    // A balancer names a real client: 0.0.0.0, ::, port 0 (a block of zeros) are not one.
+    if let Some(client) = source
+        && (client.ip().is_unspecified() || client.port() == 0)
+    {
+        return Err(invalid("PROXY header names no client address"));
     }
+    Ok(source)
 }
 
 /// A v1 header line for `client` → `local`.
@@ -136,5 +149,31 @@ mod tests {
         endless.extend_from_slice(b"ROXY ");
         endless.extend(vec![b'1'; 200]);
         assert!(read(&mut &endless[..]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn v2_is_read_strictly() {
+        // 65,535 octets of zeros as the address block: refused before they are read.
+        let mut huge = V2_SIGNATURE.to_vec();
+        huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        huge.extend(vec![0u8; 65_535]);
+        let error = read(&mut &huge[..]).await.unwrap_err();
+        assert!(error.to_string().contains("too long"), "{error}");
+        // A well-formed header naming 0.0.0.0:0 names no client.
+        let zeros = v2(
+            "0.0.0.0:0".parse().unwrap(),
+            "10.0.0.1:143".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(read(&mut &zeros[..]).await.is_err());
+        let v1_zeros = b"PROXY TCP4 0.0.0.0 10.0.0.1 0 143\r\n";
+        assert!(read(&mut &v1_zeros[..]).await.is_err());
+        // An address block shorter than its family needs.
+        let mut short = V2_SIGNATURE.to_vec();
+        short.extend_from_slice(&[0x21, 0x11, 0x00, 0x04, 1, 2, 3, 4]);
+        assert!(read(&mut &short[..]).await.is_err());
+        // LOCAL: the balancer's own connection, no client.
+        let local = v2_local().unwrap();
+        assert_eq!(read(&mut &local[..]).await.unwrap(), None);
     }
 }

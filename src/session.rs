@@ -44,6 +44,8 @@ pub struct Session {
     pub peer: SocketAddr,
     /// The address the client connected to (this side of the TCP connection).
     pub local: SocketAddr,
+    /// A PROXY header said UNKNOWN or LOCAL: `peer` is the balancer's address, not a client's.
+    pub client_unknown: bool,
     /// Index in `snapshot.config.listeners`.
     pub listener: usize,
     /// The configuration as it was when the connection was accepted (pre-login works from
@@ -528,7 +530,9 @@ async fn accept_proxy_header(
     }
     match tokio::time::timeout_at(deadline, proxy_header::read(tcp)).await {
         Ok(Ok(Some(client))) => session.peer = client,
-        Ok(Ok(None)) => {}
+        // UNKNOWN / LOCAL: the balancer's own connection (its health check); the peer is the
+        // balancer, not a client, and must not pass for a local one (plaintext policy).
+        Ok(Ok(None)) => session.client_unknown = true,
         Ok(Err(error)) => {
             warn!(session = %session.id, peer = %session.peer, %error, "bad or missing PROXY header");
             services.metrics.rejected(Rejection::ProxyHeader);
@@ -606,6 +610,7 @@ mod tests {
             id: SessionId::next(),
             peer: addr,
             local: addr,
+            client_unknown: false,
             listener: 0,
             snapshot: services.snapshot(),
             services,

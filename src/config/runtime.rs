@@ -135,9 +135,11 @@ pub struct ListenerConfig {
 
 impl ListenerConfig {
     /// Whether a client at `client` may send credentials without TLS.
-    pub fn plaintext_auth_allowed(&self, client: IpAddr) -> bool {
+    /// `unknown`: a PROXY header said UNKNOWN or LOCAL, so `client` is the balancer's address
+    /// and says nothing of where the client is.
+    pub fn plaintext_auth_allowed(&self, client: IpAddr, unknown: bool) -> bool {
         self.allow_plaintext_auth
-            .unwrap_or_else(|| client.to_canonical().is_loopback())
+            .unwrap_or_else(|| !unknown && client.to_canonical().is_loopback())
     }
 }
 

@@ -99,7 +99,7 @@ impl Prelogin {
         let tls = client.is_tls();
         let policy = Policy {
             starttls: matches!(listener.tls, ListenerTls::Starttls(_)) && !tls,
-            auth: tls || listener.plaintext_auth_allowed(session.peer.ip()),
+            auth: tls || listener.plaintext_auth_allowed(session.peer.ip(), session.client_unknown),
         };
         if greet {
             let caps = response::capabilities(policy.starttls, policy.auth);

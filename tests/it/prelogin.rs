@@ -333,3 +333,30 @@ async fn futures_collect<
     }
     out
 }
+
+/// A balancer's own connection (`PROXY UNKNOWN`, v2 `LOCAL`) does not pass for a local client:
+/// plaintext login stays off for it, as for any client the header does not name as local.
+#[tokio::test]
+async fn an_unknown_proxy_client_is_not_a_local_one() {
+    let proxy = Proxy::start(&format!(
+        "listeners:\n  - {{ name: balanced, bind: \"127.0.0.1:1\", proxy_protocol: required, trusted_proxies: [\"127.0.0.1\"] }}\nbackends:\n  - {{ name: b1, address: \"{}\" }}\n",
+        nowhere()
+    ))
+    .await;
+    for (header, plaintext) in [
+        ("PROXY TCP4 127.0.0.1 127.0.0.1 40000 143\r\n", true),
+        ("PROXY UNKNOWN\r\n", false),
+        ("PROXY TCP4 203.0.113.7 127.0.0.1 40000 143\r\n", false),
+    ] {
+        let mut c = proxy.connect().await;
+        c.send(header).await;
+        let greeting = c.line().await.unwrap();
+        assert_eq!(
+            greeting.contains("AUTH=PLAIN"),
+            plaintext,
+            "{header:?}: {greeting}"
+        );
+        assert_eq!(greeting.contains("LOGINDISABLED"), !plaintext, "{greeting}");
+    }
+    proxy.stop().await;
+}
