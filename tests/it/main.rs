@@ -20,5 +20,6 @@ mod metrics;
 mod prelogin;
 mod prometheus;
 mod relay;
+mod secrets;
 mod support;
 mod tls;
