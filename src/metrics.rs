@@ -104,9 +104,14 @@ struct BackendLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LoginLabels {
-    backend: String,
     mechanism: MechanismLabel,
     result: LoginResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    backend: String,
+    result: AttemptResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,16 +193,29 @@ impl From<Mechanism> for MechanismLabel {
 }
 
 label_values! {
-    /// How a login attempt on one backend ended.
+    /// How a client's login ended, once, whatever it took (failovers included).
     pub enum LoginResult {
-        /// The backend accepted the credentials.
+        /// Logged in.
         Ok => "ok",
-        /// The backend said NO or BAD.
+        /// Wrong credentials: the backend said NO or BAD, or the directory refused.
         Rejected => "rejected",
-        /// The backend could not be reached (refused, timeout, BYE greeting).
+        /// No backend could be reached (or the directory was down with `fallback: refuse`).
         Unavailable => "unavailable",
-        /// The backend answered out of protocol, or failed the login after the credentials
-        /// were sent (BYE, close, no answer in time).
+        /// A backend answered out of protocol, or failed the login after the credentials were
+        /// sent (BYE, close, no answer in time).
+        Error => "error",
+        /// The backend accepted, `limits.per_user` refused (NO [LIMIT]).
+        RefusedByLimit => "refused_by_limit",
+    }
+}
+
+label_values! {
+    /// How one login attempt on one backend ended.
+    pub enum AttemptResult {
+        Ok => "ok",
+        Rejected => "rejected",
+        /// Not reached before the credentials went out (refused, timeouts, BYE greeting, TLS).
+        Unavailable => "unavailable",
         Error => "error",
     }
 }
@@ -354,6 +372,9 @@ pub struct Metrics {
     connections_active: Family<ListenerLabels, Gauge>,
     accept_errors: Family<AcceptErrorLabels, Counter>,
     prelogin_rejections: Family<ReasonLabels, Counter>,
+    /// `[mechanism][result]`, by `MechanismLabel::index` and `LoginResult::index`.
+    logins: [[Counter; LoginResult::ALL.len()]; MechanismLabel::ALL.len()],
+    failovers: Counter,
     backend: BackendFamilies,
     sessions_closed: Family<KickLabels, Counter>,
     lookups: Family<LookupLabels, Counter>,
@@ -368,7 +389,7 @@ pub struct Metrics {
 /// The families with a `backend` label; `Metrics::backend` hands out one backend's series.
 struct BackendFamilies {
     up: Family<BackendLabels, Gauge>,
-    logins: Family<LoginLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
     login_duration: HistogramFamily<BackendLabels>,
     sessions_active: Family<BackendLabels, Gauge>,
     commands: Family<CommandLabels, Counter>,
@@ -386,17 +407,20 @@ pub struct BackendMetrics {
     pub bytes_to_client: Counter<u64, AtomicU64>,
     pub sessions_active: Gauge,
     /// `[mechanism][result]`, by `MechanismLabel::index` and `LoginResult::index`.
-    logins: [[Counter; LoginResult::ALL.len()]; MechanismLabel::ALL.len()],
+    /// By `AttemptResult::index`.
+    attempts: [Counter; AttemptResult::ALL.len()],
     login_duration: Histogram,
     connect_duration: Histogram,
     up: Gauge,
 }
 
 impl BackendMetrics {
-    /// A login attempt on this backend.
-    pub fn login(&self, mechanism: Mechanism, result: LoginResult, took: Duration) {
-        self.logins[MechanismLabel::from(mechanism).index()][result.index()].inc();
-        if result == LoginResult::Ok || result == LoginResult::Rejected {
+    /// A login attempt on this backend ended with `result` after `took` (the latency
+    /// histogram takes successful logins only: a rejected one waits for the backend's own
+    /// failure delay).
+    pub fn attempt(&self, result: AttemptResult, took: Duration) {
+        self.attempts[result.index()].inc();
+        if result == AttemptResult::Ok {
             self.login_duration.observe(took.as_secs_f64());
         }
     }
@@ -449,14 +473,33 @@ impl Metrics {
         let logins_total = Family::<LoginLabels, Counter>::default();
         r.register(
             "logins",
-            "Login attempts on a backend, by outcome",
+            "Client logins, once each, by final outcome (failovers and retries inside it not counted again)",
             logins_total.clone(),
+        );
+        let logins = MechanismLabel::ALL.map(|mechanism| {
+            LoginResult::ALL.map(|result| {
+                logins_total
+                    .get_or_create(&LoginLabels { mechanism, result })
+                    .clone()
+            })
+        });
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        r.register(
+            "backend_login_attempts",
+            "Login attempts on each backend, by result",
+            attempts.clone(),
+        );
+        let failovers = Counter::default();
+        r.register(
+            "failovers",
+            "Logins that went on to the next backend after one could not be reached",
+            failovers.clone(),
         );
         let login_duration: HistogramFamily<BackendLabels> =
             Family::new_with_constructor(latency_histogram);
         r.register(
             "login_duration_seconds",
-            "Time from the client's login command to the backend's answer, connect included",
+            "From dialling the backend to its OK, for successful logins",
             login_duration.clone(),
         );
         let sessions_active = Family::<BackendLabels, Gauge>::default();
@@ -616,6 +659,8 @@ impl Metrics {
 
         Metrics {
             registry,
+            logins,
+            failovers,
             abuse_tables,
             connections_total,
             connections_active,
@@ -623,7 +668,7 @@ impl Metrics {
             prelogin_rejections,
             backend: BackendFamilies {
                 up: backend_up,
-                logins: logins_total,
+                attempts,
                 login_duration,
                 sessions_active,
                 commands: commands_total,
@@ -662,6 +707,16 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// A client's login ended (once per login command, whatever it took).
+    pub fn login(&self, mechanism: Mechanism, result: LoginResult) {
+        self.logins[MechanismLabel::from(mechanism).index()][result.index()].inc();
+    }
+
+    /// A login went on to the next backend.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
     /// imapgate closed a logged-in session.
     pub fn session_closed(&self, reason: Kick) {
         self.sessions_closed
@@ -675,16 +730,13 @@ impl Metrics {
         let labels = BackendLabels {
             backend: name.to_string(),
         };
-        let logins = MechanismLabel::ALL.map(|mechanism| {
-            LoginResult::ALL.map(|result| {
-                f.logins
-                    .get_or_create(&LoginLabels {
-                        backend: name.to_string(),
-                        mechanism,
-                        result,
-                    })
-                    .clone()
-            })
+        let attempts = AttemptResult::ALL.map(|result| {
+            f.attempts
+                .get_or_create(&AttemptLabels {
+                    backend: name.to_string(),
+                    result,
+                })
+                .clone()
         });
         let commands = COMMAND_NAMES
             .iter()
@@ -725,7 +777,7 @@ impl Metrics {
             bytes_to_backend: bytes(DirectionLabel::ClientToBackend),
             bytes_to_client: bytes(DirectionLabel::BackendToClient),
             sessions_active: f.sessions_active.get_or_create(&labels).clone(),
-            logins,
+            attempts,
             login_duration: f.login_duration.get_or_create(&labels).clone(),
             connect_duration: f.connect_duration.get_or_create(&labels).clone(),
             up: f.up.get_or_create(&labels).clone(),

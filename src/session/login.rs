@@ -20,7 +20,7 @@ use crate::config::{Backend, LookupFallback};
 use crate::directory::{Decision, Query, Why};
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::Credentials;
-use crate::metrics::{LoginResult, Rejection};
+use crate::metrics::{AttemptResult, LoginResult, Rejection};
 use crate::route;
 use crate::services::Snapshot;
 use crate::stream::Stream;
@@ -73,6 +73,7 @@ pub async fn route_and_dial(
     // The login follows the configuration in use now, not the one the connection found.
     let snapshot = session.services.snapshot();
     let config = &snapshot.config;
+    let metrics = &session.services.metrics;
     let user = credentials.routing_user();
     let mechanism = credentials.mechanism.as_str();
     let key = config.routing.normalize(user);
@@ -113,6 +114,7 @@ pub async fn route_and_dial(
                     let delay = wait.max(penalty);
                     info!(session = %session.id, user, mechanism, result = "rejected", reason = "directory", delay_ms = delay.as_millis() as u64, "login");
                     tokio::time::sleep(delay).await;
+                    metrics.login(credentials.mechanism, LoginResult::Rejected);
                     client
                         .write_all(&response::tagged(
                             tag,
@@ -127,18 +129,21 @@ pub async fn route_and_dial(
                     LookupFallback::Hash => configured(&snapshot, user),
                     LookupFallback::Refuse => {
                         info!(session = %session.id, user, mechanism, result = "rejected", reason = ?why, "login");
-                        let (code, text, attempt) = match why {
+                        let (code, text, attempt, result) = match why {
                             Why::NotFound => (
                                 "AUTHENTICATIONFAILED",
                                 "Authentication failed.",
                                 LoginAttempt::Rejected,
+                                LoginResult::Rejected,
                             ),
                             Why::DirectoryDown => (
                                 "UNAVAILABLE",
                                 "Backend for this user is not available.",
                                 LoginAttempt::Unavailable,
+                                LoginResult::Unavailable,
                             ),
                         };
+                        metrics.login(credentials.mechanism, result);
                         client
                             .write_all(&response::tagged(tag, Status::No, code, text))
                             .await?;
@@ -222,6 +227,7 @@ async fn dial_targets(
     targets: Vec<Target>,
 ) -> io::Result<LoginAttempt> {
     let config = &snapshot.config;
+    let metrics = &session.services.metrics;
     let identity = dial::Identity {
         client: session.peer,
         local: session.local,
@@ -238,7 +244,12 @@ async fn dial_targets(
         config.timeouts.backend_greeting,
         config.timeouts.backend_login,
     );
-    for Target { backend, state } in targets {
+    // What the client's login comes to if no backend takes it.
+    let mut final_result = LoginResult::Unavailable;
+    for (n, Target { backend, state }) in targets.into_iter().enumerate() {
+        if n > 0 {
+            metrics.failover();
+        }
         let started = std::time::Instant::now();
         let outcome = match backend::connect(&state, config.timeouts.backend_connect).await {
             Ok(stream) => {
@@ -250,14 +261,18 @@ async fn dial_targets(
         let took = started.elapsed();
         let elapsed_ms = took.as_millis() as u64;
         let result = match &outcome {
-            Ok(LoginOutcome::LoggedIn(_)) => LoginResult::Ok,
-            Ok(LoginOutcome::Rejected { .. }) => LoginResult::Rejected,
+            Ok(LoginOutcome::LoggedIn(_)) => AttemptResult::Ok,
+            Ok(LoginOutcome::Rejected { .. }) => AttemptResult::Rejected,
             // Reached, but it failed the login (BYE, close, silence): not "unavailable".
-            Err(DialError::AfterLogin(_)) => LoginResult::Error,
-            Err(e) if e.error().is_protocol() => LoginResult::Error,
-            Err(DialError::BeforeLogin(_)) => LoginResult::Unavailable,
+            Err(DialError::AfterLogin(_)) => AttemptResult::Error,
+            Err(e) if e.error().is_protocol() => AttemptResult::Error,
+            Err(DialError::BeforeLogin(_)) => AttemptResult::Unavailable,
         };
-        state.metrics.login(credentials.mechanism, result, took);
+        state.metrics.attempt(result, took);
+        final_result = match result {
+            AttemptResult::Error => LoginResult::Error,
+            _ => LoginResult::Unavailable,
+        };
         match outcome {
             Ok(LoginOutcome::LoggedIn(mut logged_in)) => {
                 // Counted once the backend accepted, not before: otherwise anyone who knows a
@@ -270,7 +285,8 @@ async fn dial_targets(
                             Some(place) => Some(place),
                             None => {
                                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "per_user", elapsed_ms, "login");
-                                session.services.metrics.rejected(Rejection::PerUser);
+                                metrics.rejected(Rejection::PerUser);
+                                metrics.login(credentials.mechanism, LoginResult::RefusedByLimit);
                                 // In its own task: the client's answer does not wait for it.
                                 tokio::spawn(dial::log_out(logged_in));
                                 client
@@ -287,6 +303,7 @@ async fn dial_targets(
                     }
                 };
                 info!(session = %session.id, user, backend = %backend.name, mechanism, result = "ok", elapsed_ms, "login");
+                metrics.login(credentials.mechanism, LoginResult::Ok);
                 // Untagged responses first, then the tagged OK with the client's tag; the
                 // backend's [CAPABILITY ...] code in it tells the client what it has now.
                 let mut out = std::mem::take(&mut logged_in.untagged);
@@ -317,6 +334,7 @@ async fn dial_targets(
                     session.services.metrics.rejected(Rejection::LoginPenalty);
                     tokio::time::sleep(delay).await;
                 }
+                metrics.login(credentials.mechanism, LoginResult::Rejected);
                 let mut out = tag.as_bytes().to_vec();
                 out.push(b' ');
                 out.extend_from_slice(&tagged_rest);
@@ -333,6 +351,7 @@ async fn dial_targets(
             }
         }
     }
+    metrics.login(credentials.mechanism, final_result);
     client
         .write_all(&response::tagged(
             tag,

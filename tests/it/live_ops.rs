@@ -314,6 +314,21 @@ async fn a_frozen_backend_costs_a_greeting_timeout_then_nothing() {
     );
     let (_, route) = admin(&proxy, "GET", &format!("/route?user={user}")).await;
     assert_eq!(route["tries"], serde_json::json!(["b2"]), "{route}");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        sample(&metrics, "imapgate_failovers_total", ""),
+        Some(1.0),
+        "the first login only"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "imapgate_logins_total",
+            "mechanism=\"login\",result=\"ok\""
+        ),
+        Some(2.0),
+        "each login once, failover or not"
+    );
     signal_tree(b1.pid(), libc::SIGCONT);
     proxy.stop().await;
 }
@@ -607,18 +622,28 @@ async fn a_bye_after_the_credentials_is_not_failed_over() {
     let metrics = proxy.metrics().await;
     let b2_logins: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("imapgate_logins_total{backend=\"b2\""))
+        .filter(|l| l.starts_with("imapgate_backend_login_attempts_total{backend=\"b2\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(b2_logins, 0.0, "the credentials went nowhere else");
     assert_eq!(
         sample(
             &metrics,
-            "imapgate_logins_total",
-            "backend=\"bye\",mechanism=\"login\",result=\"error\""
+            "imapgate_backend_login_attempts_total",
+            "backend=\"bye\",result=\"error\""
         ),
         Some(1.0)
     );
+    assert_eq!(
+        sample(
+            &metrics,
+            "imapgate_logins_total",
+            "mechanism=\"login\",result=\"error\""
+        ),
+        Some(1.0),
+        "the client's login counted once"
+    );
+    assert_eq!(sample(&metrics, "imapgate_failovers_total", ""), Some(0.0));
     proxy.stop().await;
 }
 

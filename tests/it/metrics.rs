@@ -114,12 +114,30 @@ async fn scripted_session_gives_exact_counters() {
         sample(
             &m,
             "imapgate_logins_total",
-            &format!("backend=\"b1\",mechanism=\"{mechanism}\",result=\"{result}\""),
+            &format!("mechanism=\"{mechanism}\",result=\"{result}\""),
         )
     };
     assert_eq!(logins("login", "ok"), Some(1.0));
     assert_eq!(logins("login", "rejected"), Some(1.0));
     assert_eq!(logins("plain", "ok"), Some(0.0));
+    let attempts = |result: &str| {
+        sample(
+            &m,
+            "imapgate_backend_login_attempts_total",
+            &format!("backend=\"b1\",result=\"{result}\""),
+        )
+    };
+    assert_eq!(attempts("ok"), Some(1.0));
+    assert_eq!(attempts("rejected"), Some(1.0));
+    assert_eq!(
+        sample(
+            &m,
+            "imapgate_login_duration_seconds_count",
+            "backend=\"b1\""
+        ),
+        Some(1.0),
+        "only the successful login is timed"
+    );
     assert_eq!(
         sample(&m, "imapgate_connections_total", "listener=\"imap\""),
         Some(1.0)
