@@ -15,8 +15,8 @@ pub use file::{BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
 pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
     ConnectionRate, DnsConfig, HealthChecks, HttpLookup, LdapLookup, Limits, ListenerConfig,
-    ListenerTls, LoginPenalty, Lookup, LookupCache, LookupSource, ProxyProtocol, ReloadConfig,
-    Routing, SendProxy, SqlLookup, Timeouts,
+    ListenerTls, LoginPenalty, Lookup, LookupCache, LookupSource, MetricsConfig, ProxyProtocol,
+    ReloadConfig, Routing, SendProxy, SqlLookup, Timeouts,
 };
 
 use crate::imap::secret::Secret;
@@ -453,6 +453,9 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         reload: ReloadConfig {
             watch: raw.reload.watch,
             interval: nonzero(&v, "reload.interval", &raw.reload.interval)?,
+        },
+        metrics: MetricsConfig {
+            command_by_backend: raw.metrics.command_by_backend,
         },
         dns: DnsConfig {
             interval: nonzero(&v, "dns.interval", &raw.dns.interval)?,

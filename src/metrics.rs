@@ -17,7 +17,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::Config;
@@ -114,17 +114,49 @@ struct AttemptLabels {
     result: AttemptResult,
 }
 
+/// `imapgate_commands_total`: by command (and by backend with `metrics.command_by_backend`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabels {
-    backend: String,
     command: String,
     status: StatusLabel,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandDurationLabels {
+    command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendCommandLabels {
     backend: String,
     command: String,
+    status: StatusLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendCommandDurationLabels {
+    backend: String,
+    command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendStatusLabels {
+    backend: String,
+    status: StatusLabel,
+}
+
+/// The per-command families: one set for the whole process (the default, so that a fleet of
+/// backends does not multiply them), or the full backend × command matrix.
+enum CommandFamilies {
+    /// The handles every backend shares, `[command][status]` and `[command]`.
+    Shared {
+        commands: Vec<[Counter; StatusLabel::ALL.len()]>,
+        durations: Vec<Histogram>,
+    },
+    ByBackend {
+        commands: Family<BackendCommandLabels, Counter>,
+        durations: HistogramFamily<BackendCommandDurationLabels>,
+    },
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -359,9 +391,14 @@ pub struct TableMetrics {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Latency buckets, sub-millisecond to a minute: 13 bounds, so a histogram is 16 series (with
+/// +Inf, sum and count); chosen for the series budget (README, Metrics).
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
 fn latency_histogram() -> Histogram {
-    // 100 µs … ~105 s, ×2 per bucket.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 pub struct Metrics {
@@ -390,23 +427,29 @@ pub struct Metrics {
 struct BackendFamilies {
     up: Family<BackendLabels, Gauge>,
     attempts: Family<AttemptLabels, Counter>,
-    login_duration: HistogramFamily<BackendLabels>,
     sessions_active: Family<BackendLabels, Gauge>,
-    commands: Family<CommandLabels, Counter>,
-    command_duration: HistogramFamily<CommandDurationLabels>,
+    commands: CommandFamilies,
+    /// Per backend: commands by status, and one latency histogram for all its commands.
+    status_totals: Family<BackendStatusLabels, Counter>,
+    duration_totals: HistogramFamily<BackendLabels>,
     bytes: Family<BytesLabels, Counter>,
-    connect_duration: HistogramFamily<BackendLabels>,
+    /// Process-wide (not per backend: the series budget).
+    login_duration: Histogram,
+    connect_duration: Histogram,
 }
 
 /// One backend's hot-path handles.
 pub struct BackendMetrics {
-    /// `[command][status]`, by `CommandId` and `StatusLabel::index`.
+    /// `[command][status]`, by `CommandId` and `StatusLabel::index` (shared by every backend
+    /// unless `metrics.command_by_backend`).
     commands: Vec<[Counter; StatusLabel::ALL.len()]>,
     durations: Vec<Histogram>,
+    /// This backend's commands by status, and their latency.
+    status_totals: [Counter; StatusLabel::ALL.len()],
+    duration_total: Histogram,
     pub bytes_to_backend: Counter<u64, AtomicU64>,
     pub bytes_to_client: Counter<u64, AtomicU64>,
     pub sessions_active: Gauge,
-    /// `[mechanism][result]`, by `MechanismLabel::index` and `LoginResult::index`.
     /// By `AttemptResult::index`.
     attempts: [Counter; AttemptResult::ALL.len()],
     login_duration: Histogram,
@@ -440,8 +483,11 @@ impl CommandSink for BackendMetrics {
         let status = StatusLabel::from(completion).index();
         let i = command.0 as usize;
         self.commands[i][status].inc();
+        self.status_totals[status].inc();
         if let Some(latency) = latency {
-            self.durations[i].observe(latency.as_secs_f64());
+            let seconds = latency.as_secs_f64();
+            self.durations[i].observe(seconds);
+            self.duration_total.observe(seconds);
         }
     }
 }
@@ -495,8 +541,7 @@ impl Metrics {
             "Logins that went on to the next backend after one could not be reached",
             failovers.clone(),
         );
-        let login_duration: HistogramFamily<BackendLabels> =
-            Family::new_with_constructor(latency_histogram);
+        let login_duration = latency_histogram();
         r.register(
             "login_duration_seconds",
             "From dialling the backend to its OK, for successful logins",
@@ -508,18 +553,72 @@ impl Metrics {
             "Logged-in sessions being relayed",
             sessions_active.clone(),
         );
-        let commands_total = Family::<CommandLabels, Counter>::default();
-        r.register(
-            "commands",
+        let (commands_help, durations_help) = (
             "Commands relayed after login, by completion",
-            commands_total.clone(),
+            "From a command's last octet to its tagged completion (IDLE excluded)",
         );
-        let command_duration: HistogramFamily<CommandDurationLabels> =
+        let commands = if config.metrics.command_by_backend {
+            let commands = Family::<BackendCommandLabels, Counter>::default();
+            r.register("commands", commands_help, commands.clone());
+            let durations: HistogramFamily<BackendCommandDurationLabels> =
+                Family::new_with_constructor(latency_histogram);
+            r.register(
+                "command_duration_seconds",
+                durations_help,
+                durations.clone(),
+            );
+            CommandFamilies::ByBackend {
+                commands,
+                durations,
+            }
+        } else {
+            let family = Family::<CommandLabels, Counter>::default();
+            r.register("commands", commands_help, family.clone());
+            let durations_family: HistogramFamily<CommandDurationLabels> =
+                Family::new_with_constructor(latency_histogram);
+            r.register(
+                "command_duration_seconds",
+                durations_help,
+                durations_family.clone(),
+            );
+            CommandFamilies::Shared {
+                commands: COMMAND_NAMES
+                    .iter()
+                    .map(|command| {
+                        StatusLabel::ALL.map(|status| {
+                            family
+                                .get_or_create(&CommandLabels {
+                                    command: command.to_string(),
+                                    status,
+                                })
+                                .clone()
+                        })
+                    })
+                    .collect(),
+                durations: COMMAND_NAMES
+                    .iter()
+                    .map(|command| {
+                        durations_family
+                            .get_or_create(&CommandDurationLabels {
+                                command: command.to_string(),
+                            })
+                            .clone()
+                    })
+                    .collect(),
+            }
+        };
+        let status_totals = Family::<BackendStatusLabels, Counter>::default();
+        r.register(
+            "backend_commands",
+            "Commands relayed after login to each backend, by completion",
+            status_totals.clone(),
+        );
+        let duration_totals: HistogramFamily<BackendLabels> =
             Family::new_with_constructor(latency_histogram);
         r.register(
-            "command_duration_seconds",
-            "From a command's last octet to its tagged completion (IDLE excluded)",
-            command_duration.clone(),
+            "backend_command_duration_seconds",
+            "Latency of all commands on each backend (IDLE excluded)",
+            duration_totals.clone(),
         );
         let bytes_total = Family::<BytesLabels, Counter>::default();
         r.register("bytes", "Octets relayed after login", bytes_total.clone());
@@ -529,11 +628,10 @@ impl Metrics {
             "1 when the last health checks found the backend greeting, else 0",
             backend_up.clone(),
         );
-        let backend_connect_duration: HistogramFamily<BackendLabels> =
-            Family::new_with_constructor(latency_histogram);
+        let backend_connect_duration = latency_histogram();
         r.register(
             "backend_connect_duration_seconds",
-            "TCP connect time to a backend",
+            "TCP connect time to backends, at login",
             backend_connect_duration.clone(),
         );
         let prelogin_rejections = Family::<ReasonLabels, Counter>::default();
@@ -669,11 +767,12 @@ impl Metrics {
             backend: BackendFamilies {
                 up: backend_up,
                 attempts,
-                login_duration,
                 sessions_active,
-                commands: commands_total,
-                command_duration,
+                commands,
+                status_totals,
+                duration_totals,
                 bytes: bytes_total,
+                login_duration,
                 connect_duration: backend_connect_duration,
             },
             sessions_closed,
@@ -738,31 +837,50 @@ impl Metrics {
                 })
                 .clone()
         });
-        let commands = COMMAND_NAMES
-            .iter()
-            .map(|command| {
-                StatusLabel::ALL.map(|status| {
-                    f.commands
-                        .get_or_create(&CommandLabels {
-                            backend: name.to_string(),
-                            command: command.to_string(),
-                            status,
+        let (commands, durations) = match &f.commands {
+            CommandFamilies::Shared {
+                commands,
+                durations,
+            } => (commands.clone(), durations.clone()),
+            CommandFamilies::ByBackend {
+                commands,
+                durations,
+            } => (
+                COMMAND_NAMES
+                    .iter()
+                    .map(|command| {
+                        StatusLabel::ALL.map(|status| {
+                            commands
+                                .get_or_create(&BackendCommandLabels {
+                                    backend: name.to_string(),
+                                    command: command.to_string(),
+                                    status,
+                                })
+                                .clone()
                         })
-                        .clone()
-                })
-            })
-            .collect();
-        let durations = COMMAND_NAMES
-            .iter()
-            .map(|command| {
-                f.command_duration
-                    .get_or_create(&CommandDurationLabels {
-                        backend: name.to_string(),
-                        command: command.to_string(),
                     })
-                    .clone()
-            })
-            .collect();
+                    .collect(),
+                COMMAND_NAMES
+                    .iter()
+                    .map(|command| {
+                        durations
+                            .get_or_create(&BackendCommandDurationLabels {
+                                backend: name.to_string(),
+                                command: command.to_string(),
+                            })
+                            .clone()
+                    })
+                    .collect(),
+            ),
+        };
+        let status_totals = StatusLabel::ALL.map(|status| {
+            f.status_totals
+                .get_or_create(&BackendStatusLabels {
+                    backend: name.to_string(),
+                    status,
+                })
+                .clone()
+        });
         let bytes = |direction| {
             f.bytes
                 .get_or_create(&BytesLabels {
@@ -774,12 +892,14 @@ impl Metrics {
         Arc::new(BackendMetrics {
             commands,
             durations,
+            status_totals,
+            duration_total: f.duration_totals.get_or_create(&labels).clone(),
             bytes_to_backend: bytes(DirectionLabel::ClientToBackend),
             bytes_to_client: bytes(DirectionLabel::BackendToClient),
             sessions_active: f.sessions_active.get_or_create(&labels).clone(),
             attempts,
-            login_duration: f.login_duration.get_or_create(&labels).clone(),
-            connect_duration: f.connect_duration.get_or_create(&labels).clone(),
+            login_duration: f.login_duration.clone(),
+            connect_duration: f.connect_duration.clone(),
             up: f.up.get_or_create(&labels).clone(),
         })
     }
@@ -889,6 +1009,66 @@ fn openmetrics_to_prometheus(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The series budget: 100 backends, every series there is, one replica.
+    #[test]
+    fn a_fleet_fits_the_series_budget() {
+        let mut yaml = String::from("backends:\n");
+        for n in 0..100 {
+            yaml.push_str(&format!(
+                "  - {{ name: mail{n}, address: \"10.0.{}.{}:143\" }}\n",
+                n / 250,
+                n % 250 + 1
+            ));
+        }
+        let config = crate::config::parse(&yaml, "test").unwrap();
+        let metrics = Metrics::new(&config);
+        let handles: Vec<_> = config
+            .backends
+            .iter()
+            .map(|b| metrics.backend(&b.name))
+            .collect();
+        // Every command seen on every backend, every way.
+        for (i, b) in handles.iter().enumerate() {
+            for c in 0..COMMAND_NAMES.len() {
+                b.command(
+                    CommandId(c as u8),
+                    Completion::Ok,
+                    Some(Duration::from_millis(i as u64)),
+                );
+                b.command(CommandId(c as u8), Completion::No, None);
+            }
+        }
+        let text = metrics.encode_prometheus();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        eprintln!("{} series, {} bytes", series.len(), text.len());
+        assert!(
+            series.len() <= 5000,
+            "{} series for 100 backends",
+            series.len()
+        );
+        assert!(text.len() <= 400 * 1024, "{} bytes per scrape", text.len());
+        let one = series
+            .iter()
+            .filter(|l| l.contains("backend=\"mail7\""))
+            .count();
+        assert!(one <= 30, "{one} series per backend");
+        // The full matrix is there for who asks for it.
+        let config = crate::config::parse(
+            &format!("{yaml}metrics: {{ command_by_backend: true }}\n"),
+            "test",
+        )
+        .unwrap();
+        let metrics = Metrics::new(&config);
+        let _ = metrics.backend("mail7");
+        let text = metrics.encode_prometheus();
+        assert!(text.contains(
+            "imapgate_commands_total{backend=\"mail7\",command=\"FETCH\",status=\"ok\"}"
+        ));
+    }
 
     #[test]
     fn classic_format_names_counters_with_total() {

@@ -34,6 +34,16 @@ pub struct ConfigFile {
     pub reload: ReloadFile,
     #[serde(default)]
     pub dns: DnsFile,
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    /// Per-command series for each backend (the full matrix), not for all backends together.
+    #[serde(default)]
+    pub command_by_backend: bool,
 }
 
 #[derive(Debug, Deserialize)]

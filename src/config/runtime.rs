@@ -28,6 +28,7 @@ pub struct Config {
     pub greeting: String,
     pub reload: ReloadConfig,
     pub dns: DnsConfig,
+    pub metrics: MetricsConfig,
     /// The file it was loaded from (what a reload reads again); `None` for text parsed directly.
     pub path: Option<std::path::PathBuf>,
     /// The start of the text's SHA-256, in hex (see `config::content_hash`).
@@ -65,6 +66,13 @@ impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminToken(..)")
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// `imapgate_commands_total` and `imapgate_command_duration_seconds` by backend too.
+    /// Read at start only: a reload cannot change a metric's label set.
+    pub command_by_backend: bool,
 }
 
 #[derive(Debug, Clone)]

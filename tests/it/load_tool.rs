@@ -124,7 +124,7 @@ async fn every_scenario_through_imapgate_against_the_fake_backend() {
     let fetches = crate::support::sample(
         &m,
         "imapgate_commands_total",
-        "backend=\"fake\",command=\"FETCH\",status=\"ok\"",
+        "command=\"FETCH\",status=\"ok\"",
     )
     .unwrap();
     assert_eq!(fetches as u64, octets / 100_000, "{m}");
