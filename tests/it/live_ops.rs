@@ -502,7 +502,10 @@ async fn shutdown_says_bye_and_readyz_goes_503_at_once() {
     // The listeners close as the workers see the drain: new connections are refused.
     let deadline = Instant::now() + DEADLINE;
     while tokio::net::TcpStream::connect(proxy.addr).await.is_ok() {
-        assert!(Instant::now() < deadline, "still accepting while shutting down");
+        assert!(
+            Instant::now() < deadline,
+            "still accepting while shutting down"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rest = c.rest().await;
