@@ -19,8 +19,20 @@ use imapgate::shutdown::{self, Shutdown};
 /// sysexits.h EX_CONFIG-ish: a config that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 64;
 
+/// `imapgate --version`: the crate version and the git revision it was built from (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (revision ",
+    env!("IMAPGATE_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(version, about = "A transparent IMAP proxy and load balancer")]
+#[command(
+    name = "imapgate",
+    version = VERSION,
+    about = "A transparent IMAP proxy and load balancer",
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
