@@ -6,6 +6,7 @@
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,9 +57,15 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the backends USER would be sent to, in the order they would be tried.
     Route {
-        user: String,
+        /// The login name, as a client would send it.
+        #[arg(required_unless_present = "stdin")]
+        user: Option<String>,
         #[arg(long, short)]
         config: PathBuf,
+        /// Read login names from standard input, one per line; print one line each:
+        /// the name, a tab, and the backends in the order they would be tried, comma-separated.
+        #[arg(long, conflicts_with = "user")]
+        stdin: bool,
     },
 }
 
@@ -86,13 +93,23 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Route { user, config } => match config::load(&config) {
+        Command::Route {
+            user,
+            config,
+            stdin,
+        } => match config::load(&config) {
             Ok(c) => {
-                for (n, i) in imapgate::backends_for(&c, &user).into_iter().enumerate() {
-                    let b = &c.backends[i];
-                    println!("{}\t{}\t{}", n + 1, b.name, b.address);
+                let printed = match user {
+                    Some(user) if !stdin => route_one(&c, &user),
+                    _ => route_many(&c, std::io::stdin().lock()),
+                };
+                match printed {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("route: {e}");
+                        ExitCode::FAILURE
+                    }
                 }
-                ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("{e}");
@@ -100,6 +117,32 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// One user: a line per backend, `position, name, address`.
+fn route_one(c: &Config, user: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for (n, i) in imapgate::backends_for(c, user).into_iter().enumerate() {
+        let b = &c.backends[i];
+        writeln!(out, "{}\t{}\t{}", n + 1, b.name, b.address)?;
+    }
+    out.flush()
+}
+
+/// Many users, one a line (`user TAB backend,backend`): to compare replicas' configs, or to
+/// see who moves before a backend is added.
+fn route_many(c: &Config, input: impl BufRead) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in input.lines() {
+        let line = line?;
+        let user = line.trim_end_matches('\r');
+        let names: Vec<&str> = imapgate::backends_for(c, user)
+            .into_iter()
+            .map(|i| &*c.backends[i].name)
+            .collect();
+        writeln!(out, "{user}\t{}", names.join(","))?;
+    }
+    out.flush()
 }
 
 fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
