@@ -187,10 +187,14 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     };
     let served = primary.block_on(async {
         let bound = imapgate::bind(&config).await?;
+        // Every socket is bound and listening (connections wait in the backlog until the
+        // workers accept): ready, for systemd's Type=notify.
+        sd_notify("READY=1");
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
             shutdown::signal().await;
             info!("shutdown requested");
+            sd_notify("STOPPING=1");
             on_signal.begin();
         });
         tokio::spawn(reload_on_sighup(services.clone()));
@@ -219,6 +223,27 @@ async fn reload_on_sighup(services: Arc<imapgate::Services>) {
         info!("SIGHUP: reloading the configuration");
         // The outcome is logged and counted by the reload itself.
         let _ = imapgate::reload(&services).await;
+    }
+}
+
+/// Tells systemd (`Type=notify`) a state change: one datagram to `$NOTIFY_SOCKET`, a path or
+/// an abstract name (`@…`). Nothing happens outside systemd; a failure is logged, not fatal.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| {
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(socket.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(&socket)?,
+        };
+        UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)
+    })();
+    if let Err(e) = sent {
+        warn!(error = %e, state, "cannot notify systemd");
     }
 }
 
