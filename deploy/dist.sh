@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 target=x86_64-unknown-linux-gnu
-out="target/$target/dist"
+target_dir="${CARGO_TARGET_DIR:-target}"
+out="$target_dir/$target/dist"
 
 binary() {
     # --target keeps the static flag off build scripts and proc macros, which must stay dynamic.
