@@ -34,8 +34,14 @@ deb() {
 
 image() {
     local tag="${1:-imapgate:$(version)}"
+    # The context: the binary and the image's /etc, nothing else.
+    local context="$out/image-context"
+    rm -rf "$context"
+    mkdir -p "$context"
+    cp "$out/imapgate" "$context/"
+    cp -r deploy/container/rootfs "$context/"
     "${CONTAINER_TOOL:-podman}" build -f deploy/container/Containerfile -t "$tag" \
-        --build-arg VERSION="$(version)" --build-arg REVISION="$(revision)" .
+        --build-arg VERSION="$(version)" --build-arg REVISION="$(revision)" "$context"
 }
 
 [ "$#" -gt 0 ] || { sed -n '2,10p' "$0"; exit 64; }
