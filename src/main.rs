@@ -230,17 +230,20 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
     };
     let served = primary.block_on(async {
         let bound = imapgate::bind(&config).await?;
-        // Every socket is bound and listening (connections wait in the backlog until the
-        // workers accept): ready, for systemd's Type=notify.
-        sd_notify("READY=1");
+        // The signal handlers before READY=1: from then on systemd may send SIGHUP (reload)
+        // or SIGTERM (stop), and neither may meet the default action, which ends the process.
+        let stop = shutdown::signal();
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            shutdown::signal().await;
+            stop.await;
             info!("shutdown requested");
             sd_notify("STOPPING=1");
             on_signal.begin();
         });
         tokio::spawn(reload_on_sighup(services.clone()));
+        // Every socket is bound and listening (connections wait in the backlog until the
+        // workers accept): ready, for systemd's Type=notify.
+        sd_notify("READY=1");
         imapgate::Server::new(bound, services, shutdown, workers)
             .run()
             .await
@@ -255,17 +258,21 @@ fn run(path: Option<PathBuf>, threads: Option<usize>) -> ExitCode {
 }
 
 /// SIGHUP: reload the whole configuration (certificates included). Whatever happens, the
-/// process goes on: an invalid file leaves the old configuration in use (see reload.rs).
-async fn reload_on_sighup(services: Arc<imapgate::Services>) {
+/// process goes on: an invalid file leaves the old configuration in use (see reload.rs). The
+/// handler is installed when this is called, before the future runs.
+fn reload_on_sighup(services: Arc<imapgate::Services>) -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot watch SIGHUP; reload with POST /reload instead");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        info!("SIGHUP: reloading the configuration");
-        // The outcome is logged and counted by the reload itself.
-        let _ = imapgate::reload(&services).await;
+    let hup = signal(SignalKind::hangup());
+    async move {
+        let Ok(mut hup) = hup else {
+            warn!("cannot watch SIGHUP; reload with POST /reload instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the configuration");
+            // The outcome is logged and counted by the reload itself.
+            let _ = imapgate::reload(&services).await;
+        }
     }
 }
 
