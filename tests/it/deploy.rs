@@ -579,3 +579,48 @@ fn version_names_the_git_revision() {
         assert_eq!(String::from_utf8_lossy(&head.stdout).trim(), revision);
     }
 }
+
+/// `Type=notify`: READY=1 once the listeners are bound (the port takes connections when systemd
+/// hears it), STOPPING=1 at SIGTERM.
+#[test]
+fn the_binary_tells_systemd_when_it_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(crate::support::DEADLINE))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("imapgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\nbackends:\n  - {{ name: b1, address: \"{}\" }}\n",
+            crate::support::nowhere()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["run", "--threads", "1", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).expect("READY=1 within the deadline");
+    assert_eq!(&buf[..n], b"READY=1");
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("listening when ready");
+
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let n = socket
+        .recv(&mut buf)
+        .expect("STOPPING=1 within the deadline");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+}
