@@ -204,6 +204,8 @@ struct ConfigLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabels {
     version: String,
+    /// The git commit (build.rs), or `unknown`.
+    revision: String,
 }
 
 label_values! {
@@ -643,12 +645,13 @@ impl Metrics {
         let build_info = Family::<VersionLabels, Gauge>::default();
         r.register(
             "build_info",
-            "Always 1; the version is in the label",
+            "Always 1; the version and the git revision are in the labels",
             build_info.clone(),
         );
         build_info
             .get_or_create(&VersionLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                revision: env!("IMAPGATE_REVISION").to_string(),
             })
             .set(1);
 

@@ -183,7 +183,20 @@ async fn scripted_session_gives_exact_counters() {
     );
     assert!(sample(&m, "process_resident_memory_bytes", "").unwrap() > 0.0);
     assert!(sample(&m, "process_open_fds", "").unwrap() > 0.0);
-    assert!(m.contains("imapgate_build_info{version=\""), "{m}");
+    let revision = env!("IMAPGATE_REVISION");
+    assert!(!revision.is_empty());
+    assert_eq!(
+        sample(
+            &m,
+            "imapgate_build_info",
+            &format!(
+                "version=\"{}\",revision=\"{revision}\"",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{m}"
+    );
     assert!(!m.contains("alice"), "no user name in metrics");
     proxy.stop().await;
 }

@@ -3,6 +3,7 @@
 pub mod backends;
 pub mod courier;
 pub mod cyrus;
+pub mod dns;
 pub mod dovecot;
 pub mod pki;
 pub mod postgres;
