@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::backend::state::{Health, Mode};
 use crate::config::file::duration;
+use crate::directory::http::url_decode;
 use crate::reload;
 use crate::route;
 use crate::services::Services;
@@ -392,28 +393,8 @@ impl Query {
 }
 
 fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    // Query strings write a space as `+`; `%2B` is a plus.
+    String::from_utf8_lossy(&url_decode(&text.replace('+', " "))).into_owned()
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {

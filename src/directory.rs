@@ -265,11 +265,22 @@ impl Directory {
     /// The HTTP service gets the user as the client sent it (as nginx sends it); LDAP and SQL
     /// get the routing key (normalised), since their answers are cached and shared by it.
     async fn source_ask(&self, key: &str, query: &Query<'_>) -> Result<Answer, LookupError> {
-        match &self.source {
-            Source::Http(h) => h.ask(query).await,
-            Source::Ldap(l) => l.ask(key).await,
-            Source::Sql(s) => s.ask(key).await,
-        }
+        // Every source's question is bounded here, by its own `timeout`.
+        let (timeout, answer) = match &self.source {
+            Source::Http(h) => (
+                h.timeout(),
+                tokio::time::timeout(h.timeout(), h.ask(query)).await,
+            ),
+            Source::Ldap(l) => (
+                l.timeout(),
+                tokio::time::timeout(l.timeout(), l.ask(key)).await,
+            ),
+            Source::Sql(s) => (
+                s.timeout(),
+                tokio::time::timeout(s.timeout(), s.ask(key)).await,
+            ),
+        };
+        answer.map_err(|_| LookupError::Timeout(timeout))?
     }
 
     /// `/route`: what the cache holds for `key`, without asking.

@@ -43,14 +43,12 @@ impl HttpSource {
         }
     }
 
-    pub(crate) async fn ask(&self, query: &Query<'_>) -> Result<Answer, LookupError> {
-        let timeout = self.config.timeout;
-        tokio::time::timeout(timeout, self.ask_now(query))
-            .await
-            .map_err(|_| LookupError::Timeout(timeout))?
+    /// How long one question may take (`Directory` holds it to that).
+    pub(crate) fn timeout(&self) -> std::time::Duration {
+        self.config.timeout
     }
 
-    async fn ask_now(&self, query: &Query<'_>) -> Result<Answer, LookupError> {
+    pub(crate) async fn ask(&self, query: &Query<'_>) -> Result<Answer, LookupError> {
         let _slot = self
             .slots
             .acquire()
@@ -141,7 +139,8 @@ fn url_encode_bytes(bytes: &[u8]) -> String {
     out
 }
 
-fn url_decode(text: &str) -> Vec<u8> {
+/// `%XX` escapes decoded; a `%` without two hex digits after it stays as it is.
+pub(crate) fn url_decode(text: &str) -> Vec<u8> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -53,14 +53,12 @@ impl SqlSource {
     }
 
     /// Where `user` (the routing key) goes.
-    pub(crate) async fn ask(&self, user: &str) -> Result<Answer, LookupError> {
-        let timeout = self.config.timeout;
-        tokio::time::timeout(timeout, self.ask_now(user))
-            .await
-            .map_err(|_| LookupError::Timeout(timeout))?
+    /// How long one question may take (`Directory` holds it to that).
+    pub(crate) fn timeout(&self) -> std::time::Duration {
+        self.config.timeout
     }
 
-    async fn ask_now(&self, user: &str) -> Result<Answer, LookupError> {
+    pub(crate) async fn ask(&self, user: &str) -> Result<Answer, LookupError> {
         let _slot = self
             .slots
             .acquire()
