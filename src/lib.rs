@@ -8,6 +8,9 @@ pub(crate) mod admin;
 pub(crate) mod backend;
 pub mod config;
 pub(crate) mod directory;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod health;
 pub(crate) mod imap;
 pub(crate) mod limits;

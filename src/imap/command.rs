@@ -107,7 +107,7 @@ impl CommandReader {
         (self.line_max + self.literal_octets + 2).saturating_sub(self.buf.len())
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -124,6 +124,12 @@ impl CommandReader {
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// How many octets the buffer holds (the fuzz target checks the bound).
+    #[cfg(feature = "fuzzing")]
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
     }
 
     /// The bytes the client sent behind the last consumed command (the reader is done).

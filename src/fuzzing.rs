@@ -1,0 +1,263 @@
+//! Thin wrappers over the crate's internal parsers for the cargo-fuzz targets in `fuzz/`
+//! (feature `fuzzing`, off by default; not a stable API). Each wrapper drives a parser the way
+//! the proxy does and asserts the invariants a fuzzer should check (no panic, bounded
+//! buffering, the same result whatever the read boundaries); a violated invariant panics.
+
+use std::io;
+use std::net::SocketAddr;
+
+use crate::imap::command::{CommandReader, PreloginCommand, Step};
+use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
+use crate::imap::secret::Secret;
+
+/// A tiny deterministic generator for read sizes (xorshift32), so a target's input can be a
+/// seed followed by the raw stream and corpus files stay readable transcripts.
+pub struct Cuts(u32);
+
+impl Cuts {
+    pub fn new(seed: u32) -> Self {
+        Cuts(seed | 1)
+    }
+
+    /// The next read size, 1..=max.
+    pub fn read_size(&mut self, max: usize) -> usize {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.0 = x;
+        1 + (x as usize) % max.max(1)
+    }
+}
+
+/// What the pre-login reader answered, in order (`NeedMore` left out); the tag and command
+/// name only, so two runs can be compared.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    Continuation,
+    Command(String, String),
+    SaslLine(Vec<u8>),
+    Bad(Option<String>),
+    LiteralRefused(String),
+    TooLong,
+    LiteralTooLarge,
+    SaslLineTooLong,
+}
+
+/// Feeds `stream` to a pre-login reader the way the session reads (at most `room()` and
+/// 4 KiB per read), with read sizes from `cuts` (`None`: as much as allowed), and steps it
+/// until it needs more. After an `AUTHENTICATE` without an initial response, one SASL line is
+/// taken. Stops at `TooLong`/`LiteralTooLarge` (the session closes). Panics if the buffer
+/// ever holds more than `line_max + literal_max + 3` octets.
+pub fn prelogin_reader(
+    line_max: usize,
+    literal_max: usize,
+    stream: &[u8],
+    mut cuts: Option<Cuts>,
+) -> Vec<Seen> {
+    let mut reader = CommandReader::new(line_max, literal_max);
+    let bound = line_max + literal_max + 3;
+    let mut seen = Vec::new();
+    let mut sasl_line = false;
+    let mut at = 0;
+    loop {
+        // Take everything the reader can give before reading more.
+        loop {
+            if sasl_line {
+                match reader.take_line() {
+                    Ok(Some(line)) => {
+                        seen.push(Seen::SaslLine(line));
+                        sasl_line = false;
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        seen.push(Seen::SaslLineTooLong);
+                        return seen;
+                    }
+                }
+            }
+            match reader.step() {
+                Step::NeedMore => break,
+                Step::SendContinuation => seen.push(Seen::Continuation),
+                Step::Command(parsed) => {
+                    let name = match &parsed.command {
+                        PreloginCommand::Authenticate {
+                            mechanism,
+                            initial_response,
+                        } => {
+                            sasl_line = initial_response.is_none();
+                            format!("AUTHENTICATE {mechanism}")
+                        }
+                        other => format!("{:?}", std::mem::discriminant(other)),
+                    };
+                    seen.push(Seen::Command(parsed.tag, name));
+                }
+                Step::Bad { tag } => seen.push(Seen::Bad(tag)),
+                Step::LiteralRefused { tag } => seen.push(Seen::LiteralRefused(tag)),
+                Step::TooLong => {
+                    seen.push(Seen::TooLong);
+                    return seen;
+                }
+                Step::LiteralTooLarge => {
+                    seen.push(Seen::LiteralTooLarge);
+                    return seen;
+                }
+            }
+        }
+        if at == stream.len() {
+            return seen;
+        }
+        let allowed = reader.room().clamp(1, 4096);
+        let want = match &mut cuts {
+            Some(c) => c.read_size(allowed),
+            None => allowed,
+        };
+        let n = want.min(stream.len() - at);
+        reader.feed(&stream[at..at + n]);
+        at += n;
+        assert!(
+            reader.buffered() <= bound,
+            "pre-login buffer {} over {bound} (line_max {line_max}, literal_max {literal_max})",
+            reader.buffered()
+        );
+    }
+}
+
+/// Decodes a SASL response line, and feeds what decodes to the PLAIN and LOGIN checks; the
+/// PLAIN message rebuilt from checked fields must check again to the same credentials.
+pub fn sasl(line: &[u8]) {
+    let decoded = match sasl::decode_line(line) {
+        Ok(SaslLine::Response(bytes)) => bytes,
+        Ok(SaslLine::Cancel) | Err(_) => Secret::new(line.to_vec()),
+    };
+    let _ = sasl::encode(decoded.expose());
+    if let Ok(credentials) = Credentials::from_plain(&decoded) {
+        let again = Credentials::from_plain(&credentials.plain_message())
+            .expect("a rebuilt PLAIN message checks");
+        assert_eq!(again.user, credentials.user);
+        assert_eq!(again.authzid, credentials.authzid);
+        assert_eq!(again.password.expose(), credentials.password.expose());
+        let _ = credentials.routing_user();
+    }
+    let half = decoded.expose().len() / 2;
+    let (user, password) = decoded.expose().split_at(half);
+    let _ = Credentials::from_login(
+        Mechanism::Login,
+        user.to_vec(),
+        Secret::new(password.to_vec()),
+    );
+}
+
+/// Reads a PROXY header from `bytes` (as a stream that ends there) on a current-thread
+/// runtime. Panics if the reader took octets past the header it accepted on an input that had
+/// more, or if an accepted header names an unspecified address or port 0.
+pub fn proxy_header(bytes: &[u8]) -> io::Result<Option<SocketAddr>> {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+    }
+    let mut rest = bytes;
+    let result = RUNTIME.with(|r| r.block_on(crate::proxy_header::read(&mut rest)));
+    if let Ok(Some(client)) = &result {
+        assert!(!client.ip().is_unspecified() && client.port() != 0);
+    }
+    if result.is_ok() {
+        let taken = &bytes[..bytes.len() - rest.len()];
+        // Exactly the header: a v1 line ends at its first CRLF, a v2 header at its length.
+        if taken.starts_with(b"PROXY ") {
+            assert!(taken.ends_with(b"\r\n"));
+            assert_eq!(memchr::memmem::find(taken, b"\r\n"), Some(taken.len() - 2));
+        } else {
+            let length = u16::from_be_bytes([taken[14], taken[15]]) as usize;
+            assert_eq!(taken.len(), 16 + length);
+        }
+    }
+    result
+}
+
+/// The backend line checks: capabilities in a greeting/response code, a tagged OK, the
+/// case-insensitive prefix strip and the log rendering.
+pub fn backend_line(line: &[u8]) {
+    let _ = crate::backend::capabilities_in(line);
+    let ok = crate::backend::is_ok(line);
+    if ok {
+        assert!(line[..2].eq_ignore_ascii_case(b"OK"));
+    }
+    if let Some(rest) = crate::backend::strip_prefix_ignore_case(line, b"* OK") {
+        assert!(rest.len() + 4 == line.len());
+    }
+    let printed = crate::backend::printable(line);
+    assert!(!printed.contains('\n') && !printed.contains('\r'));
+}
+
+/// One observation: command name, completion, whether a latency came with it.
+pub type Observation = (&'static str, crate::Completion, bool);
+
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Observation>>);
+
+impl crate::CommandSink for Recorder {
+    fn command(
+        &self,
+        command: crate::CommandId,
+        completion: crate::Completion,
+        latency: Option<std::time::Duration>,
+    ) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((command.name(), completion, latency.is_some()));
+    }
+}
+
+/// How the relay shows a session's octets to the observer.
+#[derive(Clone, Copy)]
+pub enum Reads {
+    /// Each step in one read.
+    Whole,
+    /// Each step cut into reads of random sizes.
+    Cut(u32),
+    /// Cut, and literal octets the observer would only skip passed unseen (`literal_passed`),
+    /// as the relay's splice does.
+    Spliced(u32),
+}
+
+/// Runs a session (steps of client or backend octets) through an observer and returns what it
+/// reported, the commands still in flight at the end included. Panics if the in-flight table
+/// grows past its bound or `literal_left` is inconsistent.
+pub fn observe(steps: &[(crate::Way, &[u8])], reads: Reads) -> Vec<Observation> {
+    let recorder = Recorder::default();
+    {
+        let mut observer = crate::Observer::new(&recorder);
+        let mut cuts = match reads {
+            Reads::Whole => None,
+            Reads::Cut(seed) | Reads::Spliced(seed) => Some(Cuts::new(seed)),
+        };
+        let splice = matches!(reads, Reads::Spliced(_));
+        for &(way, bytes) in steps {
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let n = match &mut cuts {
+                    Some(c) => c.read_size(64).min(rest.len()),
+                    None => rest.len(),
+                };
+                let (mut piece, after) = rest.split_at(n);
+                rest = after;
+                if splice {
+                    let left = observer.literal_left(way);
+                    let k = (left.min(piece.len() as u64)) as usize;
+                    if k > 0 {
+                        observer.literal_passed(way, k as u64);
+                        assert_eq!(observer.literal_left(way), left - k as u64);
+                        piece = &piece[k..];
+                    }
+                }
+                observer.observe(way, piece);
+                assert!(observer.in_flight() <= crate::imap::scan::IN_FLIGHT_MAX);
+            }
+        }
+    }
+    recorder.0.into_inner().unwrap()
+}
