@@ -37,6 +37,7 @@ use crate::route;
 use crate::services::Services;
 use crate::session::table::{Filter, Kick};
 use crate::shutdown::Shutdown;
+use crate::trace::{self, StartError, Trace};
 
 /// Admin connections at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
@@ -183,13 +184,158 @@ async fn answer(
                 serde_json::json!({ "result": "error", "error": e.to_string() }),
             ),
         },
-        (_, ["metrics" | "healthz" | "readyz" | "backends" | "sessions" | "route"])
+        ("POST", ["trace"]) => start_trace(services, &query),
+        ("GET", ["trace"]) => json(StatusCode::OK, traces(services)),
+        ("GET", ["trace", id]) => match services.traces.get(id) {
+            Some(trace) => trace_text(&trace),
+            None => text(StatusCode::NOT_FOUND, "no such trace\n"),
+        },
+        ("DELETE", ["trace", id]) => {
+            if services.traces.stop(id) {
+                json(StatusCode::OK, serde_json::json!({ "stopped": id }))
+            } else {
+                text(StatusCode::NOT_FOUND, "no such trace\n")
+            }
+        }
+        (_, ["metrics" | "healthz" | "readyz" | "backends" | "sessions" | "route" | "trace"])
+        | (_, ["trace", _])
         | (_, ["reload"])
         | (_, ["cache", "flush"])
         | (_, ["sessions", "kick"])
         | (_, ["backends", _, _]) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /trace?user=&seconds=[&bodies=true]`: starts recording the user's sessions, the
+/// running ones and the ones that log in while it runs.
+fn start_trace(services: &Services, query: &Query) -> Response<Full<Bytes>> {
+    let Some(user) = query.get("user") else {
+        return text(StatusCode::BAD_REQUEST, "?user= is required\n");
+    };
+    let seconds = match query.get("seconds").map(str::parse::<u64>) {
+        None => 60,
+        Some(Ok(n)) if (1..=trace::MAX_SECONDS).contains(&n) => n,
+        Some(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "?seconds= must be a whole number from 1 to 3600\n",
+            );
+        }
+    };
+    let bodies = query.get("bodies") == Some("true");
+    let config = services.config();
+    let limits = config
+        .admin
+        .as_ref()
+        .map_or_else(crate::config::TraceLimits::default, |a| a.trace.clone());
+    let trace = match services
+        .traces
+        .start(&limits, user, Duration::from_secs(seconds), bodies)
+    {
+        Ok(trace) => trace,
+        Err(StartError::TooMany(n)) => {
+            return json(
+                StatusCode::TOO_MANY_REQUESTS,
+                serde_json::json!({ "error": format!("at most {n} traces run at once (admin.trace.max_active)") }),
+            );
+        }
+        Err(StartError::AlreadyTraced(id)) => {
+            return json(
+                StatusCode::CONFLICT,
+                serde_json::json!({ "error": "this user is traced already", "id": id }),
+            );
+        }
+        Err(StartError::BodiesNotAllowed) => {
+            return json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({ "error": "bodies=true needs admin.trace.allow_bodies: true" }),
+            );
+        }
+    };
+    let running = services.sessions.find(&Filter {
+        user: Some(user.to_string()),
+        ..Filter::default()
+    });
+    for s in &running {
+        s.trace.attach(
+            trace.clone(),
+            s.id,
+            &format!(
+                "joined: logged in earlier as {} from {} on backend {}",
+                s.user, s.client, s.backend
+            ),
+        );
+    }
+    info!(trace = %trace.id, user, seconds, bodies, sessions = running.len(), "trace started");
+    json(
+        StatusCode::CREATED,
+        serde_json::json!({
+            "id": trace.id,
+            "user": trace.user,
+            "seconds": seconds,
+            "bodies": bodies,
+            "sessions": running.len(),
+        }),
+    )
+}
+
+/// `GET /trace`: every trace still kept.
+fn traces(services: &Services) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = services
+        .traces
+        .list()
+        .iter()
+        .map(|t| {
+            let (text, truncated, sessions) = t.transcript();
+            serde_json::json!({
+                "id": t.id,
+                "user": t.user,
+                "running": t.is_running(),
+                "seconds_left": t.seconds_left(),
+                "sessions": sessions,
+                "bytes": text.len(),
+                "truncated": truncated,
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
+}
+
+/// `GET /trace/{id}`: the transcript so far, as text; whether it still runs in a header.
+fn trace_text(trace: &Trace) -> Response<Full<Bytes>> {
+    let (body, _, _) = trace.transcript();
+    let started = trace
+        .started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let head = format!(
+        "# trace {} of user {} from {} (Unix time), {}\n",
+        trace.id,
+        trace.user,
+        started,
+        if trace.is_running() {
+            "running"
+        } else {
+            "finished"
+        }
+    );
+    let mut response = Response::new(Full::new(Bytes::from(head + &body)));
+    let state = if trace.is_running() {
+        "running"
+    } else {
+        "finished"
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        hyper::header::HeaderName::from_static("imapgate-trace"),
+        hyper::header::HeaderValue::from_static(state),
+    );
+    response
 }
 
 /// Whether the request carries the configured token (or none is configured).

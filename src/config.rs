@@ -16,7 +16,7 @@ pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
     ConnectionRate, DnsConfig, HealthChecks, HttpLookup, LdapLookup, Limits, ListenerConfig,
     ListenerTls, LoginPenalty, Lookup, LookupCache, LookupSource, MetricsConfig, ProxyProtocol,
-    ReloadConfig, Routing, SendProxy, SqlLookup, Timeouts,
+    ReloadConfig, Routing, SendProxy, SqlLookup, Timeouts, TraceLimits,
 };
 
 use crate::imap::secret::Secret;
@@ -423,7 +423,13 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
                     ),
                 ));
             }
-            Some(AdminConfig { bind, token })
+            let t = &a.trace;
+            let trace = TraceLimits {
+                max_active: at_least(&v, "admin.trace.max_active", &t.max_active, 1)? as usize,
+                max_bytes: at_least(&v, "admin.trace.max_bytes", &t.max_bytes, 4096)? as usize,
+                allow_bodies: t.allow_bodies,
+            };
+            Some(AdminConfig { bind, token, trace })
         }
     };
     let h = &raw.health;

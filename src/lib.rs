@@ -26,6 +26,7 @@ pub mod shutdown;
 pub(crate) mod stream;
 pub(crate) mod tap;
 pub(crate) mod tls;
+pub(crate) mod trace;
 
 // The public façade, for the binaries, the integration tests and the benches; everything else
 // is the crate's own (so the compiler reports what nothing uses).

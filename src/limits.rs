@@ -7,8 +7,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::metrics::gauge::Gauge;
-
 /// The cap that refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -23,22 +21,6 @@ impl Limit {
             Limit::MaxConnections => "max_connections",
             Limit::PerIp => "per_ip",
         }
-    }
-}
-
-/// One open client connection in `imapgate_connections_active`, until dropped.
-pub struct OpenConnection(Gauge);
-
-impl OpenConnection {
-    pub fn new(gauge: &Gauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -15,8 +15,7 @@ use crate::Services;
 use crate::abuse::RateCheck;
 use crate::config::{Limits, ProxyProtocol};
 use crate::imap::response;
-use crate::limits::OpenConnection;
-use crate::metrics::{AcceptError, Rejection};
+use crate::metrics::{AcceptError, Held, Rejection};
 use crate::session::{self, Session, SessionId};
 use crate::shutdown::Shutdown;
 
@@ -105,7 +104,7 @@ pub async fn accept_loop(
                     snapshot,
                     services: services.clone(),
                     shutdown: shutdown.clone(),
-                    open: OpenConnection::new(&counters.open),
+                    open: Held::new(&counters.open),
                 };
                 // The session future itself, not wrapped: a wrapper would hold the arguments
                 // next to it for the session's whole life.

@@ -18,9 +18,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
-use crate::config::Config;
+use crate::config::{Config, ListenerTls};
 use crate::imap::sasl::Mechanism;
 use crate::imap::scan::{COMMAND_NAMES, CommandId, CommandSink, Completion};
 
@@ -63,6 +63,97 @@ macro_rules! label_values {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: String,
+}
+
+/// One unit of a gauge (an open connection, a logged-in session), given back when dropped.
+pub struct Held(Gauge);
+
+impl Held {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+label_values! {
+    /// How a client's TLS handshake ended.
+    pub enum TlsResult {
+        Ok => "ok",
+        Error => "error",
+        Timeout => "timeout",
+    }
+}
+
+label_values! {
+    /// The TLS version a handshake agreed on (`none` when it failed).
+    pub enum TlsVersion {
+        Tls12 => "TLSv1.2",
+        Tls13 => "TLSv1.3",
+        None => "none",
+    }
+}
+
+label_values! {
+    /// Whether a handshake resumed an earlier session (ticket or session id).
+    pub enum Resumed {
+        No => "false",
+        Yes => "true",
+    }
+}
+
+label_values! {
+    /// Whether a listener's session came in over TLS (implicit or after STARTTLS).
+    pub enum OverTls {
+        No => "false",
+        Yes => "true",
+    }
+}
+
+/// A client TLS handshake's outcome, as `imapgate_tls_handshakes_total` counts it.
+#[derive(Clone, Copy, Debug)]
+pub enum TlsOutcome {
+    Ok { version: TlsVersion, resumed: bool },
+    Error,
+    Timeout,
+}
+
+impl TlsOutcome {
+    fn labels(self) -> (TlsResult, TlsVersion, Resumed) {
+        match self {
+            TlsOutcome::Ok { version, resumed } => (
+                TlsResult::Ok,
+                version,
+                if resumed { Resumed::Yes } else { Resumed::No },
+            ),
+            TlsOutcome::Error => (TlsResult::Error, TlsVersion::None, Resumed::No),
+            TlsOutcome::Timeout => (TlsResult::Timeout, TlsVersion::None, Resumed::No),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsHandshakeLabels {
+    listener: String,
+    result: TlsResult,
+    version: TlsVersion,
+    resumed: Resumed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabels {
+    certificate: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerSessionLabels {
+    listener: String,
+    tls: OverTls,
 }
 
 label_values! {
@@ -423,11 +514,15 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
     config_info: Family<ConfigLabels, Gauge>,
+    tls_handshakes: Family<TlsHandshakeLabels, Counter>,
+    certificate_not_after: Family<CertificateLabels, Gauge>,
+    listener_sessions: Family<ListenerSessionLabels, Gauge>,
 }
 
 /// The families with a `backend` label; `Metrics::backend` hands out one backend's series.
 struct BackendFamilies {
     up: Family<BackendLabels, Gauge>,
+    in_service: Family<BackendLabels, Gauge>,
     attempts: Family<AttemptLabels, Counter>,
     sessions_active: Family<BackendLabels, Gauge>,
     commands: CommandFamilies,
@@ -457,6 +552,7 @@ pub struct BackendMetrics {
     login_duration: Histogram,
     connect_duration: Histogram,
     up: Gauge,
+    in_service: Gauge,
 }
 
 impl BackendMetrics {
@@ -477,6 +573,11 @@ impl BackendMetrics {
 
     pub fn set_up(&self, up: bool) {
         self.up.set(i64::from(up));
+    }
+
+    /// Whether the operator has the backend in service (mode active, weight above 0).
+    pub fn set_in_service(&self, in_service: bool) {
+        self.in_service.set(i64::from(in_service));
     }
 }
 
@@ -544,9 +645,10 @@ impl Metrics {
             failovers.clone(),
         );
         let login_duration = latency_histogram();
-        r.register(
-            "login_duration_seconds",
+        r.register_with_unit(
+            "login_duration",
             "From dialling the backend to its OK, for successful logins",
+            Unit::Seconds,
             login_duration.clone(),
         );
         let sessions_active = Family::<BackendLabels, Gauge>::default();
@@ -564,9 +666,10 @@ impl Metrics {
             r.register("commands", commands_help, commands.clone());
             let durations: HistogramFamily<BackendCommandDurationLabels> =
                 Family::new_with_constructor(latency_histogram);
-            r.register(
-                "command_duration_seconds",
+            r.register_with_unit(
+                "command_duration",
                 durations_help,
+                Unit::Seconds,
                 durations.clone(),
             );
             CommandFamilies::ByBackend {
@@ -578,9 +681,10 @@ impl Metrics {
             r.register("commands", commands_help, family.clone());
             let durations_family: HistogramFamily<CommandDurationLabels> =
                 Family::new_with_constructor(latency_histogram);
-            r.register(
-                "command_duration_seconds",
+            r.register_with_unit(
+                "command_duration",
                 durations_help,
+                Unit::Seconds,
                 durations_family.clone(),
             );
             CommandFamilies::Shared {
@@ -617,9 +721,10 @@ impl Metrics {
         );
         let duration_totals: HistogramFamily<BackendLabels> =
             Family::new_with_constructor(latency_histogram);
-        r.register(
-            "backend_command_duration_seconds",
+        r.register_with_unit(
+            "backend_command_duration",
             "Latency of all commands on each backend (IDLE excluded)",
+            Unit::Seconds,
             duration_totals.clone(),
         );
         let bytes_total = Family::<BytesLabels, Counter>::default();
@@ -630,10 +735,17 @@ impl Metrics {
             "1 when the last health checks found the backend greeting, else 0",
             backend_up.clone(),
         );
-        let backend_connect_duration = latency_histogram();
+        let backend_in_service = Family::<BackendLabels, Gauge>::default();
         r.register(
-            "backend_connect_duration_seconds",
+            "backend_in_service",
+            "1 when the operator has the backend in service (mode active and weight above 0), 0 when drained, in maintenance or weight 0",
+            backend_in_service.clone(),
+        );
+        let backend_connect_duration = latency_histogram();
+        r.register_with_unit(
+            "backend_connect_duration",
             "TCP connect time to backends, at login",
+            Unit::Seconds,
             backend_connect_duration.clone(),
         );
         let prelogin_rejections = Family::<ReasonLabels, Counter>::default();
@@ -708,9 +820,10 @@ impl Metrics {
         );
         let lookup_duration: HistogramFamily<SourceLabels> =
             Family::new_with_constructor(latency_histogram);
-        r.register(
-            "directory_lookup_duration_seconds",
+        r.register_with_unit(
+            "directory_lookup_duration",
             "Time a directory lookup took",
+            Unit::Seconds,
             lookup_duration.clone(),
         );
         let lookup_cache = Family::<CacheUses, Counter>::default();
@@ -746,9 +859,10 @@ impl Metrics {
             let _ = reloads.get_or_create(&ReloadLabels { result });
         }
         let last_reload_success = Gauge::<f64, AtomicU64>::default();
-        r.register(
-            "config_last_reload_success_timestamp_seconds",
+        r.register_with_unit(
+            "config_last_reload_success_timestamp",
             "When the configuration in use was loaded (start or reload), Unix time",
+            Unit::Seconds,
             last_reload_success.clone(),
         );
         let config_info = Family::<ConfigLabels, Gauge>::default();
@@ -758,8 +872,31 @@ impl Metrics {
             config_info.clone(),
         );
 
+        let tls_handshakes = Family::<TlsHandshakeLabels, Counter>::default();
+        r.register(
+            "tls_handshakes",
+            "Client TLS handshakes (implicit TLS and STARTTLS), by listener, result, version and resumption",
+            tls_handshakes.clone(),
+        );
+        let certificate_not_after = Family::<CertificateLabels, Gauge>::default();
+        r.register_with_unit(
+            "tls_certificate_not_after_timestamp",
+            "When each listener certificate expires, Unix time; certificate is `default` or its first SNI name",
+            Unit::Seconds,
+            certificate_not_after.clone(),
+        );
+        let listener_sessions = Family::<ListenerSessionLabels, Gauge>::default();
+        r.register(
+            "listener_sessions_active",
+            "Logged-in sessions by the listener they came in on and whether the client side is TLS",
+            listener_sessions.clone(),
+        );
+
         Metrics {
             registry,
+            tls_handshakes,
+            certificate_not_after,
+            listener_sessions,
             logins,
             failovers,
             abuse_tables,
@@ -769,6 +906,7 @@ impl Metrics {
             prelogin_rejections,
             backend: BackendFamilies {
                 up: backend_up,
+                in_service: backend_in_service,
                 attempts,
                 sessions_active,
                 commands,
@@ -904,25 +1042,57 @@ impl Metrics {
             login_duration: f.login_duration.clone(),
             connect_duration: f.connect_duration.clone(),
             up: f.up.get_or_create(&labels).clone(),
+            in_service: f.in_service.get_or_create(&labels).clone(),
         })
     }
 
-    /// A reload was tried; on success `hash` names the configuration now in use.
-    pub fn reloaded(&self, result: ReloadResult, hash: Option<&str>) {
+    /// A reload was tried (a successful one has installed its config already).
+    pub fn reloaded(&self, result: ReloadResult) {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
-        if let Some(hash) = hash {
-            self.config_in_use(hash);
-        }
     }
 
-    /// `hash` is in use from now on (at start and after each successful reload).
-    pub fn config_in_use(&self, hash: &str) {
+    /// `config` is in use from now on: its hash, its certificates' expiry, and its listeners'
+    /// TLS and session series (at 0, so rate() and dashboards have data from the start).
+    pub fn config_in_use(&self, config: &Config) {
         self.config_info.clear();
         self.config_info
             .get_or_create(&ConfigLabels {
-                hash: hash.to_string(),
+                hash: config.hash.clone(),
             })
             .set(1);
+        self.certificate_not_after.clear();
+        for (certificate, not_after) in config.tls.iter().flat_map(|tls| &tls.expiry) {
+            self.certificate_not_after
+                .get_or_create(&CertificateLabels {
+                    certificate: certificate.clone(),
+                })
+                .set(*not_after);
+        }
+        for l in &config.listeners {
+            let with_tls: &[OverTls] = match l.tls {
+                ListenerTls::Plain => &[OverTls::No],
+                ListenerTls::Starttls(_) => &[OverTls::No, OverTls::Yes],
+                ListenerTls::Implicit(_) => &[OverTls::Yes],
+            };
+            for &tls in with_tls {
+                let _ = self.listener_session(&l.name, tls);
+            }
+            if !matches!(l.tls, ListenerTls::Plain) {
+                let versions = [TlsVersion::Tls12, TlsVersion::Tls13];
+                let ok = versions.into_iter().flat_map(|version| {
+                    [false, true].map(|resumed| TlsOutcome::Ok { version, resumed })
+                });
+                for outcome in ok.chain([TlsOutcome::Error, TlsOutcome::Timeout]) {
+                    let (result, version, resumed) = outcome.labels();
+                    let _ = self.tls_handshakes.get_or_create(&TlsHandshakeLabels {
+                        listener: l.name.clone(),
+                        result,
+                        version,
+                        resumed,
+                    });
+                }
+            }
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
@@ -967,6 +1137,30 @@ impl Metrics {
     /// Handles for one abuse table's size and evictions.
     pub fn abuse_table(&self, table: AbuseTable) -> TableMetrics {
         self.abuse_tables[table.index()].clone()
+    }
+
+    /// A client TLS handshake on `listener` ended with `outcome`.
+    pub fn tls_handshake(&self, listener: &str, outcome: TlsOutcome) {
+        let (result, version, resumed) = outcome.labels();
+        self.tls_handshakes
+            .get_or_create(&TlsHandshakeLabels {
+                listener: listener.to_string(),
+                result,
+                version,
+                resumed,
+            })
+            .inc();
+    }
+
+    /// The gauge of logged-in sessions from `listener` with or without TLS (hold it with
+    /// `Held` for the session's life).
+    pub fn listener_session(&self, listener: &str, tls: OverTls) -> Gauge {
+        self.listener_sessions
+            .get_or_create(&ListenerSessionLabels {
+                listener: listener.to_string(),
+                tls,
+            })
+            .clone()
     }
 
     pub fn rejected(&self, reason: Rejection) {
@@ -1071,6 +1265,54 @@ mod tests {
         assert!(text.contains(
             "imapgate_commands_total{backend=\"mail7\",command=\"FETCH\",status=\"ok\"}"
         ));
+    }
+
+    /// TLS listeners get their handshake and session series at 0, each certificate its
+    /// expiry, and the timing metrics their OpenMetrics unit.
+    #[test]
+    fn tls_series_certificate_expiry_and_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["imap.example.net".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let yaml = format!(
+            "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:0\", tls: starttls }}\n  - {{ name: imaps, bind: \"127.0.0.1:0\", tls: implicit }}\ntls: {{ cert: \"{}\", key: \"{}\", sni: [ {{ names: [other.example.net], cert: \"{}\", key: \"{}\" }} ] }}\nbackends:\n  - {{ name: b, address: \"127.0.0.1:143\" }}\n",
+            cert_path.display(),
+            key_path.display(),
+            cert_path.display(),
+            key_path.display()
+        );
+        let config = crate::config::parse(&yaml, "test").unwrap();
+        let metrics = Metrics::new(&config);
+        metrics.config_in_use(&config);
+        metrics.tls_handshake(
+            "imaps",
+            TlsOutcome::Ok {
+                version: TlsVersion::Tls13,
+                resumed: true,
+            },
+        );
+        let text = metrics.encode_openmetrics();
+        // 2031-05-17T00:00:00Z
+        for line in [
+            "imapgate_tls_certificate_not_after_timestamp_seconds{certificate=\"default\"} 1936742400",
+            "imapgate_tls_certificate_not_after_timestamp_seconds{certificate=\"other.example.net\"} 1936742400",
+            "# UNIT imapgate_tls_certificate_not_after_timestamp_seconds seconds",
+            "# UNIT imapgate_login_duration_seconds seconds",
+            "# UNIT imapgate_command_duration_seconds seconds",
+            "imapgate_tls_handshakes_total{listener=\"imaps\",result=\"ok\",version=\"TLSv1.3\",resumed=\"true\"} 1",
+            "imapgate_tls_handshakes_total{listener=\"imap\",result=\"timeout\",version=\"none\",resumed=\"false\"} 0",
+            "imapgate_listener_sessions_active{listener=\"imap\",tls=\"false\"} 0",
+            "imapgate_listener_sessions_active{listener=\"imap\",tls=\"true\"} 0",
+            "imapgate_listener_sessions_active{listener=\"imaps\",tls=\"true\"} 0",
+        ] {
+            assert!(text.contains(line), "{line:?} missing:\n{text}");
+        }
+        assert!(!text.contains("listener=\"imaps\",tls=\"false\""));
     }
 
     #[test]

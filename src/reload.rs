@@ -45,11 +45,11 @@ pub async fn reload(services: &Services) -> Result<String, ReloadError> {
             let hash = new.hash.clone();
             let changed = hash != old.hash;
             services.install(new.clone());
-            services.metrics.reloaded(ReloadResult::Ok, Some(&hash));
+            services.metrics.reloaded(ReloadResult::Ok);
             info!(config = %new.source, %hash, changed, "configuration reloaded");
         }
         Err(e) => {
-            services.metrics.reloaded(ReloadResult::Error, None);
+            services.metrics.reloaded(ReloadResult::Error);
             error!(error = %e, "configuration not reloaded; the old one stays in use");
         }
     }

@@ -21,6 +21,7 @@ use crate::limits::ConnectionCaps;
 use crate::metrics::{BackendMetrics, Metrics};
 use crate::session::table::SessionTable;
 use crate::shutdown::Shutdown;
+use crate::trace::Traces;
 
 /// One configuration and the live state of its backends, indexed like `config.backends`.
 pub(crate) struct Snapshot {
@@ -57,6 +58,7 @@ pub struct Services {
     /// One reload at a time.
     pub(crate) reloading: tokio::sync::Mutex<()>,
     pub(crate) abuse: Arc<Abuse>,
+    pub(crate) traces: Traces,
 }
 
 impl Services {
@@ -65,7 +67,7 @@ impl Services {
         let states = BackendStates::default();
         let directory_cache = Arc::new(Cache::default());
         let snapshot = snapshot(config.clone(), &states, &directory_cache, &metrics);
-        metrics.config_in_use(&config.hash);
+        metrics.config_in_use(&config);
         Arc::new(Services {
             generation: watch::Sender::new(0),
             abuse: Abuse::new(&metrics),
@@ -76,6 +78,7 @@ impl Services {
             directory_cache,
             metrics,
             reloading: tokio::sync::Mutex::new(()),
+            traces: Traces::default(),
         })
     }
 
@@ -93,7 +96,7 @@ impl Services {
     pub(crate) fn install(&self, config: Arc<Config>) {
         self.caps
             .set(config.limits.max_connections, config.limits.per_ip);
-        self.metrics.config_in_use(&config.hash);
+        self.metrics.config_in_use(&config);
         let snapshot = snapshot(config, &self.states, &self.directory_cache, &self.metrics);
         self.current.store(Arc::new(snapshot));
         self.generation.send_modify(|g| *g += 1);

@@ -24,8 +24,8 @@ use crate::abuse::UserSession;
 use crate::config::{ListenerConfig, ListenerTls, ProxyProtocol};
 use crate::imap::response;
 use crate::imap::scan::Observer;
-use crate::limits::{OpenConnection, Permit};
-use crate::metrics::{BackendMetrics, Rejection};
+use crate::limits::Permit;
+use crate::metrics::{BackendMetrics, Held, OverTls, Rejection, TlsOutcome, TlsVersion};
 use crate::proxy_header;
 use crate::services::{Services, Snapshot};
 use crate::shutdown::Shutdown;
@@ -55,7 +55,7 @@ pub struct Session {
     pub services: Arc<Services>,
     pub shutdown: Shutdown,
     /// Counted as open until the session ends.
-    pub open: OpenConnection,
+    pub open: Held,
 }
 
 impl Session {
@@ -261,8 +261,24 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
         };
         let client_id = prelogin.client_id();
         let attempt = prelogin.attempt();
-        match login::route_and_dial(client, session, &tag, &credentials, client_id, attempt).await?
-        {
+        let attempted =
+            login::route_and_dial(client, session, &tag, &credentials, client_id, attempt).await?;
+        if !matches!(attempted, LoginAttempt::LoggedIn(_)) {
+            let user = credentials.routing_user();
+            if let Some(trace) = session.services.traces.of_user(user) {
+                let login = login::login_line(&tag, credentials.mechanism, user);
+                let why = match attempted {
+                    LoginAttempt::Rejected => "rejected",
+                    LoginAttempt::OverLimit => "refused by limits.per_user",
+                    _ => "unavailable",
+                };
+                trace.note(
+                    session.id,
+                    &format!("login from {} failed ({why}): {login}", session.peer),
+                );
+            }
+        }
+        match attempted {
             LoginAttempt::LoggedIn(mut authenticated) => {
                 client.flush().await?;
                 authenticated.client_buffered = prelogin.take_buffered();
@@ -290,7 +306,8 @@ struct LoggedInSession {
     _registration: Registration,
     _permit: Permit,
     _user_session: Option<UserSession>,
-    _open: OpenConnection,
+    _open: Held,
+    _listener_session: Held,
 }
 
 impl LoggedInSession {
@@ -313,7 +330,28 @@ impl LoggedInSession {
             session.shutdown.cut.child_token(),
         ));
         let registration = services.sessions.register(live.clone());
+        if let Some(trace) = services.traces.of_user(&live.user) {
+            let login = login::login_line(&authenticated.tag, authenticated.mechanism, &live.user);
+            live.trace.attach(
+                trace,
+                session.id,
+                &format!(
+                    "logged in from {} on backend {}: {login}",
+                    session.peer, live.backend
+                ),
+            );
+        }
         metrics.sessions_active.inc();
+        let tls = if client.is_tls() {
+            OverTls::Yes
+        } else {
+            OverTls::No
+        };
+        let listener_session = Held::new(
+            &services
+                .metrics
+                .listener_session(&session.listener().name, tls),
+        );
         let tap = SessionTap {
             commands: Observer::new(metrics.clone()),
             live: live.clone(),
@@ -339,6 +377,7 @@ impl LoggedInSession {
             _permit: permit,
             _user_session: authenticated.user_session,
             _open: session.open,
+            _listener_session: listener_session,
         }
     }
 
@@ -359,6 +398,9 @@ impl LoggedInSession {
     /// Closes both sockets, reports the commands still in flight, logs the end.
     fn end(self, ended_by: &str) {
         drop(self.relay);
+        if self.live.trace.armed() {
+            self.live.trace.end(ended_by);
+        }
         self.metrics.sessions_active.dec();
         let bytes = &self.live.bytes;
         info!(
@@ -402,6 +444,9 @@ impl Tap for SessionTap {
     fn observe(&mut self, way: Way, bytes: &[u8]) {
         self.count(way, bytes.len());
         self.commands.observe(way, bytes);
+        if self.live.trace.armed() {
+            self.live.trace.observe(way, bytes);
+        }
         self.live.touch(
             std::time::SystemTime::now(),
             self.commands.oldest_in_flight(),
@@ -419,6 +464,9 @@ impl Tap for SessionTap {
     fn passed_unseen(&mut self, way: Way, n: usize) {
         self.count(way, n);
         self.commands.passed_unseen(way, n);
+        if self.live.trace.armed() {
+            self.live.trace.passed_unseen(way, n);
+        }
         self.live.touch(
             std::time::SystemTime::now(),
             self.commands.oldest_in_flight(),
@@ -577,16 +625,30 @@ async fn tls_handshake(
 ) -> Option<Stream> {
     // Boxed, like the backend side's: plain sessions do not carry the handshake's state.
     let handshake = Box::pin(tls.acceptor().accept(tcp));
+    let metrics = &session.services.metrics;
+    let listener = &session.listener().name;
     match tokio::time::timeout_at(deadline, handshake).await {
-        Ok(Ok(stream)) => Some(Stream::ServerTls(Box::new(stream))),
+        Ok(Ok(stream)) => {
+            let (_, connection) = stream.get_ref();
+            let version = match connection.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::Tls12,
+                Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::Tls13,
+                _ => TlsVersion::None,
+            };
+            let resumed = connection.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            metrics.tls_handshake(listener, TlsOutcome::Ok { version, resumed });
+            Some(Stream::ServerTls(Box::new(stream)))
+        }
         Ok(Err(error)) => {
             debug!(session = %session.id, %error, "TLS handshake failed");
-            session.services.metrics.rejected(Rejection::TlsHandshake);
+            metrics.tls_handshake(listener, TlsOutcome::Error);
+            metrics.rejected(Rejection::TlsHandshake);
             None
         }
         Err(_) => {
             debug!(session = %session.id, "TLS handshake timed out");
-            session.services.metrics.rejected(Rejection::TlsHandshake);
+            metrics.tls_handshake(listener, TlsOutcome::Timeout);
+            metrics.rejected(Rejection::TlsHandshake);
             None
         }
     }
@@ -615,7 +677,7 @@ mod tests {
             snapshot: services.snapshot(),
             services,
             shutdown: Shutdown::new(),
-            open: OpenConnection::new(&Default::default()),
+            open: Held::new(&Default::default()),
         };
         let future = handle(tcp, session, permit);
         let size = std::mem::size_of_val(&future);

@@ -37,6 +37,9 @@ pub struct CertSource {
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     resolver: Arc<CertResolver>,
+    /// Each certificate's name (`default`, or the first SNI name it serves) and when it
+    /// expires (Unix seconds), for `imapgate_tls_certificate_not_after_timestamp_seconds`.
+    pub expiry: Vec<(String, i64)>,
 }
 
 impl fmt::Debug for ServerTls {
@@ -53,6 +56,17 @@ impl ServerTls {
         let mut sources = vec![default];
         sources.extend(sni);
         let set = CertSet::load(&sources)?;
+        let expiry = sources
+            .iter()
+            .zip(set.leaves())
+            .map(|(source, leaf)| {
+                let name = source.names.first().map_or("default", String::as_str);
+                Ok((
+                    name.to_string(),
+                    not_after(leaf).map_err(|e| format!("{}: {e}", source.cert.display()))?,
+                ))
+            })
+            .collect::<Result<_, String>>()?;
         let resolver = Arc::new(CertResolver {
             sources,
             current: set,
@@ -67,6 +81,7 @@ impl ServerTls {
         Ok(ServerTls {
             config: Arc::new(config),
             resolver,
+            expiry,
         })
     }
 
@@ -95,6 +110,8 @@ impl ResolvesServerCert for CertResolver {
 struct CertSet {
     default: Arc<CertifiedKey>,
     by_name: HashMap<String, Arc<CertifiedKey>>,
+    /// Every source's key, in the order of the sources.
+    all: Vec<Arc<CertifiedKey>>,
 }
 
 impl CertSet {
@@ -105,14 +122,33 @@ impl CertSet {
             .map(|s| Ok::<_, String>((s, Arc::new(certified_key(&provider, s)?))));
         let (_, default) = loaded.next().ok_or("no certificate")??;
         let mut by_name = HashMap::new();
+        let mut all = vec![default.clone()];
         for entry in loaded {
             let (source, key) = entry?;
             for name in &source.names {
                 by_name.insert(name.to_ascii_lowercase(), key.clone());
             }
+            all.push(key);
         }
-        Ok(CertSet { default, by_name })
+        Ok(CertSet {
+            default,
+            by_name,
+            all,
+        })
     }
+
+    /// Each source's leaf certificate (the first of its chain), in the order of the sources.
+    fn leaves(&self) -> impl Iterator<Item = &CertificateDer<'static>> {
+        // certified_key() refuses an empty chain.
+        self.all.iter().filter_map(|key| key.cert.first())
+    }
+}
+
+/// A certificate's `notAfter`, in Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    Ok(parsed.validity().not_after.timestamp())
 }
 
 fn certified_key(provider: &CryptoProvider, source: &CertSource) -> Result<CertifiedKey, String> {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -80,6 +80,8 @@ pub(crate) struct BackendState {
     addresses: ArcSwap<Vec<SocketAddr>>,
     health: AtomicU8,
     mode: AtomicU8,
+    /// `weight: 0` in the config in use (kept with the mode for `backend_in_service`).
+    weightless: AtomicBool,
     pub(crate) metrics: Arc<BackendMetrics>,
 }
 
@@ -92,6 +94,7 @@ impl BackendState {
             address,
             health: AtomicU8::new(0),
             mode: AtomicU8::new(mode.as_u8()),
+            weightless: AtomicBool::new(false),
             metrics,
         }
     }
@@ -99,7 +102,9 @@ impl BackendState {
     /// A backend the directory named by address only (not configured): active, health
     /// unknown, its series shared with every such backend (`backend="dynamic"`).
     pub(crate) fn dynamic(address: &str, metrics: Arc<BackendMetrics>) -> Self {
-        BackendState::new(address.into(), address.into(), Mode::Active, metrics)
+        let state = BackendState::new(address.into(), address.into(), Mode::Active, metrics);
+        state.show_in_service();
+        state
     }
 
     #[cfg(test)]
@@ -151,7 +156,20 @@ impl BackendState {
 
     /// The previous mode.
     pub(crate) fn set_mode(&self, mode: Mode) -> Mode {
-        Mode::from_u8(self.mode.swap(mode.as_u8(), Ordering::Relaxed))
+        let old = Mode::from_u8(self.mode.swap(mode.as_u8(), Ordering::Relaxed));
+        self.show_in_service();
+        old
+    }
+
+    fn set_weight(&self, weight: u32) {
+        self.weightless.store(weight == 0, Ordering::Relaxed);
+        self.show_in_service();
+    }
+
+    fn show_in_service(&self) {
+        self.metrics.set_in_service(
+            self.mode() == Mode::Active && !self.weightless.load(Ordering::Relaxed),
+        );
     }
 
     /// Whether a new login may go here: active, and not known to be down.
@@ -195,6 +213,9 @@ impl BackendStates {
                 }
             })
             .collect();
+        for (state, backend) in states.iter().zip(&config.backends) {
+            state.set_weight(backend.weight);
+        }
         *by_name = states.iter().map(|s| (s.name.clone(), s.clone())).collect();
         states
     }
@@ -206,6 +227,33 @@ mod tests {
 
     fn config(backends: &str) -> Config {
         crate::config::parse(&format!("backends:\n{backends}"), "test").unwrap()
+    }
+
+    /// `imapgate_backend_in_service`: 1 only while active with a weight; follows the mode
+    /// and a reload's weight.
+    #[test]
+    fn in_service_follows_mode_and_weight() {
+        let metrics = Metrics::new(&config("  - { name: a, address: \"h:1\" }\n"));
+        let states = BackendStates::default();
+        let in_service = |metrics: &Metrics| {
+            let text = metrics.encode_prometheus();
+            text.lines()
+                .find_map(|l| l.strip_prefix("imapgate_backend_in_service{backend=\"a\"} "))
+                .map(str::to_string)
+        };
+        let a = states.for_config(&config("  - { name: a, address: \"h:1\" }\n"), &metrics);
+        assert_eq!(in_service(&metrics).as_deref(), Some("1"));
+        a[0].set_mode(Mode::Draining);
+        assert_eq!(in_service(&metrics).as_deref(), Some("0"));
+        a[0].set_mode(Mode::Active);
+        assert_eq!(in_service(&metrics).as_deref(), Some("1"));
+        states.for_config(
+            &config(
+                "  - { name: a, address: \"h:1\", weight: 0 }\n  - { name: b, address: \"h:2\" }\n",
+            ),
+            &metrics,
+        );
+        assert_eq!(in_service(&metrics).as_deref(), Some("0"));
     }
 
     #[test]

@@ -155,6 +155,30 @@ pub struct AdminFile {
     /// A file holding the bearer token the protected endpoints require.
     #[serde(default)]
     pub token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trace: TraceFile,
+}
+
+/// `admin.trace`: the bounds of per-user traces (`POST /trace`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceFile {
+    /// Traces running at once.
+    pub max_active: Spanned<u32>,
+    /// Octets of transcript one trace keeps.
+    pub max_bytes: Spanned<u32>,
+    /// Whether `bodies=true` may record message data.
+    pub allow_bodies: bool,
+}
+
+impl Default for TraceFile {
+    fn default() -> Self {
+        TraceFile {
+            max_active: unspanned(4),
+            max_bytes: unspanned(1 << 20),
+            allow_bodies: false,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

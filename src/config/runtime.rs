@@ -40,6 +40,27 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Required by the endpoints that change state or show users (`None`: open, loopback only).
     pub token: Option<AdminToken>,
+    pub trace: TraceLimits,
+}
+
+/// `admin.trace`: how many per-user traces may run, how much each keeps, whether message
+/// bodies may be recorded.
+#[derive(Debug, Clone)]
+pub struct TraceLimits {
+    pub max_active: usize,
+    pub max_bytes: usize,
+    pub allow_bodies: bool,
+}
+
+impl Default for TraceLimits {
+    /// As `admin.trace` defaults to.
+    fn default() -> Self {
+        TraceLimits {
+            max_active: 4,
+            max_bytes: 1 << 20,
+            allow_bodies: false,
+        }
+    }
 }
 
 /// The admin bearer token. Never printed; compared in constant time.

@@ -6,7 +6,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 pub fn register(registry: &mut Registry) {
     registry.register_collector(Box::new(ProcessCollector));
@@ -72,46 +72,59 @@ fn max_fds() -> Option<i64> {
 
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     unit: Option<&Unit>,
+                     value: i64| {
             let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+            g.encode(encoder.encode_descriptor(name, help, unit, g.metric_type())?)
         };
         if let Some(s) = sample() {
             let cpu = ConstCounter::new(s.cpu_seconds);
             cpu.encode(encoder.encode_descriptor(
-                "process_cpu_seconds",
+                "process_cpu",
                 "User and system CPU time spent, in seconds",
-                None,
+                Some(&Unit::Seconds),
                 cpu.metric_type(),
             )?)?;
             gauge(
                 &mut encoder,
-                "process_resident_memory_bytes",
+                "process_resident_memory",
                 "Resident memory size in bytes",
+                Some(&Unit::Bytes),
                 s.resident_bytes,
             )?;
             gauge(
                 &mut encoder,
-                "process_virtual_memory_bytes",
+                "process_virtual_memory",
                 "Virtual memory size in bytes",
+                Some(&Unit::Bytes),
                 s.virtual_bytes,
             )?;
             let start = ConstGauge::new(s.start_time_seconds);
             start.encode(encoder.encode_descriptor(
-                "process_start_time_seconds",
+                "process_start_time",
                 "Start time of the process since the Unix epoch, in seconds",
-                None,
+                Some(&Unit::Seconds),
                 start.metric_type(),
             )?)?;
         }
         if let Some(n) = open_fds() {
-            gauge(&mut encoder, "process_open_fds", "Open file descriptors", n)?;
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                n,
+            )?;
         }
         if let Some(n) = max_fds() {
             gauge(
                 &mut encoder,
                 "process_max_fds",
                 "Limit of open file descriptors",
+                None,
                 n,
             )?;
         }

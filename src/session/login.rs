@@ -19,7 +19,7 @@ use crate::backend::state::BackendState;
 use crate::config::{Backend, LookupFallback};
 use crate::directory::{Decision, Query, Why};
 use crate::imap::response::{self, Status};
-use crate::imap::sasl::Credentials;
+use crate::imap::sasl::{Credentials, Mechanism};
 use crate::metrics::{AttemptResult, LoginResult, Rejection};
 use crate::route;
 use crate::services::Snapshot;
@@ -52,6 +52,19 @@ pub struct Authenticated {
     pub client_buffered: Vec<u8>,
     /// The session's place under `limits.per_user` (`None` when unlimited), held while it runs.
     pub user_session: Option<UserSession>,
+    /// How the client logged in, and its tag, for a trace's first line.
+    pub mechanism: Mechanism,
+    pub tag: String,
+}
+
+/// A login as a trace shows it: tag, command and user, never a credential.
+pub fn login_line(tag: &str, mechanism: Mechanism, user: &str) -> String {
+    let command = match mechanism {
+        Mechanism::Login => "LOGIN",
+        Mechanism::Plain => "AUTHENTICATE PLAIN",
+        Mechanism::SaslLogin => "AUTHENTICATE LOGIN",
+    };
+    format!("{tag} {command} as {user} [credentials not recorded]")
 }
 
 /// A backend a login may try: a configured one, or one the directory named by address.
@@ -319,6 +332,8 @@ async fn dial_targets(
                     user: user.to_string(),
                     client_buffered: Vec::new(),
                     user_session,
+                    mechanism: credentials.mechanism,
+                    tag: tag.to_string(),
                 })));
             }
             Ok(LoginOutcome::Rejected { tagged_rest }) => {

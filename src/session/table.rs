@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::SessionId;
 use crate::imap::response;
 use crate::imap::scan::{COMMAND_NAMES, CommandId};
+use crate::trace::TraceSlot;
 
 /// Octets relayed so far each way (as read from the sending side); the relay's tap adds to
 /// them, `/sessions` reads them while the session runs.
@@ -62,6 +63,8 @@ pub struct LiveSession {
     pub command: AtomicU8,
     kick: CancellationToken,
     kick_reason: OnceLock<Kick>,
+    /// Where a per-user trace records this session (`POST /trace`).
+    pub trace: TraceSlot,
 }
 
 impl LiveSession {
@@ -86,6 +89,7 @@ impl LiveSession {
             command: AtomicU8::new(0),
             kick,
             kick_reason: OnceLock::new(),
+            trace: TraceSlot::default(),
         }
     }
 

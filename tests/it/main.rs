@@ -26,3 +26,4 @@ mod replicas;
 mod secrets;
 mod support;
 mod tls;
+mod trace;

@@ -7,7 +7,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use tokio::process::Command;
 
 use crate::support::dovecot::{self, Dovecot};
-use crate::support::{DEADLINE, LogLines, Raw, free_port, http_get};
+use crate::support::{DEADLINE, LogLines, Raw, free_port, http, http_get};
 
 #[tokio::test]
 async fn no_secret_reaches_a_log_or_an_endpoint() {
@@ -21,7 +21,7 @@ async fn no_secret_reaches_a_log_or_an_endpoint() {
     std::fs::write(
         &path,
         format!(
-            "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\nadmin: {{ bind: \"127.0.0.1:{admin_port}\" }}\ntimeouts: {{ shutdown_grace: 500ms }}\nlimits: {{ login_penalty: {{ base: 0s }} }}\nbackends:\n  - {{ name: b1, address: \"{}\", forward_id: true }}\n",
+            "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\nadmin: {{ bind: \"127.0.0.1:{admin_port}\", trace: {{ max_active: 8 }} }}\ntimeouts: {{ shutdown_grace: 500ms }}\nlimits: {{ login_penalty: {{ base: 0s }} }}\nbackends:\n  - {{ name: b1, address: \"{}\", forward_id: true }}\n",
             b1.address()
         ),
     )
@@ -37,6 +37,15 @@ async fn no_secret_reaches_a_log_or_an_endpoint() {
     let mut logs = LogLines::new(child.stderr.take().unwrap());
     logs.wait_for("listening").await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    // Every user is traced while logging in, so the traces are checked too.
+    let mut traces = Vec::new();
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        let (status, body) = http(admin, "POST", &format!("/trace?user={user}"), None).await;
+        assert_eq!(status, 201, "{body}");
+        let started: serde_json::Value = serde_json::from_str(&body).unwrap();
+        traces.push(started["id"].as_str().unwrap().to_string());
+    }
 
     let plain =
         |authz: &str, user: &str, pass: &str| B64.encode(format!("{authz}\0{user}\0{pass}"));
@@ -116,12 +125,19 @@ async fn no_secret_reaches_a_log_or_an_endpoint() {
         }
         open.push(c);
     }
-    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
     let (_, metrics) = http_get(admin, "/metrics").await;
     let (_, sessions_json) = http_get(admin, "/sessions").await;
     assert!(
         sessions_json.contains("alice"),
         "the sessions are there: {sessions_json}"
+    );
+    let mut trace_text = String::new();
+    for id in &traces {
+        trace_text += &http_get(admin, &format!("/trace/{id}")).await.1;
+    }
+    assert!(
+        trace_text.contains("AUTHENTICATE PLAIN as erin") && trace_text.contains("SELECT INBOX"),
+        "the traces recorded the sessions: {trace_text}"
     );
     drop(open);
     unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
@@ -136,6 +152,7 @@ async fn no_secret_reaches_a_log_or_an_endpoint() {
             ("log", &log),
             ("/metrics", &metrics),
             ("/sessions", &sessions_json),
+            ("a trace", &trace_text),
         ] {
             assert!(!text.contains(secret), "{secret:?} appears in {place}");
         }

@@ -316,7 +316,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
                 let line: Vec<u8> = self.buf.drain(..=i).collect();
                 return Some(String::from_utf8_lossy(&line).into_owned());
             }
-            let mut chunk = [0u8; 65536];
+            // On the heap: an array would make every future that reads a line 64 KiB larger
+            // (a test's future holds many; a debug build's test thread stack is 2 MiB).
+            let mut chunk = vec![0u8; 65536];
             let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
                 .await
                 .expect("read deadline: the peer said nothing")
