@@ -261,3 +261,67 @@ pub fn observe(steps: &[(crate::Way, &[u8])], reads: Reads) -> Vec<Observation> 
     }
     recorder.0.into_inner().unwrap()
 }
+
+/// The oracle for the observer: the commands imap-codec finds in a client stream `client`,
+/// re-encoded with every literal non-synchronizing (the observer counts a synchronizing
+/// literal as sent only after the backend's `+`, which a client-only stream does not have),
+/// and their names as the observer's table spells them. `None` unless `client` is whole
+/// commands only and the observer would see each as one: none whose next octets are not
+/// commands to a codec (AUTHENTICATE, IDLE, COMPRESS, STARTTLS), every tag at most
+/// `TAG_MAX` octets and the name within the first `HEAD_MAX` octets of its line.
+pub fn codec_commands(client: &[u8]) -> Option<(Vec<u8>, Vec<&'static str>)> {
+    use crate::imap::scan::{CommandId, HEAD_MAX, TAG_MAX};
+    use imap_codec::CommandCodec;
+    use imap_codec::decode::Decoder;
+    use imap_codec::encode::{Encoder, Fragment};
+    use imap_codec::imap_types::command::CommandBody;
+    use imap_codec::imap_types::core::LiteralMode;
+
+    let codec = CommandCodec::default();
+    let (mut rest, mut stream, mut names) = (client, Vec::new(), Vec::new());
+    while !rest.is_empty() {
+        let (after, command) = codec.decode(rest).ok()?;
+        if matches!(
+            command.body,
+            CommandBody::Authenticate { .. }
+                | CommandBody::Idle
+                | CommandBody::Compress { .. }
+                | CommandBody::StartTLS
+        ) {
+            return None;
+        }
+        let start = stream.len();
+        for fragment in codec.encode(&command) {
+            match fragment {
+                Fragment::Line { data } => stream.extend_from_slice(&data),
+                Fragment::Literal { data, mode } => {
+                    if mode == LiteralMode::Sync {
+                        // `{n}\r\n` becomes `{n+}\r\n`.
+                        if !stream.ends_with(b"}\r\n") {
+                            return None;
+                        }
+                        let at = stream.len() - 3;
+                        stream.insert(at, b'+');
+                    }
+                    stream.extend_from_slice(&data);
+                }
+            }
+        }
+        let line = &stream[start..];
+        let head = &line[..line.len().min(HEAD_MAX)];
+        let mut words = head.split(|&b| b == b' ' || b == b'\r');
+        let (tag, first, second) = (
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+        );
+        // The head must hold the whole name: the second word too, for UID commands.
+        let name_end = tag.len() + 1 + first.len() + 1 + second.len();
+        if tag.len() > TAG_MAX || name_end >= head.len() {
+            return None;
+        }
+        names.push(CommandId::lookup(first, second).name());
+        rest = after;
+    }
+    Some((stream, names))
+}

@@ -30,13 +30,13 @@ use crate::tap::{Tap, Way};
 
 /// Octets of a logical line's start that are kept: enough for a tracked tag (`TAG_MAX`) and
 /// the longest two-word name (`UID EXPUNGE`).
-const HEAD_MAX: usize = 48;
+pub(crate) const HEAD_MAX: usize = 48;
 /// Octets kept from the end of an unfinished physical line, to find `{n}` across reads.
 const TAIL_MAX: usize = 24;
 /// Commands in flight per session before the oldest are given up.
 pub const IN_FLIGHT_MAX: usize = 128;
 /// Longest tag tracked; a longer one is still relayed, but its command is not timed.
-const TAG_MAX: usize = 32;
+pub(crate) const TAG_MAX: usize = 32;
 
 /// Command names with a metric of their own: RFC 9051 and RFC 3501 plus common extensions.
 /// Anything else is `other`. Index 0 is `other`.
