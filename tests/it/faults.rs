@@ -484,6 +484,41 @@ async fn blackholed_backend_at_login_fails_over_within_the_connect_timeout() {
     gate.stop().await;
 }
 
+/// The connection to the user's backend is made but its greeting never arrives (every
+/// segment carrying it is lost): the login goes on to the next backend after
+/// `backend_greeting`, and the half-open attempt is freed.
+#[tokio::test]
+async fn lost_greeting_fails_over_within_the_greeting_timeout() {
+    let Some(b) = backends() else { return };
+    let gate = Gate::start(&b, true, QUIET).await;
+    let mut bob = healthy(&gate).await;
+    let baseline = gate.baseline().await;
+    let rss = gate.rss_kib();
+
+    b.ns.drop_outgoing("* OK");
+    let started = Instant::now();
+    let mut c = gate.connect().await;
+    c.login("alice", "alice-secret").await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        c.backend().await,
+        "near",
+        "failed over to the healthy backend"
+    );
+    assert!(
+        elapsed >= GREETING && elapsed < CONNECT + GREETING + SLACK,
+        "the login waited one greeting timeout ({GREETING:?}): {elapsed:?}"
+    );
+    check_healthy(&mut bob, "h1").await;
+    let metrics = gate.metrics().await;
+    assert_eq!(sample(&metrics, "imapgate_failovers_total", ""), Some(1.0));
+    c.send("z LOGOUT\r\n").await;
+    c.rest().await;
+    gate.settled("alice", 1, baseline, rss).await;
+    check_healthy(&mut bob, "h2").await;
+    gate.stop().await;
+}
+
 /// The link dies just as the credentials go out (the segment carrying the password and every
 /// later one are lost): the login fails with `NO [UNAVAILABLE]` after `backend_login`, the
 /// credentials are not replayed to `near` (failover is on), and the dead attempt is freed.
@@ -495,7 +530,7 @@ async fn credentials_lost_on_the_way_fail_the_login_within_the_login_timeout() {
     let baseline = gate.baseline().await;
     let rss = gate.rss_kib();
 
-    b.ns.drop_payload("alice-secret");
+    b.ns.drop_incoming("alice-secret");
     let started = Instant::now();
     let mut c = gate.connect().await;
     c.line().await.unwrap();

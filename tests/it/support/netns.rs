@@ -10,8 +10,8 @@
 //! Faults, all inside the namespace, on its veth only:
 //! - `blackhole`: every packet in and out dropped (what 100 % loss or a dead link does: nothing
 //!   arrives, nothing is refused);
-//! - `drop_payload`: packets carrying some octets dropped (a link that dies just as those are
-//!   sent, e.g. the credentials);
+//! - `drop_incoming` / `drop_outgoing`: packets carrying some octets dropped (a link that dies
+//!   just as those are sent, e.g. the credentials or the greeting);
 //! - `reset`: the namespace's TCP connections aborted with `ss -K`, which sends a RST;
 //! - `delay`: every packet coming into the namespace held for a while before it is delivered
 //!   (latency).
@@ -153,11 +153,20 @@ impl Netns {
 
     /// Drops packets coming into the namespace that carry `octets` (until `heal`): TCP
     /// retransmits them as they were, so the connection is dead from the first such segment on.
-    pub fn drop_payload(&self, octets: &str) {
+    pub fn drop_incoming(&self, octets: &str) {
+        self.drop_carrying("INPUT", "-i", octets);
+    }
+
+    /// Drops packets leaving the namespace that carry `octets` (until `heal`), likewise.
+    pub fn drop_outgoing(&self, octets: &str) {
+        self.drop_carrying("OUTPUT", "-o", octets);
+    }
+
+    fn drop_carrying(&self, chain: &str, interface: &str, octets: &str) {
         self.iptables(&[
             "-I",
-            "INPUT",
-            "-i",
+            chain,
+            interface,
             &self.inner,
             "-p",
             "tcp",
