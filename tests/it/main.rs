@@ -12,6 +12,7 @@ mod deploy;
 mod directory;
 mod directory_ldap;
 mod directory_sql;
+mod faults;
 mod fd_limit;
 mod image;
 mod interop;

@@ -5,6 +5,7 @@ pub mod courier;
 pub mod cyrus;
 pub mod dns;
 pub mod dovecot;
+pub mod netns;
 pub mod pki;
 pub mod postgres;
 pub mod slapd;
@@ -387,6 +388,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
             "exactly one Backend-* mailbox: {untagged:?}"
         );
         names[0].to_string()
+    }
+
+    /// What was read from the stream and not returned yet (to read on from `stream` itself).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
     }
 
     /// Reads until the peer closes; returns what came.

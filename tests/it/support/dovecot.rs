@@ -5,7 +5,7 @@
 //! has one mailbox named `Backend-<instance name>`: a LIST through the proxy shows on which
 //! backend a session really landed.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,9 +50,14 @@ pub struct Options {
     /// LITERAL- instead of LITERAL+ (`imap_literal_minus`): a backend a login must be replayed
     /// to with synchronizing literals.
     pub literal_minus: bool,
+    /// Run inside this network namespace (`ip netns exec`), listening on this address of it
+    /// instead of 127.0.0.1 (`support::netns`). Plain IMAP only.
+    pub netns: Option<(String, Ipv4Addr)>,
 }
 
 pub struct Dovecot {
+    /// The address it listens on (127.0.0.1, or its namespace's address).
+    pub host: Ipv4Addr,
     pub port: u16,
     /// Implicit TLS, with `Options::tls`.
     pub imaps_port: Option<u16>,
@@ -97,9 +102,14 @@ impl Dovecot {
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
         let port = free_port();
+        let host = options
+            .netns
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST, |(_, a)| *a);
         let mut conf = TEMPLATE
             .replace("@DIR@", &root.display().to_string())
-            .replace("@PORT@", &port.to_string());
+            .replace("@PORT@", &port.to_string())
+            .replace("127.0.0.1", &host.to_string());
         let mut imaps_port = None;
         if let Some((cert, key)) = &options.tls {
             let p = free_port();
@@ -143,7 +153,16 @@ impl Dovecot {
         std::fs::write(root.join("passwd"), passwd).map_err(|e| e.to_string())?;
         chown_tree(&root.join("mail")).map_err(|e| e.to_string())?;
 
-        let child = Command::new("/usr/sbin/dovecot")
+        // In a namespace: `ip netns exec` enters it and execs Dovecot (the same process).
+        let mut command = match &options.netns {
+            Some((netns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, "/usr/sbin/dovecot"]);
+                c
+            }
+            None => Command::new("/usr/sbin/dovecot"),
+        };
+        let child = command
             .arg("-F")
             .arg("-c")
             .arg(root.join("dovecot.conf"))
@@ -153,6 +172,7 @@ impl Dovecot {
             .spawn()
             .map_err(|e| format!("cannot run dovecot: {e}"))?;
         let mut d = Dovecot {
+            host,
             port,
             imaps_port,
             haproxy_port,
@@ -169,7 +189,7 @@ impl Dovecot {
     }
 
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn imaps_address(&self) -> String {
@@ -222,7 +242,7 @@ impl Dovecot {
                 }
                 return Err(format!("exited with {status}: {err} {}", self.log()));
             }
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = std::net::TcpStream::connect((self.host, self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let mut buf = [0u8; 4];
                 if s.read_exact(&mut buf).is_ok() && &buf == b"* OK" {
