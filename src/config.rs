@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
@@ -383,6 +384,12 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         tls_handshake: nonzero(&v, "timeouts.tls_handshake", &t.tls_handshake)?,
         backend_login: nonzero(&v, "timeouts.backend_login", &t.backend_login)?,
         half_close: nonzero(&v, "timeouts.half_close", &t.half_close)?,
+        keepalive: at_least_duration(
+            &v,
+            "timeouts.keepalive",
+            &t.keepalive,
+            Duration::from_secs(3),
+        )?,
         // 0 is allowed: cut logged-in sessions at once.
         shutdown_grace: t.shutdown_grace.value.0,
     };
@@ -866,6 +873,25 @@ fn check_host_port(v: &Validator, address: &Spanned<String>) -> Result<(), Confi
         Ok(())
     } else {
         Err(bad())
+    }
+}
+
+fn at_least_duration(
+    v: &Validator,
+    field: &str,
+    value: &Spanned<file::ConfigDuration>,
+    min: Duration,
+) -> Result<Duration, ConfigError> {
+    if value.value.0 >= min {
+        Ok(value.value.0)
+    } else {
+        Err(v.err(
+            &value.referenced,
+            format!(
+                "{field}: {:?} is too short, the least is {min:?}",
+                value.value.0
+            ),
+        ))
     }
 }
 

@@ -160,6 +160,7 @@ async fn until_login(
     let timeouts = session.snapshot.config.timeouts.clone();
     let deadline = accepted + timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
+    crate::stream::detect_dead_peer(&tcp, timeouts.keepalive);
 
     if session.listener().proxy_protocol == ProxyProtocol::Required {
         let header_deadline = deadline.min(accepted + timeouts.proxy_header);

@@ -5,6 +5,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -27,6 +28,21 @@ impl std::fmt::Debug for Stream {
             .field(&self.tcp().peer_addr().ok())
             .finish()
     }
+}
+
+/// Makes the kernel notice a peer that vanished without FIN or RST (a partition, a host
+/// gone) within about `after`: keepalive probes from `after / 2` of silence, every `after / 6`,
+/// three unanswered ones end the connection; TCP_USER_TIMEOUT ends it too when data it sent
+/// stays unacknowledged for `after`. Either way the relay's next read or write fails and the
+/// session ends. Best effort: a socket that refuses only loses the bound.
+pub(crate) fn detect_dead_peer(tcp: &TcpStream, after: Duration) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(after / 2)
+        .with_interval((after / 6).max(Duration::from_secs(1)))
+        .with_retries(3);
+    let socket = socket2::SockRef::from(tcp);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(after));
 }
 
 impl Stream {

@@ -546,6 +546,9 @@ pub struct TimeoutsFile {
     pub backend_login: Spanned<ConfigDuration>,
     /// After the client closed its sending side: how long the backend may take to finish.
     pub half_close: Spanned<ConfigDuration>,
+    /// How long an unreachable peer (no FIN, no RST: a partition, a vanished host) may hold a
+    /// connection: TCP keepalive and TCP_USER_TIMEOUT on both sockets.
+    pub keepalive: Spanned<ConfigDuration>,
     /// On SIGTERM: how long logged-in sessions may go on before they are cut.
     pub shutdown_grace: Spanned<ConfigDuration>,
 }
@@ -561,6 +564,7 @@ impl Default for TimeoutsFile {
             backend_greeting: secs(5),
             backend_login: secs(30),
             half_close: secs(60),
+            keepalive: secs(120),
             shutdown_grace: secs(30),
         }
     }

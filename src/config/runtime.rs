@@ -502,5 +502,7 @@ pub struct Timeouts {
     /// From the login sent to the backend's answer.
     pub backend_login: Duration,
     pub half_close: Duration,
+    /// An unreachable peer is given up after this (see `stream::detect_dead_peer`).
+    pub keepalive: Duration,
     pub shutdown_grace: Duration,
 }

@@ -267,6 +267,7 @@ async fn dial_targets(
         let outcome = match backend::connect(&state, config.timeouts.backend_connect).await {
             Ok(stream) => {
                 state.metrics.connected(started.elapsed());
+                crate::stream::detect_dead_peer(&stream, config.timeouts.keepalive);
                 dial::replay(stream, &backend, credentials, &identity, timeouts).await
             }
             Err(e) => Err(DialError::BeforeLogin(e)),

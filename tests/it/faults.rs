@@ -25,6 +25,8 @@ use crate::support::{DEADLINE, Raw, free_port, http, http_get, sample};
 const CONNECT: Duration = Duration::from_secs(1);
 const GREETING: Duration = Duration::from_secs(1);
 const LOGIN: Duration = Duration::from_secs(2);
+/// `timeouts.keepalive`: an unreachable backend is given up after this.
+const KEEPALIVE: Duration = Duration::from_secs(6);
 /// Health checks once at start only: a fault meets the logins, not the checks first.
 const QUIET: &str = "{ interval: 60s }";
 /// Room for a loaded CI machine on top of a configured timeout.
@@ -77,13 +79,14 @@ impl Gate {
                  admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\n\
                  backends:\n  - {{ name: far, address: \"{}\" }}\n  - {{ name: near, address: \"{}\" }}\n\
                  routing: {{ failover: {failover}, static: {{ alice: far, bob: near }} }}\n\
-                 timeouts: {{ backend_connect: {}ms, backend_greeting: {}ms, backend_login: {}ms, shutdown_grace: 500ms }}\n\
+                 timeouts: {{ backend_connect: {}ms, backend_greeting: {}ms, backend_login: {}ms, keepalive: {}ms, shutdown_grace: 500ms }}\n\
                  health: {health}\n",
                 b.far.address(),
                 b.near.address(),
                 CONNECT.as_millis(),
                 GREETING.as_millis(),
                 LOGIN.as_millis(),
+                KEEPALIVE.as_millis(),
             );
             let config = dir.path().join("imapgate.yaml");
             std::fs::write(&config, yaml).unwrap();
@@ -648,27 +651,30 @@ async fn a_permanent_blackout_mid_fetch_ends_with_the_kick_and_frees_the_session
     gate.stop().await;
 }
 
-/// The defect: a backend that goes silent mid-response (a partition: no FIN, no RST) keeps the
-/// session, its two descriptors and the client waiting for ever. imapgate sets no TCP
-/// keepalive or TCP_USER_TIMEOUT on its sockets and has no timeout after the login, and with
-/// nothing to send it never learns that the path is gone. Ignored until imapgate has such a
-/// bound; `cargo test faults -- --ignored` runs it.
+/// A backend that goes silent mid-response (a partition: no FIN, no RST) is given up after
+/// `timeouts.keepalive` (keepalive probes and TCP_USER_TIMEOUT on the backend socket): the
+/// client gets the octets so far and the close, the session and its descriptors are freed.
 #[tokio::test]
-#[ignore = "defect: no bound on a silent backend after login (no keepalive, no timeout)"]
 async fn a_silent_backend_mid_fetch_is_noticed() {
     let Some(b) = backends() else { return };
     let body = message(32 << 20);
     append_on_far(&b, &body).await;
     let gate = Gate::start(&b, false, QUIET).await;
+    let baseline = gate.baseline().await;
+    let rss = gate.rss_kib();
     let (mut c, mut got) = fetch_started(&gate, &body, 1 << 20).await;
     b.ns.blackhole();
-    let ended = read_until_quiet(&mut c.stream, &mut got, Duration::from_secs(25)).await;
+    let silent = Instant::now();
+    let ended = read_until_quiet(&mut c.stream, &mut got, KEEPALIVE + SLACK * 2).await;
     assert!(
         ended,
-        "25 s after the backend went silent the session is still open: {:?}",
+        "{:?} after the backend went silent the session is still open: {:?}",
+        silent.elapsed(),
         gate.sessions("alice").await
     );
     assert_cut_mid_literal(&got, &body);
+    gate.settled("alice", 0, baseline, rss).await;
+    gate.stop().await;
 }
 
 /// 200 ms more on every packet into `far`'s namespace (a round trip 200 ms longer): logins
