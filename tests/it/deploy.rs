@@ -447,6 +447,9 @@ fn check_the_rendered_manifests(r: &Rendered, tree: &Path) {
 
     let monitor = r.get("ServiceMonitor", "imapgate");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "admin");
+    // The alert rules expect job="imapgate": the Service label jobLabel names must say so.
+    let job_label = monitor["spec"]["jobLabel"].as_str().unwrap();
+    assert_eq!(admin_service["metadata"]["labels"][job_label], "imapgate");
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"],
         admin_service["metadata"]["labels"]
