@@ -447,6 +447,9 @@ fn check_the_rendered_manifests(r: &Rendered, tree: &Path) {
 
     let monitor = r.get("ServiceMonitor", "imapgate");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "admin");
+    // The alert rules expect job="imapgate": the Service label jobLabel names must say so.
+    let job_label = monitor["spec"]["jobLabel"].as_str().unwrap();
+    assert_eq!(admin_service["metadata"]["labels"][job_label], "imapgate");
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"],
         admin_service["metadata"]["labels"]
@@ -469,6 +472,37 @@ fn check_the_rendered_manifests(r: &Rendered, tree: &Path) {
         dashboard["data"]["imapgate.json"].as_str().unwrap(),
         read("grafana/imapgate.json")
     );
+}
+
+/// deploy/grafana/: a Prometheus data source of the type the dashboard's `datasource` variable
+/// lists, and a file provider for the directory the README installs grafana/imapgate.json into.
+#[test]
+fn the_grafana_provisioning_example_loads_the_dashboard() {
+    let datasources: Value =
+        serde_saphyr::from_str(&read("deploy/grafana/datasource.yaml")).unwrap();
+    let dashboard: Value = serde_json::from_str(&read("grafana/imapgate.json")).unwrap();
+    let variable = &dashboard["templating"]["list"][0];
+    assert_eq!(variable["type"], "datasource");
+    assert_eq!(datasources["apiVersion"], 1);
+    let source = &datasources["datasources"][0];
+    assert_eq!(source["type"], variable["query"]);
+    assert_eq!(
+        source["isDefault"], true,
+        "the variable starts on the default"
+    );
+
+    let providers: Value = serde_saphyr::from_str(&read("deploy/grafana/dashboards.yaml")).unwrap();
+    assert_eq!(providers["apiVersion"], 1);
+    let provider = &providers["providers"][0];
+    assert_eq!(provider["type"], "file");
+    let path = provider["options"]["path"].as_str().unwrap();
+    let install = format!("grafana/imapgate.json {path}/imapgate.json");
+    for doc in ["README.md", "deploy/grafana/dashboards.yaml"] {
+        assert!(
+            read(doc).contains(&install),
+            "{doc} installs the dashboard into {path}"
+        );
+    }
 }
 
 /// The unit with ExecStart's binary moved to the one cargo built (systemd-analyze verify
