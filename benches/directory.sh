@@ -28,7 +28,12 @@ WORK=$(mktemp -d /tmp/dir.XXXXXX)
 chmod 755 "$WORK"
 RESULTS=$WORK/results.jsonl
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The postmaster runs under setpriv in a subshell: stop it by its data directory.
+  pkill -f -- "-D $WORK/pg/data" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -80,12 +85,13 @@ PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
 PG_PORT=$(free_port)
 PG=$WORK/pg
 mkdir -p "$PG"
+PG_USER=$( [ "$(id -u)" = 0 ] && echo nobody || id -un )
 as_pg() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown nobody:nogroup "$PG"
 as_pg "$PG_BIN/initdb" -D "$PG/data" -U postgres -E UTF8 --no-sync --locale=C --auth-local=trust --auth-host=trust >/dev/null
 as_pg "$PG_BIN/postgres" -D "$PG/data" -p "$PG_PORT" -k "$PG" -c listen_addresses=127.0.0.1 -c fsync=off \
   -c shared_buffers=16MB -c max_connections=50 2>"$WORK/postgres.log" &
-PG_PID=$!; PIDS+=("$PG_PID")
+PIDS+=("$!")
 for _ in $(seq 200); do "$PG_BIN/psql" -X -q -h "$PG" -p "$PG_PORT" -U postgres -d postgres -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 0.05; done
 psql_do() { "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG" -p "$PG_PORT" -U postgres -d "$1" -c "$2" >/dev/null; }
 psql_do postgres "CREATE DATABASE mail"
@@ -94,16 +100,17 @@ psql_do mail "INSERT INTO mailbox SELECT 'user' || i, '127.0.0.1', $BACKEND_PORT
 
 # --- imapgate, one per source and cache setting -------------------------------------------------
 start_imapgate() {  # name, lookup yaml
-  local port; port=$(free_port)
+  local port admin; port=$(free_port) admin=$(free_port)
   cat > "$WORK/imapgate-$1.yaml" <<EOF
 listeners: [{ name: imap, bind: "127.0.0.1:$port" }]
+admin: { bind: "127.0.0.1:$admin" }
 backends: [{ name: b, address: "127.0.0.1:$BACKEND_PORT" }]
 limits: { max_connections: 1000000, per_ip: 1000000 }
 routing: { lookup: $2 }
 EOF
   IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate-$1.yaml" 2>"$WORK/imapgate-$1.log" &
   PIDS+=("$!")
-  eval "PORT_$1=$port PID_$1=$!"
+  eval "PORT_$1=$port PID_$1=$! ADMIN_$1=$admin"
 }
 LDAP="ldap: { url: \"ldap://127.0.0.1:$LDAP_PORT\", bind_dn: \"cn=imapgate,dc=example,dc=net\", bind_password_file: \"$WORK/ldap/password\", base: \"ou=people,dc=example,dc=net\", filter: \"(uid=%u)\", host_attribute: mailHost }"
 SQL="sql: { url: \"postgresql://postgres@127.0.0.1:$PG_PORT/mail\", query: \"SELECT host, port FROM mailbox WHERE username = \$1\" }"
@@ -115,20 +122,20 @@ start_imapgate none "null"
 for v in ldap_warm ldap_off sql_warm sql_off none; do p="PORT_$v"; wait_port "${!p}"; done
 wait_port "$LDAP_PORT"
 
-# The directory server's CPU is counted with imapgate's: a lookup costs both. Postgres forks a
-# backend per connection: its children are counted too (pgrep -P).
+# The directory server's CPU is reported next to imapgate's: a lookup costs both. PostgreSQL
+# forks a backend per connection: the postmaster and its backends (the processes of the user
+# it runs as) are counted together.
 for round in $(seq "$ROUNDS"); do
   for v in none ldap_warm ldap_off sql_warm sql_off; do
     p="PORT_$v" pid="PID_$v"
     case $v in
       ldap*) dir_pids=$SLAPD_PID ;;
-      sql*) dir_pids=$PG_PID${PG_KIDS:+,$PG_KIDS} ;;
+      sql*) dir_pids="" ;;
       *) dir_pids="" ;;
     esac
     "$LOAD" login --target "127.0.0.1:${!p}" --pid "${!pid}" --label "$v" --workers 50 \
-      --seconds "$SECONDS_PER" --users "$USERS" >/dev/null  # warm-up: caches, pools, Postgres backends
-    PG_KIDS=$(pgrep -d, -P "$PG_PID" || true)
-    [ "${v%%_*}" = sql ] && dir_pids=$PG_PID${PG_KIDS:+,$PG_KIDS}
+      --seconds "$SECONDS_PER" --user user --users "$USERS" >/dev/null  # warm-up: caches, pools, Postgres backends
+    if [ "${v%%_*}" = sql ]; then dir_pids=$(pgrep -d, -u "$PG_USER" -f "postgres" || true); fi
     before=$(python3 - "$dir_pids" <<'PY'
 import sys
 t=0
@@ -139,7 +146,7 @@ print(t)
 PY
 )
     line=$("$LOAD" login --target "127.0.0.1:${!p}" --pid "${!pid}" --label "$v" --workers 50 \
-      --seconds "$SECONDS_PER" --users "$USERS")
+      --seconds "$SECONDS_PER" --user user --users "$USERS")
     after=$(python3 - "$dir_pids" <<'PY'
 import sys
 t=0
@@ -152,6 +159,15 @@ PY
     echo "$line" | python3 -c "import json,sys; d=json.load(sys.stdin); d['round']=$round; d['directory_cpu_s']=($after-$before)/$(getconf CLK_TCK); print(json.dumps(d))" >> "$RESULTS"
     tail -1 "$RESULTS" | python3 -c "import json,sys; d=json.load(sys.stdin); print(f\"{d['target']:>10} round {d['round']}: {d['logins_per_s']:8.0f} logins/s  p50 {d['p50_us']} µs  p99 {d['p99_us']} µs  imapgate CPU {d['cpu_s_per_1k_logins']:.3f} s/1k  directory CPU {d['directory_cpu_s']/max(d['logins'],1)*1000:.3f} s/1k\")"
   done
+done
+
+# Every login asked the directory (the user was found) or the cache: not the fallback.
+for v in ldap_warm ldap_off sql_warm sql_off; do
+  a="ADMIN_$v"
+  found=$(curl -s "127.0.0.1:${!a}/metrics" | awk '/^imapgate_directory_lookups_total\{.*result="ok"/ {s += $2} END {print s + 0}')
+  other=$(curl -s "127.0.0.1:${!a}/metrics" | awk '/^imapgate_directory_lookups_total\{/ && !/result="ok"/ {s += $2} END {print s + 0}')
+  echo "$v: $found lookups found the user, $other did not" >&2
+  [ "$found" -gt 0 ] && [ "$other" = 0 ] || { echo "$v: the directory did not answer every lookup" >&2; exit 1; }
 done
 
 python3 - "$RESULTS" <<'PY'
