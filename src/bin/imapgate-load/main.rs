@@ -8,11 +8,13 @@
 //! imapgate-load idle  --target ... --sessions 2000 --hold 10 --pid PID
 //! imapgate-load tls   --target 127.0.0.1:1993 --ca ca.pem --server-name imap.test [--resume]
 //! imapgate-load auth-http --listen 127.0.0.1:9000 --backend 127.0.0.1:10143
+//! imapgate-load prelogin --target ... --size 8192 --commands 1000 --pid PID
 //! ```
 //! Each scenario prints one JSON line on stdout and a human summary on stderr.
 
 mod auth_http;
 mod fake_backend;
+mod prelogin;
 mod scenarios;
 mod tls;
 
@@ -70,6 +72,23 @@ enum Command {
         /// Keep a session cache, so handshakes after a worker's first one can resume.
         #[arg(long)]
         resume: bool,
+    },
+    /// Pre-login commands of many short lines (`a SEARCH` + ` TEXT {0+}` line ends), one
+    /// segment per line; CPU per KiB of the target and of the sender.
+    Prelogin {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Octets per command, at most.
+        #[arg(long, default_value_t = 8192)]
+        size: usize,
+        /// Commands to send, one after the other.
+        #[arg(long, default_value_t = 1000)]
+        commands: u64,
+        /// The target's processes, comma-separated, for their CPU time.
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
+        #[arg(long, default_value = "target")]
+        label: String,
     },
     /// Answers nginx's auth_http: every login OK, to `--backend`.
     AuthHttp {
@@ -133,6 +152,25 @@ async fn main() -> std::io::Result<()> {
             return auth_http::run(listener, backend).await;
         }
         Command::Login(c) => scenarios::login(&c.into_scenario()).await,
+        Command::Prelogin {
+            target,
+            size,
+            commands,
+            pid,
+            label,
+        } => {
+            let opts = prelogin::Options {
+                target,
+                size,
+                commands,
+                pids: pid,
+                label,
+            };
+            // Blocking sockets on a thread of its own: one write per line, no runtime between.
+            std::thread::spawn(move || prelogin::run(&opts))
+                .join()
+                .expect("the prelogin thread")
+        }
         Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,
         Command::Fetch(c) => scenarios::fetch(&c.into_scenario()).await,
         Command::Tls {
