@@ -17,7 +17,7 @@ A sample: seconds since the load started, phase, RSS (KiB, /proc/PID/status VmRS
 The growth check, for RSS, fds and sessions, over the samples of the load phase after the
 warm-up: (1) cut into two halves by time, the second half's median must not exceed the first
 half's by more than the tolerance, and (2) the Theil-Sen slope (the median of all pairwise
-slopes) times the window must not either. Tolerance: RSS 5% or 4 MiB, fds 15% or 24, sessions
+slopes) times the window must not either. Tolerance: RSS 5% or 2 MiB, fds 15% or 24, sessions
 15% or 12, the larger. Both are medians, so a few outliers on a busy machine decide nothing; a
 steady leak moves the trend by its whole amount over the window (and the halves by half of
 it). Checked with a deliberately leaking build (README): 1 KiB per login is caught by a
@@ -36,7 +36,7 @@ import urllib.request
 
 FIELDS = ["t_s", "phase", "rss_kib", "fds", "sessions", "connections", "cpu_s", "cpu_pct"]
 TOLERANCE = {  # column: (relative, absolute)
-    "rss_kib": (0.05, 4096),
+    "rss_kib": (0.05, 2048),
     "fds": (0.15, 24),
     "sessions": (0.15, 12),
 }
