@@ -7,19 +7,21 @@
 #   - imapgate's CPU per KiB at every size is at most 2× that at 8 KiB, and
 #   - imapgate's CPU is below the sender's at every size.
 #
-#   benches/prelogin.sh [--rounds 3] [--mib 8] [--imapgate PATH] [--load PATH] [--out FILE]
+#   benches/prelogin.sh [--rounds 3] [--mib 8] [--pause-us 0] [--imapgate PATH] [--load PATH] [--out FILE]
 #
-# --mib: octets sent per size and round. --imapgate / --load: binaries to use instead of
+# --mib: octets sent per size and round. --pause-us: a pause after each line, so lines arrive
+# one at a time (a slow or remote client; then use a smaller --mib, e.g. 0.5). --imapgate / --load: binaries to use instead of
 # building target/release's (e.g. an older imapgate, to compare). --out: the raw JSON lines.
 # Everything listens on 127.0.0.1 ports the OS picks; no backend is needed (nothing logs in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=3 MIB=8 IG_BIN="" LOAD="" OUT=""
+ROUNDS=3 MIB=8 PAUSE_US=0 IG_BIN="" LOAD="" OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS=$2; shift ;;
     --mib) MIB=$2; shift ;;
+    --pause-us) PAUSE_US=$2; shift ;;
     --imapgate) IG_BIN=$2; shift ;;
     --load) LOAD=$2; shift ;;
     --out) OUT=$2; shift ;;
@@ -60,17 +62,17 @@ wait_port "$PORT"
 SIZES="8192 16384 32768 65536"
 for round in $(seq "$ROUNDS"); do
   for size in $SIZES; do
-    commands=$(( MIB * 1048576 / size ))
+    commands=$(python3 -c "print(max(1, int($MIB * 1048576 // $size)))")
     "$LOAD" prelogin --target "127.0.0.1:$PORT" --pid "$IG_PID" --label imapgate \
-      --size "$size" --commands "$commands" 2>/dev/null |
+      --size "$size" --commands "$commands" --pause-us "$PAUSE_US" 2>/dev/null |
       sed "s/^{/{\"round\":$round,/" >> "$RESULTS"
   done
 done
 
-python3 - "$RESULTS" "$ROUNDS" "$("$IG_BIN" --version)" <<'PY'
+python3 - "$RESULTS" "$ROUNDS" "$("$IG_BIN" --version)" "$PAUSE_US" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-rounds, version = sys.argv[2], sys.argv[3]
+rounds, version, pause = sys.argv[2], sys.argv[3], int(sys.argv[4])
 sizes = sorted({r["size"] for r in rows})
 med = lambda xs: statistics.median(xs)
 table, failures = [], []
@@ -85,7 +87,8 @@ for s in sizes:
                       snd=med([r["sender_us_per_kib"] for r in rs]),
                       ratio=med([r["target_to_sender"] for r in rs])))
 base = table[0]["ig"]
-print(f"{version}; {rounds} rounds, medians; CPU per KiB sent (µs)")
+paced = f", a {pause} µs pause after each line" if pause else ""
+print(f"{version}; {rounds} rounds, medians{paced}; CPU per KiB sent (µs)")
 print()
 print("| command size | octets (lines) | commands per round | imapgate µs/KiB | sender µs/KiB | imapgate ÷ sender | imapgate vs 8 KiB |")
 print("|---|---|---|---|---|---|---|")

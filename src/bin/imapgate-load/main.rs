@@ -86,6 +86,9 @@ enum Command {
         /// Commands to send, one after the other.
         #[arg(long, default_value_t = 1000)]
         commands: u64,
+        /// Microseconds to pause after each line (0: none), so lines arrive one at a time.
+        #[arg(long, default_value_t = 0)]
+        pause_us: u64,
         /// The target's processes, comma-separated, for their CPU time.
         #[arg(long, value_delimiter = ',')]
         pid: Vec<u32>,
@@ -201,6 +204,7 @@ async fn main() -> std::io::Result<()> {
             target,
             size,
             commands,
+            pause_us,
             pid,
             label,
         } => {
@@ -208,6 +212,7 @@ async fn main() -> std::io::Result<()> {
                 target,
                 size,
                 commands,
+                pause: (pause_us > 0).then(|| Duration::from_micros(pause_us)),
                 pids: pid,
                 label,
             };

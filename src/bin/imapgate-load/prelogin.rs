@@ -25,6 +25,9 @@ pub struct Options {
     /// Octets per command, at most (the command is the largest of the shape that fits).
     pub size: usize,
     pub commands: u64,
+    /// A pause after each line, so that lines arrive one at a time (a slow or remote
+    /// client): the target then wakes and reads once per line.
+    pub pause: Option<Duration>,
     pub pids: Vec<u32>,
     pub label: String,
 }
@@ -89,9 +92,12 @@ impl Conn {
     }
 
     /// Sends one command, a write per line; returns the status word of the tagged answer.
-    fn command(&mut self, lines: &[Vec<u8>]) -> std::io::Result<String> {
+    fn command(&mut self, lines: &[Vec<u8>], pause: Option<Duration>) -> std::io::Result<String> {
         for line in lines {
             self.write.write_all(line)?;
+            if let Some(pause) = pause {
+                std::thread::sleep(pause);
+            }
         }
         loop {
             self.next_line()?;
@@ -129,7 +135,7 @@ pub fn run(opts: &Options) -> Report {
                 }
             },
         };
-        match c.command(&lines) {
+        match c.command(&lines, opts.pause) {
             Ok(status) => {
                 *answers.entry(status).or_default() += 1;
                 octets += command_octets as u64;
@@ -157,6 +163,7 @@ pub fn run(opts: &Options) -> Report {
     };
     Report {
         json: json!({"scenario": "prelogin", "target": opts.label, "size": opts.size,
+            "pause_us": opts.pause.map_or(0, |p| p.as_micros() as u64),
             "command_octets": command_octets, "lines_per_command": lines.len(),
             "commands": done, "answered": answers.values().sum::<u64>(), "answers": answers,
             "reconnects": reconnects, "connect_errors": errors, "octets": octets,
