@@ -200,8 +200,18 @@ impl CommandReader {
         }
     }
 
-    /// Parses the whole command `buf[..end]` and removes it from the buffer.
+    /// Parses the whole command `buf[..end]` and removes it from the buffer. A command that
+    /// needs a login is known by its tag and name alone: its arguments are not parsed, since
+    /// the answer is the same whatever they are (a SEARCH of thousands of keys would cost
+    /// more to parse than it cost the client to send).
     fn parse(&mut self, end: usize) -> Step {
+        if let Some((tag, name)) = needs_login(&self.buf[..end]) {
+            self.consume(end);
+            return Step::Command(Parsed {
+                tag,
+                command: PreloginCommand::NeedsLogin { name },
+            });
+        }
         let step = match CommandCodec::default().decode(&self.buf[..end]) {
             // The parser must take the whole framed command; if it ever stopped short, the
             // framing and the parser would disagree about where the next command starts.
@@ -235,6 +245,59 @@ impl CommandReader {
             None => Ok(None),
         }
     }
+}
+
+/// Commands valid only after login (RFC 9051 and the extensions imap-codec knows), as
+/// imap-codec names them.
+const NEEDS_LOGIN: &[&str] = &[
+    "APPEND",
+    "CHECK",
+    "CLOSE",
+    "COMPRESS",
+    "COPY",
+    "CREATE",
+    "DELETE",
+    "ENABLE",
+    "EXAMINE",
+    "EXPUNGE",
+    "FETCH",
+    "GETMETADATA",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "IDLE",
+    "LIST",
+    "LSUB",
+    "MOVE",
+    "NAMESPACE",
+    "RENAME",
+    "SEARCH",
+    "SELECT",
+    "SETMETADATA",
+    "SETQUOTA",
+    "SORT",
+    "STATUS",
+    "STORE",
+    "SUBSCRIBE",
+    "THREAD",
+    "UNSELECT",
+    "UNSUBSCRIBE",
+];
+
+/// The tag and name of a command that needs a login (`UID` and the command it carries count
+/// as that command), read from its first line only.
+fn needs_login(command: &[u8]) -> Option<(String, &'static str)> {
+    let tag = tag_of(command)?;
+    let mut words = command[tag.len() + 1..]
+        .split(|&c| c == b' ' || c == b'\r' || c == b'\n')
+        .take(2);
+    let mut name = words.next()?;
+    if name.eq_ignore_ascii_case(b"UID") {
+        name = words.next()?;
+    }
+    let name = NEEDS_LOGIN
+        .iter()
+        .find(|known| name.eq_ignore_ascii_case(known.as_bytes()))?;
+    Some((tag, name))
 }
 
 /// The tag of a line we could not parse, if it starts with something tag-shaped, so the BAD
@@ -486,6 +549,41 @@ mod tests {
             cmd("4", PreloginCommand::NeedsLogin { name: "SELECT" })
         );
         assert_eq!(r.step(), cmd("5", PreloginCommand::Logout));
+        assert_eq!(r.step(), Step::NeedMore);
+    }
+
+    #[test]
+    fn login_required_by_name_whatever_the_arguments() {
+        let mut r = CommandReader::new(65536, 600);
+        let mut search = b"s SEARCH".to_vec();
+        for _ in 0..2000 {
+            search.extend_from_slice(b" TEXT {0+}\r\n");
+        }
+        search.extend_from_slice(b"\r\n");
+        r.feed(&search);
+        r.feed(b"u uid fetch 1:* (FLAGS\r\nb SELECT\r\nc UID\r\nd SELECTED x\r\n");
+        let needs = |tag: &str, name| {
+            Step::Command(Parsed {
+                tag: tag.into(),
+                command: PreloginCommand::NeedsLogin { name },
+            })
+        };
+        assert_eq!(r.step(), needs("s", "SEARCH"));
+        // Not parsed, so not a syntax error: the answer is "log in first" either way.
+        assert_eq!(r.step(), needs("u", "FETCH"));
+        assert_eq!(r.step(), needs("b", "SELECT"));
+        assert_eq!(
+            r.step(),
+            Step::Bad {
+                tag: Some("c".into())
+            }
+        );
+        assert_eq!(
+            r.step(),
+            Step::Bad {
+                tag: Some("d".into())
+            }
+        );
         assert_eq!(r.step(), Step::NeedMore);
     }
 

@@ -218,3 +218,32 @@ async fn tls_scenario_full_and_resumed_handshakes() {
     assert!(r <= n - 2.0 && r >= n / 2.0, "{resumed}");
     proxy.stop().await;
 }
+
+/// The `prelogin` scenario through imapgate: commands of thousands of one-segment lines, every
+/// one answered `BAD` (SEARCH needs a login) on one connection, the octets counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prelogin_scenario_answered_on_one_connection() {
+    let proxy = Proxy::start(&config(&[("b1", crate::support::nowhere())], "")).await;
+    let target = proxy.addr.to_string();
+    let pid = std::process::id().to_string();
+    let out = scenario(&[
+        "prelogin",
+        "--target",
+        &target,
+        "--size",
+        "16384",
+        "--commands",
+        "5",
+        "--pid",
+        &pid,
+    ])
+    .await;
+    assert_eq!(out["commands"], 5, "{out}");
+    assert_eq!(out["answers"]["BAD"], 5, "{out}");
+    assert_eq!(out["reconnects"], 0, "{out}");
+    assert_eq!(out["command_octets"], 16378, "{out}");
+    assert_eq!(out["octets"], 5 * 16378, "{out}");
+    assert_eq!(out["segments"], 5 * 1365, "{out}");
+    assert!(out["sender_cpu_s"].as_f64().unwrap() >= 0.0, "{out}");
+    proxy.stop().await;
+}

@@ -8,12 +8,16 @@
 //! imapgate-load idle  --target ... --sessions 2000 --hold 10 --pid PID
 //! imapgate-load tls   --target 127.0.0.1:1993 --ca ca.pem --server-name imap.test [--resume]
 //! imapgate-load auth-http --listen 127.0.0.1:9000 --backend 127.0.0.1:10143
+//! imapgate-load prelogin --target ... --size 8192 --commands 1000 --pid PID
+//! imapgate-load soak --target ... --seconds 120 --user soak --users 8
 //! ```
 //! Each scenario prints one JSON line on stdout and a human summary on stderr.
 
 mod auth_http;
 mod fake_backend;
+mod prelogin;
 mod scenarios;
+mod soak;
 mod tls;
 
 use std::net::SocketAddr;
@@ -71,6 +75,29 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Pre-login commands of many short lines (`a SEARCH` + ` TEXT {0+}` line ends), one
+    /// segment per line; CPU per KiB of the target and of the sender.
+    Prelogin {
+        #[arg(long)]
+        target: SocketAddr,
+        /// Octets per command, at most.
+        #[arg(long, default_value_t = 8192)]
+        size: usize,
+        /// Commands to send, one after the other.
+        #[arg(long, default_value_t = 1000)]
+        commands: u64,
+        /// Microseconds to pause after each line (0: none), so lines arrive one at a time.
+        #[arg(long, default_value_t = 0)]
+        pause_us: u64,
+        /// The target's processes, comma-separated, for their CPU time.
+        #[arg(long, value_delimiter = ',')]
+        pid: Vec<u32>,
+        #[arg(long, default_value = "target")]
+        label: String,
+    },
+    /// A mixed load for soak runs: logins, IDLE, SELECT/APPEND/FETCH/EXPUNGE, abrupt
+    /// disconnects, wrong passwords; counts what was not as expected.
+    Soak(SoakArgs),
     /// Answers nginx's auth_http: every login OK, to `--backend`.
     AuthHttp {
         #[arg(long)]
@@ -104,6 +131,46 @@ struct Common {
     label: String,
 }
 
+#[derive(Args)]
+struct SoakArgs {
+    #[arg(long)]
+    target: SocketAddr,
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Users are USER0, USER1, …
+    #[arg(long, default_value = "soak")]
+    user: String,
+    /// How many users there are (at least the mail workers: each appends as its own).
+    #[arg(long, default_value_t = 8)]
+    users: usize,
+    #[arg(long, default_value = "secret")]
+    password: String,
+    /// Connect, LOGIN, a command, LOGOUT.
+    #[arg(long, default_value_t = 4)]
+    login_workers: usize,
+    /// SELECT, IDLE for 1 s to --idle-max, DONE.
+    #[arg(long, default_value_t = 20)]
+    idle_workers: usize,
+    /// SELECT, APPEND / NOOP / FETCH ×4, STORE + EXPUNGE.
+    #[arg(long, default_value_t = 4)]
+    mail_workers: usize,
+    /// Connections dropped mid-LOGIN, mid-APPEND (RST), with a FETCH in flight, in IDLE.
+    #[arg(long, default_value_t = 2)]
+    abrupt_workers: usize,
+    /// LOGIN with a wrong password.
+    #[arg(long, default_value_t = 2)]
+    wrong_workers: usize,
+    /// Milliseconds between a worker's rounds (±50%).
+    #[arg(long, default_value_t = 200)]
+    pace_ms: u64,
+    /// Longest IDLE, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    idle_max: f64,
+    /// Longest round, seconds; a longer one counts as unexpected.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+}
+
 impl Common {
     fn into_scenario(self) -> scenarios::Common {
         scenarios::Common {
@@ -133,6 +200,45 @@ async fn main() -> std::io::Result<()> {
             return auth_http::run(listener, backend).await;
         }
         Command::Login(c) => scenarios::login(&c.into_scenario()).await,
+        Command::Prelogin {
+            target,
+            size,
+            commands,
+            pause_us,
+            pid,
+            label,
+        } => {
+            let opts = prelogin::Options {
+                target,
+                size,
+                commands,
+                pause: (pause_us > 0).then(|| Duration::from_micros(pause_us)),
+                pids: pid,
+                label,
+            };
+            // Blocking sockets on a thread of its own: one write per line, no runtime between.
+            std::thread::spawn(move || prelogin::run(&opts))
+                .join()
+                .expect("the prelogin thread")
+        }
+        Command::Soak(a) => {
+            soak::soak(soak::Options {
+                target: a.target,
+                seconds: a.seconds,
+                user: a.user,
+                users: a.users,
+                password: a.password,
+                login_workers: a.login_workers,
+                idle_workers: a.idle_workers,
+                mail_workers: a.mail_workers,
+                abrupt_workers: a.abrupt_workers,
+                wrong_workers: a.wrong_workers,
+                pace: Duration::from_millis(a.pace_ms),
+                idle_max: Duration::from_secs_f64(a.idle_max),
+                timeout: Duration::from_secs_f64(a.timeout),
+            })
+            .await
+        }
         Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,
         Command::Fetch(c) => scenarios::fetch(&c.into_scenario()).await,
         Command::Tls {

@@ -14,14 +14,14 @@ pub struct Report {
 }
 
 /// One IMAP client connection, line oriented.
-struct Conn {
-    read: BufReader<OwnedReadHalf>,
-    write: OwnedWriteHalf,
-    line: Vec<u8>,
+pub(crate) struct Conn {
+    pub(crate) read: BufReader<OwnedReadHalf>,
+    pub(crate) write: OwnedWriteHalf,
+    pub(crate) line: Vec<u8>,
 }
 
 impl Conn {
-    async fn open(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Conn> {
+    pub(crate) async fn open(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Conn> {
         let stream = match source {
             None => TcpStream::connect(target).await?,
             Some(ip) => {
@@ -45,7 +45,7 @@ impl Conn {
         Ok(conn)
     }
 
-    async fn next_line(&mut self) -> std::io::Result<()> {
+    pub(crate) async fn next_line(&mut self) -> std::io::Result<()> {
         self.line.clear();
         if self.read.read_until(b'\n', &mut self.line).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -53,25 +53,31 @@ impl Conn {
         Ok(())
     }
 
-    async fn send(&mut self, command: &str) -> std::io::Result<()> {
+    pub(crate) async fn send(&mut self, command: &str) -> std::io::Result<()> {
         self.write.write_all(command.as_bytes()).await
     }
 
     /// Reads until the line tagged `tag`; fails unless it is OK. Literals in responses are
     /// read and dropped; returns the literal octets seen.
-    async fn until_ok(&mut self, tag: &str) -> std::io::Result<u64> {
+    pub(crate) async fn until_ok(&mut self, tag: &str) -> std::io::Result<u64> {
+        let (ok, octets) = self.until_tagged(tag).await?;
+        if ok {
+            Ok(octets)
+        } else {
+            Err(std::io::Error::other(
+                String::from_utf8_lossy(&self.line).into_owned(),
+            ))
+        }
+    }
+
+    /// Reads until the line tagged `tag` (left in `line`); returns whether it is OK and the
+    /// literal octets seen on the way (read and dropped).
+    pub(crate) async fn until_tagged(&mut self, tag: &str) -> std::io::Result<(bool, u64)> {
         let mut octets = 0u64;
         loop {
             self.next_line().await?;
             if self.line.starts_with(tag.as_bytes()) && self.line.get(tag.len()) == Some(&b' ') {
-                let ok = self.line[tag.len() + 1..].starts_with(b"OK");
-                return if ok {
-                    Ok(octets)
-                } else {
-                    Err(std::io::Error::other(
-                        String::from_utf8_lossy(&self.line).into_owned(),
-                    ))
-                };
+                return Ok((self.line[tag.len() + 1..].starts_with(b"OK"), octets));
             }
             if let Some(n) = literal_at_end(&self.line) {
                 let mut left = n;
@@ -96,7 +102,7 @@ impl Conn {
         Ok(c)
     }
 
-    async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
+    pub(crate) async fn login(&mut self, user: &str, password: &str) -> std::io::Result<()> {
         self.send(&format!("l LOGIN {user} {password}\r\n")).await?;
         self.until_ok("l").await.map(|_| ())
     }
@@ -152,7 +158,7 @@ fn rss_kib(pids: &[u32]) -> u64 {
 }
 
 /// CPU seconds (user + system) of a process so far, from /proc/PID/stat.
-fn cpu_seconds_of(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds_of(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -173,7 +179,7 @@ fn cpu_seconds_of(pid: u32) -> f64 {
 }
 
 /// Resident memory of a process in KiB, from /proc/PID/status.
-fn rss_kib_of(pid: u32) -> u64 {
+pub(crate) fn rss_kib_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
