@@ -36,6 +36,10 @@ pub async fn accept_loop(
     let caps = &services.caps;
     let mut failing = false;
     let counters = services.metrics.listener(&name);
+    // Accepted sockets inherit the listener's keepalive settings (Linux copies them with the
+    // socket): set once here, and again when a reload changes them, instead of per accept.
+    let mut keepalive = services.config().timeouts.keepalive;
+    crate::stream::detect_dead_peer(&listener, keepalive);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -69,6 +73,11 @@ pub async fn accept_loop(
         };
         counters.accepted.inc();
         let snapshot = services.snapshot();
+        if snapshot.config.timeouts.keepalive != keepalive {
+            keepalive = snapshot.config.timeouts.keepalive;
+            crate::stream::detect_dead_peer(&listener, keepalive);
+            crate::stream::detect_dead_peer(&stream, keepalive);
+        }
         let Some(index) = snapshot
             .config
             .listeners
@@ -105,6 +114,7 @@ pub async fn accept_loop(
                     services: services.clone(),
                     shutdown: shutdown.clone(),
                     open: Held::new(&counters.open),
+                    listener_sessions: counters.sessions.clone(),
                 };
                 // The session future itself, not wrapped: a wrapper would hold the arguments
                 // next to it for the session's whole life.

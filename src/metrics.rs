@@ -175,6 +175,8 @@ struct AcceptErrorLabels {
 pub struct ListenerMetrics {
     pub accepted: Counter,
     pub open: Gauge,
+    /// Logged-in sessions from this listener, by `OverTls::index`.
+    pub sessions: [Gauge; OverTls::ALL.len()],
     pub fd_limit: Counter,
     pub other_error: Counter,
 }
@@ -1129,6 +1131,7 @@ impl Metrics {
         ListenerMetrics {
             accepted: self.connections_total.get_or_create(&labels).clone(),
             open: self.connections_active.get_or_create(&labels).clone(),
+            sessions: OverTls::ALL.map(|tls| self.listener_session(name, tls)),
             fd_limit: error(AcceptError::FdLimit),
             other_error: error(AcceptError::Other),
         }
@@ -1152,9 +1155,8 @@ impl Metrics {
             .inc();
     }
 
-    /// The gauge of logged-in sessions from `listener` with or without TLS (hold it with
-    /// `Held` for the session's life).
-    pub fn listener_session(&self, listener: &str, tls: OverTls) -> Gauge {
+    /// The gauge of logged-in sessions from `listener` with or without TLS.
+    fn listener_session(&self, listener: &str, tls: OverTls) -> Gauge {
         self.listener_sessions
             .get_or_create(&ListenerSessionLabels {
                 listener: listener.to_string(),

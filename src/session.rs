@@ -34,6 +34,7 @@ use crate::tap::{Tap, Way};
 use crate::tls::ServerTls;
 use login::{Authenticated, LoginAttempt};
 use prelogin::{Closed, LoginRequest, Outcome, Prelogin};
+use prometheus_client::metrics::gauge::Gauge;
 use relay::Relay;
 use table::{Kick, LiveSession, Registration};
 
@@ -56,6 +57,9 @@ pub struct Session {
     pub shutdown: Shutdown,
     /// Counted as open until the session ends.
     pub open: Held,
+    /// The listener's logged-in sessions gauges, by `OverTls::index` (one is held from the
+    /// login on).
+    pub listener_sessions: [Gauge; OverTls::ALL.len()],
 }
 
 impl Session {
@@ -160,7 +164,6 @@ async fn until_login(
     let timeouts = session.snapshot.config.timeouts.clone();
     let deadline = accepted + timeouts.prelogin;
     let _ = tcp.set_nodelay(true);
-    crate::stream::detect_dead_peer(&tcp, timeouts.keepalive);
 
     if session.listener().proxy_protocol == ProxyProtocol::Required {
         let header_deadline = deadline.min(accepted + timeouts.proxy_header);
@@ -348,11 +351,7 @@ impl LoggedInSession {
         } else {
             OverTls::No
         };
-        let listener_session = Held::new(
-            &services
-                .metrics
-                .listener_session(&session.listener().name, tls),
-        );
+        let listener_session = Held::new(&session.listener_sessions[tls.index()]);
         let tap = SessionTap {
             commands: Observer::new(metrics.clone()),
             live: live.clone(),
@@ -679,6 +678,7 @@ mod tests {
             services,
             shutdown: Shutdown::new(),
             open: Held::new(&Default::default()),
+            listener_sessions: Default::default(),
         };
         let future = handle(tcp, session, permit);
         let size = std::mem::size_of_val(&future);

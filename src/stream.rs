@@ -35,12 +35,12 @@ impl std::fmt::Debug for Stream {
 /// three unanswered ones end the connection; TCP_USER_TIMEOUT ends it too when data it sent
 /// stays unacknowledged for `after`. Either way the relay's next read or write fails and the
 /// session ends. Best effort: a socket that refuses only loses the bound.
-pub(crate) fn detect_dead_peer(tcp: &TcpStream, after: Duration) {
+pub(crate) fn detect_dead_peer(socket: &impl std::os::fd::AsFd, after: Duration) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(after / 2)
         .with_interval((after / 6).max(Duration::from_secs(1)))
         .with_retries(3);
-    let socket = socket2::SockRef::from(tcp);
+    let socket = socket2::SockRef::from(socket);
     let _ = socket.set_tcp_keepalive(&keepalive);
     let _ = socket.set_tcp_user_timeout(Some(after));
 }
@@ -101,5 +101,33 @@ impl AsyncWrite for Stream {
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener's settings reach every socket it accepts (what `accept_loop` relies on).
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_dead_peer_settings() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        detect_dead_peer(&listener, Duration::from_secs(12));
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (accepted, _) = accepted.unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(6));
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(12))
+        );
+        drop(client);
     }
 }
