@@ -229,7 +229,9 @@ impl CommandReader {
         step
     }
 
-    /// One line for an AUTHENTICATE exchange, without its line end.
+    /// One line for an AUTHENTICATE exchange, without its line end; too long when that is
+    /// over `line_max`, however the line arrived (whole, or in pieces: a piece ending in the
+    /// CR of its CRLF is not over the cap yet).
     pub fn take_line(&mut self) -> Result<Option<Vec<u8>>, LineTooLong> {
         match memchr::memchr(b'\n', &self.buf) {
             Some(i) => {
@@ -239,10 +241,19 @@ impl CommandReader {
                     line.pop();
                 }
                 self.reset_command();
+                if line.len() > self.line_max {
+                    return Err(LineTooLong);
+                }
                 Ok(Some(line))
             }
-            None if self.buf.len() > self.line_max => Err(LineTooLong),
-            None => Ok(None),
+            None => {
+                let so_far = self.buf.strip_suffix(b"\r").unwrap_or(&self.buf);
+                if so_far.len() > self.line_max {
+                    Err(LineTooLong)
+                } else {
+                    Ok(None)
+                }
+            }
         }
     }
 }
@@ -753,6 +764,32 @@ mod tests {
         assert_eq!(r.take_line(), Ok(None));
         r.feed(&vec![b'A'; 1100]);
         assert_eq!(r.take_line(), Err(LineTooLong));
+    }
+
+    /// Found by the prelogin_reader fuzz target (30-minute campaign): a SASL line of exactly
+    /// `line_max` octets was refused when a read ended between its CR and LF, and a longer one
+    /// accepted when it came in one read. Now the same answer either way.
+    #[test]
+    fn sasl_line_cap_does_not_depend_on_reads() {
+        let line = vec![b'A'; 1024];
+        for cut in [1024, 1025] {
+            let mut r = CommandReader::new(1024, 100);
+            let mut stream = line.clone();
+            stream.extend_from_slice(b"\r\n");
+            r.feed(&stream[..cut]);
+            assert_eq!(r.take_line(), Ok(None), "cut at {cut}");
+            r.feed(&stream[cut..]);
+            assert_eq!(r.take_line(), Ok(Some(line.clone())), "cut at {cut}");
+        }
+        let mut r = CommandReader::new(1024, 100);
+        let mut longer = vec![b'A'; 1025];
+        longer.extend_from_slice(b"\r\n");
+        r.feed(&longer);
+        assert_eq!(
+            r.take_line(),
+            Err(LineTooLong),
+            "one octet over, in one read"
+        );
     }
 }
 
