@@ -421,8 +421,12 @@ impl LineReader {
         }
     }
 
+    /// A note about the line (a literal's size); dropped once the line is at its cap, so a
+    /// line of endless literals cannot grow the reader.
     fn push_note(&mut self, note: &str) {
-        self.line.extend_from_slice(note.as_bytes());
+        if self.line.len() < LINE_SHOWN.max(BODY_SHOWN) {
+            self.line.extend_from_slice(note.as_bytes());
+        }
     }
 
     /// A line ended (its `\n` was pushed): a literal follows, or the line is complete.
@@ -558,6 +562,21 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert!(out[0].len() < LINE_SHOWN + 100, "{}", out[0].len());
         assert!(out[0].contains("[3 octets]") && out[0].contains("more octets]"));
+    }
+
+    /// A command line of endless empty literals: the reader's line stays bounded.
+    #[test]
+    fn endless_literals_keep_the_line_bounded() {
+        let mut r = LineReader::new(Way::ClientToBackend, false);
+        r.feed(b"a SEARCH", |_| {});
+        for _ in 0..100_000 {
+            r.feed(b" TEXT {0+}\r\n", |_| {});
+        }
+        assert!(
+            r.line.len() <= LINE_SHOWN.max(BODY_SHOWN) + 32,
+            "{}",
+            r.line.len()
+        );
     }
 
     #[test]
