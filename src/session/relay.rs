@@ -1,13 +1,16 @@
 //! Relay: after the login, bytes both ways, unchanged, until the session ends.
 //!
-//! Plain TCP on both sides: each direction waits for readiness, then borrows a buffer from a
-//! per-thread pool, reads and writes until the socket has nothing more, and gives the buffer
-//! back. The body of a literal of 64 KiB or more (a FETCH'd message, an APPEND) does not pass
-//! through user space at all: it is spliced socket → pipe → socket (`relay/splice.rs`). So an idle session (IDLE, or a client that just sits there) holds no buffer at all, and
-//! the busy path allocates nothing and takes no lock. With TLS on either side each direction
-//! keeps a 16 KiB buffer (rustls streams offer no readiness to wait on without one). Every chunk
-//! passes through the relay's `Tap` (`tap.rs`) on its way, which is where the command observer and
-//! the byte counters sit; it sees the relay's own buffer, it never copies or delays.
+//! Each direction waits for its source's readiness, then borrows a buffer from a per-thread
+//! pool, reads and writes until the source has nothing more, and gives the buffer back; so an
+//! idle session (IDLE, or a client that just sits there) holds no buffer at all, and the busy
+//! path takes no lock. Plain or TLS, the two ends are driven alike (`relay/end.rs`): a TLS end
+//! is the rustls connection under tokio-rustls, taken out of it after the login, whose records
+//! are read into rustls's own buffer and decrypted into the pooled one only when complete.
+//! Between two plain sockets the body of a literal of 64 KiB or more (a FETCH'd message, an
+//! APPEND) does not pass through user space at all: it is spliced socket → pipe → socket
+//! (`relay/splice.rs`). Every chunk passes through the relay's `Tap` (`tap.rs`) on its way,
+//! which is where the command observer and the byte counters sit; it sees the relay's own
+//! buffer, it never copies or delays. The state machine is `relay/pump.rs`.
 //!
 //! Ends:
 //! - backend closes (or fails): the client's side is shut and the session is over;
@@ -19,27 +22,22 @@
 use std::cell::RefCell;
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::pin::{Pin, pin};
-use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 use crate::stream::Stream;
-use crate::tap::{Tap, Way};
-use tcp::TcpRelay;
+use crate::tap::Tap;
+use end::End;
+pub use pump::Relay;
 
+mod end;
+mod pump;
 mod splice;
-mod tcp;
 
 /// Sized for bulk FETCH bodies; only busy directions hold one.
 const BUFFER_SIZE: usize = 32 * 1024;
-/// A TLS record's worth of plaintext.
-const TLS_BUFFER_SIZE: usize = 16 * 1024;
 /// Buffers a worker thread keeps for reuse; more than this are freed.
 const POOL_MAX: usize = 256;
 
@@ -80,208 +78,14 @@ pub fn relay<O: Tap>(
     backend_first: Vec<u8>,
     backend_quickack: bool,
 ) -> Relay<O> {
-    match (client, backend) {
-        (Stream::Plain(client), Stream::Plain(backend)) => Relay::Tcp(TcpRelay::new(
-            client,
-            backend,
-            half_close,
-            tap,
-            (client_first, backend_first),
-            backend_quickack,
-        )),
-        // Boxed so that plain sessions do not carry the TLS path's state.
-        (client, backend) => {
-            let (close, closing) = watch::channel(None);
-            let relay = Box::pin(async move {
-                // The two directions run in this one task; the lock is never contended.
-                let shared = Mutex::new(tap);
-                let tap = || shared.lock().unwrap_or_else(|p| p.into_inner());
-                let backend_fd = backend.tcp().as_raw_fd();
-                let (client_read, client_write) = tokio::io::split(client);
-                let (backend_read, backend_write) = tokio::io::split(backend);
-                let up = pin!(copy_io(
-                    client_read,
-                    backend_write,
-                    client_first,
-                    |b| tap().observe(Way::ClientToBackend, b),
-                    closing.clone(),
-                    || Stop::Now,
-                ));
-                let down = pin!(copy_io(
-                    backend_read,
-                    client_write,
-                    backend_first,
-                    |b| {
-                        tap().observe(Way::BackendToClient, b);
-                        if backend_quickack && tap().awaits_backend() {
-                            // SAFETY: the descriptor belongs to `backend`, which `backend_read`
-                            // and `backend_write` own and keep open for as long as this copy
-                            // runs.
-                            ack_now(unsafe { BorrowedFd::borrow_raw(backend_fd) });
-                        }
-                    },
-                    closing,
-                    || Stop::at(tap().at_boundary(Way::BackendToClient)),
-                ));
-                finish(up, down, half_close).await
-            });
-            Relay::Tls { relay, close }
-        }
-    }
-}
-
-/// The running relay. Plain TCP inline (the common case: an idle session is mostly this);
-/// TLS boxed.
-#[allow(clippy::large_enum_variant)]
-pub enum Relay<O> {
-    Tcp(TcpRelay<O>),
-    Tls {
-        relay: Pin<Box<dyn Future<Output = Ended> + Send>>,
-        /// The last word, once the session is to be closed.
-        close: watch::Sender<Option<&'static [u8]>>,
-    },
-}
-
-impl<O: Tap> Relay<O> {
-    /// Ends the session at the next response boundary: the client gets the response being
-    /// sent (a large FETCH included) whole, then `last_word` (an untagged BYE), then the
-    /// close. Nothing more goes to the backend. Poll the relay on to get there; it ends with
-    /// `EndedBy::Closed`. On a compressed stream no boundary is known: it closes at once,
-    /// without the last word.
-    pub fn close_at_boundary(&mut self, last_word: &'static [u8]) {
-        match self {
-            Relay::Tcp(relay) => relay.close_at_boundary(last_word),
-            Relay::Tls { close, .. } => {
-                close.send_replace(Some(last_word));
-            }
-        }
-    }
-}
-
-impl<O: Tap + Unpin> Future for Relay<O> {
-    type Output = Ended;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
-        match self.get_mut() {
-            Relay::Tcp(relay) => Pin::new(relay).poll(cx),
-            Relay::Tls { relay, .. } => relay.as_mut().poll(cx),
-        }
-    }
-}
-
-/// How a TLS copy direction ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CopyEnd {
-    /// The source ended; the half-close was passed on.
-    Eof,
-    /// The session was closed (`Relay::close_at_boundary`).
-    Closed,
-}
-
-/// What a direction does once the session is to be closed.
-enum Stop {
-    /// Stop reading at once (the client's side: nothing more goes to the backend).
-    Now,
-    /// Not at a boundary yet: go on.
-    Wait,
-    /// At a boundary: send the last word, close.
-    LastWord,
-}
-
-impl Stop {
-    /// From `Tap::at_boundary`.
-    fn at(boundary: Option<bool>) -> Stop {
-        match boundary {
-            Some(true) => Stop::LastWord,
-            Some(false) => Stop::Wait,
-            None => Stop::Now,
-        }
-    }
-}
-
-/// Runs both directions until the session is over (see the module doc for who ends it).
-async fn finish<U, D>(
-    mut upstream: Pin<&mut U>,
-    mut downstream: Pin<&mut D>,
-    half_close: Duration,
-) -> Ended
-where
-    U: Future<Output = io::Result<CopyEnd>>,
-    D: Future<Output = io::Result<CopyEnd>>,
-{
-    let by = |end: &io::Result<CopyEnd>, otherwise| match end {
-        Ok(CopyEnd::Closed) => EndedBy::Closed,
-        _ => otherwise,
-    };
-    tokio::select! {
-        result = &mut downstream => (by(&result, EndedBy::Backend), result.map(drop)),
-        result = &mut upstream => match result {
-            Err(e) => (EndedBy::Client, Err(e)),
-            // Closing: the backend's side finishes its response first.
-            Ok(CopyEnd::Closed) => (EndedBy::Closed, downstream.await.map(drop)),
-            // The client half-closed and that was passed on; let the backend finish its answer.
-            Ok(CopyEnd::Eof) => match tokio::time::timeout(half_close, &mut downstream).await {
-                Ok(result) => (by(&result, EndedBy::Client), result.map(drop)),
-                Err(_) => (EndedBy::HalfCloseTimeout, Ok(())),
-            },
-        },
-    }
-}
-
-/// TLS on either side: rustls streams have no readiness API, so each direction keeps one
-/// TLS-record-sized buffer for the life of the session. Once `closing` holds a last word,
-/// `stop` says what this direction does (see `Stop`).
-async fn copy_io<R, W>(
-    mut from: R,
-    mut to: W,
-    first: Vec<u8>,
-    mut observe: impl FnMut(&[u8]),
-    mut closing: watch::Receiver<Option<&'static [u8]>>,
-    stop: impl Fn() -> Stop,
-) -> io::Result<CopyEnd>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if !first.is_empty() {
-        observe(&first);
-        to.write_all(&first).await?;
-        to.flush().await?;
-    }
-    drop(first);
-    let mut buf = vec![0u8; TLS_BUFFER_SIZE];
-    let mut watching = true;
-    loop {
-        let last_word = *closing.borrow();
-        if let Some(word) = last_word {
-            match stop() {
-                Stop::Wait => {}
-                Stop::Now => return Ok(CopyEnd::Closed),
-                Stop::LastWord => {
-                    to.write_all(word).await?;
-                    to.flush().await?;
-                    let _ = to.shutdown().await;
-                    return Ok(CopyEnd::Closed);
-                }
-            }
-        }
-        let n = tokio::select! {
-            read = from.read(&mut buf) => read?,
-            changed = closing.changed(), if watching && last_word.is_none() => {
-                // A dropped sender means the relay itself is going away.
-                watching = changed.is_ok();
-                continue;
-            }
-        };
-        if n == 0 {
-            // Pass the half-close on (close_notify and FIN on a TLS side).
-            let _ = to.shutdown().await;
-            return Ok(CopyEnd::Eof);
-        }
-        observe(&buf[..n]);
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-    }
+    Relay::new(
+        End::from(client),
+        End::from(backend),
+        half_close,
+        tap,
+        (client_first, backend_first),
+        backend_quickack,
+    )
 }
 
 thread_local! {
@@ -335,6 +139,7 @@ mod tests {
 
     use super::*;
     use crate::imap::scan::{CommandId, CommandSink, Completion, Observer};
+    use crate::tap::Way;
 
     #[derive(Default)]
     struct Seen {

@@ -491,3 +491,132 @@ async fn sighup_reloads_certificates() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// The TLS relay moves what a plain one does, byte for byte: a large APPEND up and the same
+/// message FETCHed back down, and IDLE waking on a message another session appends; with TLS
+/// on the client's side (implicit and STARTTLS), on the backend's, and on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_relay_large_literals_and_idle() {
+    if !dovecot::available() {
+        return;
+    }
+    let pki = Pki::new();
+    let backend = pki.pair("backend");
+    let dv = Dovecot::start_with(
+        "b1",
+        Options {
+            tls: Some((backend.cert, backend.key)),
+            ..Options::default()
+        },
+    );
+    let ca = pki.ca();
+    let proxy = Proxy::start(&format!(
+        "{TWO_LISTENERS}{}backends:\n  - {{ name: tls, address: \"{}\", tls: implicit, ca: \"{}\", server_name: backend.test }}\n  - {{ name: plain, address: \"{}\" }}\nrouting:\n  static: {{ alice: tls, dave: tls, bob: plain }}\n",
+        tls_yaml(&pki),
+        dv.imaps_address(),
+        ca.display(),
+        dv.address(),
+    ))
+    .await;
+    // A 3 MB message of every printable octet, in lines (APPEND takes no NUL or bare CR/LF).
+    let mut message = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u32;
+    while message.len() < 3_000_000 {
+        let line: Vec<u8> = (0..998).map(|k| b' ' + ((i + k) % 95) as u8).collect();
+        message.extend_from_slice(&line);
+        message.extend_from_slice(b"\r\n");
+        i += 7;
+    }
+    let (starttls, implicit) = (proxy.addrs[0], proxy.addrs[1]);
+    // Implicit TLS to a TLS backend; STARTTLS to a plain one; STARTTLS to a TLS one. (A plain
+    // client in front of a TLS backend: `tls_to_backends_and_a_wrong_certificate`.)
+    for (user, password, mode) in [
+        ("alice", "alice-secret", "implicit"),
+        ("bob", "bob-secret", "starttls"),
+        ("dave", "dave-secret", "starttls"),
+    ] {
+        let connect = || async {
+            if mode == "implicit" {
+                let tcp = tokio::net::TcpStream::connect(implicit).await.unwrap();
+                Raw::new(tls_client(tcp, "imap.test", &ca).await)
+            } else {
+                let mut c = Raw::connect(starttls).await;
+                assert!(c.line().await.unwrap().starts_with("* OK"));
+                c.send("t STARTTLS\r\n").await;
+                assert!(c.until_tagged("t").await.1.starts_with("t OK"));
+                let mut c = c.start_tls("imap.test", &ca).await;
+                // The greeting is not repeated after STARTTLS: a NOOP to have a line to read.
+                c.send("n NOOP\r\n").await;
+                assert!(c.until_tagged("n").await.1.starts_with("n OK"));
+                c
+            }
+        };
+        let login = |mut c: Raw<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>| async move {
+            if mode == "implicit" {
+                c.login(user, password).await;
+            } else {
+                c.send(format!("l1 LOGIN {user} {password}\r\n")).await;
+                let (_, answer) = c.until_tagged("l1").await;
+                assert!(answer.starts_with("l1 OK"), "{answer}");
+            }
+            c
+        };
+        let mut watcher = login(connect().await).await;
+        watcher.send("s SELECT INBOX\r\n").await;
+        let (untagged, answer) = watcher.until_tagged("s").await;
+        assert!(answer.starts_with("s OK"), "{answer}");
+        let before = untagged
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix("* ")?
+                    .strip_suffix(" EXISTS\r\n")?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .expect("EXISTS in the SELECT answer");
+        watcher.send("i IDLE\r\n").await;
+        assert!(watcher.line().await.unwrap().starts_with("+ "));
+
+        let mut c = login(connect().await).await;
+        c.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()))
+            .await;
+        assert!(c.line().await.unwrap().starts_with("+ "));
+        c.send(&message).await;
+        c.send("\r\n").await;
+        let (_, answer) = c.until_tagged("a").await;
+        assert!(answer.starts_with("a OK"), "{user} over {mode}: {answer}");
+
+        // IDLE wakes with the new message.
+        let exists = watcher.line().await.unwrap();
+        assert_eq!(
+            exists,
+            format!("* {} EXISTS\r\n", before + 1),
+            "{user} {mode}"
+        );
+        watcher.send("DONE\r\n").await;
+        assert!(watcher.until_tagged("i").await.1.starts_with("i OK"));
+
+        c.send(format!(
+            "s SELECT INBOX\r\nf FETCH {} BODY.PEEK[]\r\n",
+            before + 1
+        ))
+        .await;
+        assert!(c.until_tagged("s").await.1.starts_with("s OK"));
+        let head = c.line().await.unwrap();
+        assert!(
+            head.ends_with(&format!("{{{}}}\r\n", message.len())),
+            "{user} {mode}: {head}"
+        );
+        let body = c.bytes(message.len()).await;
+        assert!(
+            body == message,
+            "{user} over {mode}: the message came back changed"
+        );
+        assert!(c.until_tagged("f").await.1.starts_with("f OK"));
+        c.send("z LOGOUT\r\n").await;
+        assert!(c.until_tagged("z").await.1.starts_with("z OK"));
+        // The backend closes after LOGOUT; the client sees the close, cleanly.
+        assert_eq!(c.rest().await, "");
+    }
+    proxy.stop().await;
+}

@@ -6,6 +6,7 @@
 //! imapgate-load noop  --target ... --workers 1
 //! imapgate-load fetch --target ... --workers 1
 //! imapgate-load idle  --target ... --sessions 2000 --hold 10 --pid PID
+//! imapgate-load fetch --target 127.0.0.1:1993 --tls implicit --ca ca.pem --server-name imap.test
 //! imapgate-load tls   --target 127.0.0.1:1993 --ca ca.pem --server-name imap.test [--resume]
 //! imapgate-load auth-http --listen 127.0.0.1:9000 --backend 127.0.0.1:10143
 //! imapgate-load prelogin --target ... --size 8192 --commands 1000 --pid PID
@@ -14,6 +15,7 @@
 //! Each scenario prints one JSON line on stdout and a human summary on stderr.
 
 mod auth_http;
+mod client_tls;
 mod fake_backend;
 mod prelogin;
 mod scenarios;
@@ -61,16 +63,11 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         sources: u8,
     },
-    /// TLS handshakes on an implicit-TLS listener: connect, handshake, greeting, close.
+    /// TLS handshakes on an implicit-TLS listener: connect, handshake, greeting, close
+    /// (needs `--ca`).
     Tls {
         #[command(flatten)]
         common: Common,
-        /// PEM file with the CA that signed the target's certificate.
-        #[arg(long)]
-        ca: std::path::PathBuf,
-        /// The name to ask for (SNI) and to verify.
-        #[arg(long, default_value = "localhost")]
-        server_name: String,
         /// Keep a session cache, so handshakes after a worker's first one can resume.
         #[arg(long)]
         resume: bool,
@@ -129,6 +126,15 @@ struct Common {
     /// A name for the target in the output.
     #[arg(long, default_value = "target")]
     label: String,
+    /// TLS towards the target (login, noop, fetch, idle): from the first octet or by STARTTLS.
+    #[arg(long, value_enum, requires = "ca")]
+    tls: Option<client_tls::TlsMode>,
+    /// PEM file with the CA that signed the target's certificate.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// The name to ask for (SNI) and to verify.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
 }
 
 #[derive(Args)]
@@ -173,7 +179,20 @@ struct SoakArgs {
 
 impl Common {
     fn into_scenario(self) -> scenarios::Common {
+        let tls = match (self.tls, &self.ca) {
+            (Some(mode), Some(ca)) => {
+                match client_tls::ClientTls::new(mode, ca, &self.server_name, false) {
+                    Ok(tls) => Some(tls),
+                    Err(e) => {
+                        eprintln!("imapgate-load: TLS client: {e}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            _ => None,
+        };
         scenarios::Common {
+            tls,
             target: self.target,
             workers: self.workers.max(1),
             seconds: self.seconds,
@@ -241,12 +260,14 @@ async fn main() -> std::io::Result<()> {
         }
         Command::Noop(c) => scenarios::noop(&c.into_scenario()).await,
         Command::Fetch(c) => scenarios::fetch(&c.into_scenario()).await,
-        Command::Tls {
-            common,
-            ca,
-            server_name,
-            resume,
-        } => tls::tls(&common.into_scenario(), &ca, &server_name, resume).await,
+        Command::Tls { common, resume } => {
+            let Some(ca) = common.ca.clone() else {
+                eprintln!("imapgate-load tls: --ca is required");
+                std::process::exit(2);
+            };
+            let server_name = common.server_name.clone();
+            tls::tls(&common.into_scenario(), &ca, &server_name, resume).await
+        }
         Command::Idle {
             common,
             sessions,

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::client_tls::{ClientTls, ReadSide, TlsMode, WriteSide};
 
 pub struct Report {
     pub json: serde_json::Value,
@@ -15,13 +16,19 @@ pub struct Report {
 
 /// One IMAP client connection, line oriented.
 pub(crate) struct Conn {
-    pub(crate) read: BufReader<OwnedReadHalf>,
-    pub(crate) write: OwnedWriteHalf,
+    pub(crate) read: BufReader<ReadSide>,
+    pub(crate) write: WriteSide,
     pub(crate) line: Vec<u8>,
 }
 
 impl Conn {
-    pub(crate) async fn open(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Conn> {
+    /// Connects and reads the greeting; with `tls`, TLS is set up first (implicit) or after the
+    /// greeting with STARTTLS.
+    pub(crate) async fn open(
+        target: SocketAddr,
+        source: Option<IpAddr>,
+        tls: Option<&ClientTls>,
+    ) -> std::io::Result<Conn> {
         let stream = match source {
             None => TcpStream::connect(target).await?,
             Some(ip) => {
@@ -35,12 +42,35 @@ impl Conn {
             }
         };
         stream.set_nodelay(true)?;
-        let (read, write) = stream.into_split();
-        let mut conn = Conn {
+        match tls {
+            None => Conn::greeted(ReadSide::plain_split(stream)).await,
+            Some(tls) if tls.mode == TlsMode::Implicit => {
+                Conn::greeted(ReadSide::tls_split(tls.connect(stream).await?)).await
+            }
+            Some(tls) => {
+                let mut plain = Conn::greeted(ReadSide::plain_split(stream)).await?;
+                plain.send("t STARTTLS\r\n").await?;
+                plain.until_ok("t").await?;
+                if !plain.read.buffer().is_empty() {
+                    return Err(std::io::Error::other("octets after the STARTTLS answer"));
+                }
+                let stream = ReadSide::reunite(plain.read.into_inner(), plain.write)?;
+                let (read, write) = ReadSide::tls_split(tls.connect(stream).await?);
+                Ok(Conn::new(read, write))
+            }
+        }
+    }
+
+    fn new(read: ReadSide, write: WriteSide) -> Conn {
+        Conn {
             read: BufReader::with_capacity(512, read),
             write,
             line: Vec::with_capacity(256),
-        };
+        }
+    }
+
+    async fn greeted((read, write): (ReadSide, WriteSide)) -> std::io::Result<Conn> {
+        let mut conn = Conn::new(read, write);
         conn.next_line().await?;
         Ok(conn)
     }
@@ -54,7 +84,8 @@ impl Conn {
     }
 
     pub(crate) async fn send(&mut self, command: &str) -> std::io::Result<()> {
-        self.write.write_all(command.as_bytes()).await
+        self.write.write_all(command.as_bytes()).await?;
+        self.write.flush().await
     }
 
     /// Reads until the line tagged `tag`; fails unless it is OK. Literals in responses are
@@ -96,8 +127,13 @@ impl Conn {
     }
 
     /// A connection that has logged in.
-    async fn session(target: SocketAddr, user: &str, password: &str) -> std::io::Result<Conn> {
-        let mut c = Conn::open(target, None).await?;
+    async fn session(
+        target: SocketAddr,
+        tls: Option<&ClientTls>,
+        user: &str,
+        password: &str,
+    ) -> std::io::Result<Conn> {
+        let mut c = Conn::open(target, None, tls).await?;
         c.login(user, password).await?;
         Ok(c)
     }
@@ -145,6 +181,15 @@ pub struct Common {
     /// unknown.
     pub pids: Vec<u32>,
     pub label: String,
+    /// TLS towards the target, implicit or by STARTTLS.
+    pub tls: Option<ClientTls>,
+}
+
+impl Common {
+    /// `plain`, `implicit` or `starttls`, for the report.
+    pub fn tls_name(&self) -> &'static str {
+        self.tls.as_ref().map_or("plain", |t| t.mode.as_str())
+    }
 }
 
 /// CPU seconds (user + system) of the processes so far.
@@ -219,7 +264,7 @@ pub async fn login(common: &Common) -> Report {
     let (users, workers) = (common.users, common.workers as u64);
     let started = Instant::now();
     let (mut lat, errors, _, cpu) = run_workers(common, |worker, until| {
-        let (user, password) = (user.clone(), password.clone());
+        let (user, password, tls) = (user.clone(), password.clone(), common.tls.clone());
         async move {
             let mut lat = Vec::new();
             let mut errors = 0;
@@ -233,7 +278,7 @@ pub async fn login(common: &Common) -> Report {
                 };
                 next += workers;
                 let result = async {
-                    let mut c = Conn::open(target, None).await?;
+                    let mut c = Conn::open(target, None, tls.as_ref()).await?;
                     c.login(&name, &password).await?;
                     c.send("o LOGOUT\r\n").await?;
                     c.until_ok("o").await
@@ -258,7 +303,7 @@ pub async fn login(common: &Common) -> Report {
     );
     let cpu_per_1k = if n > 0.0 { cpu / n * 1000.0 } else { 0.0 };
     Report {
-        json: json!({"scenario": "login", "target": common.label, "workers": common.workers,
+        json: json!({"scenario": "login", "target": common.label, "tls": common.tls_name(), "workers": common.workers,
             "seconds": elapsed, "logins": n, "errors": errors, "logins_per_s": rate,
             "p50_us": p50, "p99_us": p99, "p999_us": p999, "target_cpu_s": cpu, "cpu_s_per_1k_logins": cpu_per_1k}),
         summary: format!(
@@ -272,11 +317,11 @@ pub async fn noop(common: &Common) -> Report {
     let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
     let started = Instant::now();
     let (mut lat, errors, _, cpu) = run_workers(common, |_, until| {
-        let (user, password) = (user.clone(), password.clone());
+        let (user, password, tls) = (user.clone(), password.clone(), common.tls.clone());
         async move {
             let mut lat = Vec::new();
             let mut errors = 0;
-            let Ok(mut c) = Conn::session(target, &user, &password).await else {
+            let Ok(mut c) = Conn::session(target, tls.as_ref(), &user, &password).await else {
                 return (lat, 1, 0);
             };
             while Instant::now() < until {
@@ -301,7 +346,7 @@ pub async fn noop(common: &Common) -> Report {
         lat.percentile(0.999),
     );
     Report {
-        json: json!({"scenario": "noop", "target": common.label, "workers": common.workers,
+        json: json!({"scenario": "noop", "target": common.label, "tls": common.tls_name(), "workers": common.workers,
             "seconds": elapsed, "ops": n, "errors": errors, "ops_per_s": n / elapsed,
             "p50_us": p50, "p99_us": p99, "p999_us": p999, "target_cpu_s": cpu}),
         summary: format!(
@@ -317,10 +362,10 @@ pub async fn fetch(common: &Common) -> Report {
     let (target, user, password) = (common.target, common.user.clone(), common.password.clone());
     let started = Instant::now();
     let (_, errors, octets, cpu) = run_workers(common, |_, until| {
-        let (user, password) = (user.clone(), password.clone());
+        let (user, password, tls) = (user.clone(), password.clone(), common.tls.clone());
         async move {
             let mut octets = 0;
-            let Ok(mut c) = Conn::session(target, &user, &password).await else {
+            let Ok(mut c) = Conn::session(target, tls.as_ref(), &user, &password).await else {
                 return (vec![], 1, 0);
             };
             let selected = async {
@@ -349,7 +394,7 @@ pub async fn fetch(common: &Common) -> Report {
     let gb = octets as f64 / 1e9;
     let cpu_per_gb = if gb > 0.0 { cpu / gb } else { 0.0 };
     Report {
-        json: json!({"scenario": "fetch", "target": common.label, "workers": common.workers,
+        json: json!({"scenario": "fetch", "target": common.label, "tls": common.tls_name(), "workers": common.workers,
             "seconds": elapsed, "octets": octets, "errors": errors, "mb_per_s": mb_s,
             "target_cpu_s": cpu, "cpu_s_per_gb": cpu_per_gb}),
         summary: format!(
@@ -399,7 +444,7 @@ pub async fn idle(common: &Common, sessions: usize, hold: Duration, sources: u8)
     };
     let (per_session, per_session_cold) = (growth(rss_before), growth(rss_cold));
     Report {
-        json: json!({"scenario": "idle", "target": common.label, "sessions": sessions,
+        json: json!({"scenario": "idle", "target": common.label, "tls": common.tls_name(), "sessions": sessions,
             "held": held, "failed_to_open": failed, "dropped": dropped, "open_seconds": open_s,
             "rss_cold_kib": rss_cold, "rss_before_kib": rss_before, "rss_after_kib": rss_after,
             "kib_per_session": per_session, "kib_per_session_cold": per_session_cold}),
@@ -424,11 +469,15 @@ async fn open_idle(
         let wave = common.workers.min(range.end - next);
         let mut tasks = Vec::with_capacity(wave);
         for i in next..next + wave {
-            let (target, user, password) =
-                (common.target, common.user.clone(), common.password.clone());
+            let (target, user, password, tls) = (
+                common.target,
+                common.user.clone(),
+                common.password.clone(),
+                common.tls.clone(),
+            );
             let source = IpAddr::from([127, 0, 0, 2 + (i % sources.max(1) as usize) as u8]);
             tasks.push(tokio::spawn(async move {
-                let mut c = Conn::open(target, Some(source)).await?;
+                let mut c = Conn::open(target, Some(source), tls.as_ref()).await?;
                 c.login(&user, &password).await?;
                 c.send("i IDLE\r\n").await?;
                 c.next_line().await?;

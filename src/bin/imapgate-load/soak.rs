@@ -173,7 +173,7 @@ impl Worker {
     }
 
     async fn login(&self) -> std::io::Result<Conn> {
-        let mut c = Conn::open(self.opts.target, None).await?;
+        let mut c = Conn::open(self.opts.target, None, None).await?;
         c.login(&self.user(), &self.opts.password).await?;
         Counters::add(&self.counters.logins, 1);
         Ok(c)
@@ -267,7 +267,7 @@ impl Worker {
         match way {
             // In the middle of a LOGIN line: pre-login, no line end yet.
             0 => {
-                let mut c = Conn::open(self.opts.target, None).await?;
+                let mut c = Conn::open(self.opts.target, None, None).await?;
                 c.send(&format!("l LOGIN {} ", self.user())).await?;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -280,7 +280,9 @@ impl Worker {
                 c.next_line().await?;
                 let part = message(50_000, self.round);
                 c.send(&part).await?;
-                socket2::SockRef::from(c.write.as_ref()).set_linger(Some(Duration::ZERO))?;
+                if let Some(tcp) = c.write.tcp() {
+                    socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO))?;
+                }
             }
             // With a FETCH answer in flight.
             2 => {
@@ -306,7 +308,7 @@ impl Worker {
     }
 
     async fn wrong_round(&mut self) -> std::io::Result<()> {
-        let mut c = Conn::open(self.opts.target, None).await?;
+        let mut c = Conn::open(self.opts.target, None, None).await?;
         c.send(&format!(
             "l LOGIN {} {}-wrong\r\n",
             self.user(),

@@ -4,11 +4,9 @@
 //! tickets or a 1.2 session id); without, every handshake is a full one.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
@@ -26,7 +24,7 @@ pub async fn tls(common: &Common, ca: &Path, server_name: &str, resume: bool) ->
     // One client config (and so one session cache) per worker, as each real client keeps its
     // own: a shared cache would cap how many tickets 50 concurrent workers find.
     let connectors = match (0..common.workers)
-        .map(|_| connector(ca, resume))
+        .map(|_| crate::client_tls::connector(ca, resume))
         .collect::<Result<Vec<_>, _>>()
     {
         Ok(c) => c,
@@ -81,22 +79,6 @@ fn failed(common: &Common, error: &str) -> Report {
         json: json!({"scenario": "tls", "target": common.label, "error": error}),
         summary: format!("tls    {:>10}: cannot start: {error}", common.label),
     }
-}
-
-fn connector(ca: &Path, resume: bool) -> Result<TlsConnector, Box<dyn std::error::Error>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)? {
-        roots.add(cert?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    if !resume {
-        config.resumption = rustls::client::Resumption::disabled();
-    }
-    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 async fn handshake(

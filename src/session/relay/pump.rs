@@ -1,27 +1,26 @@
-//! The relay between two plain TCP sockets, as one hand-written future.
+//! The relay between two ends (plain or TLS, `end.rs`), as one hand-written future.
 //!
 //! Async fns for the two copy loops plus a select would cost several times more future state
 //! per session (each readiness wait and write is a future of its own) than this state machine,
-//! and an idle session is mostly its future (figures in BENCHMARKS.md). Each direction is either waiting to read (no buffer), or holds the octets it
-//! read until the other socket took them all (a pooled buffer, or the first bytes handed over
-//! from the login), or is splicing a long literal's body (a pooled pipe, see `splice`). The
-//! readiness registrations are the sockets' own (tokio's `poll_*_ready`), with this task's
-//! waker.
+//! and an idle session is mostly its future (figures in BENCHMARKS.md). Each direction is
+//! either waiting to read (no buffer), or holds the octets it read until the other end took
+//! them all (a pooled buffer, or the first bytes handed over from the login), or is splicing a
+//! long literal's body between two plain sockets (a pooled pipe, see `splice`). The readiness
+//! registrations are the sockets' own (tokio's `poll_*_ready`), with this task's waker.
 
 use std::future::Future;
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use super::end::End;
 use super::splice::{PIPE_CHUNK, Pipe, SPLICE_MIN};
-use super::{Ended, EndedBy, PooledBuffer, ack_now, shut};
+use super::{Ended, EndedBy, PooledBuffer, ack_now};
 use crate::tap::{Tap, Way};
 
 /// Octets read and not yet all written.
@@ -73,12 +72,12 @@ impl Direction {
 
     /// Moves octets from `from` to `to` until one of them would block (Pending) or `from`
     /// ends (Ready(Ok)). The tap sees each chunk as it is read, except literal bodies it
-    /// said it does not need to see, which are spliced.
+    /// said it does not need to see, which are spliced (plain ends only).
     fn poll_copy<O: Tap>(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &mut End,
+        to: &mut End,
         tap: &mut O,
         way: Way,
         last_word: &mut LastWord,
@@ -97,6 +96,10 @@ impl Direction {
                     in_pipe,
                     left,
                 } => {
+                    // Only ever set up between two plain sockets.
+                    let (End::Plain(from), End::Plain(to)) = (&*from, &*to) else {
+                        unreachable!("splicing needs two plain sockets");
+                    };
                     if *in_pipe > 0 {
                         ready!(to.poll_write_ready(cx))?;
                         match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, *in_pipe)) {
@@ -118,7 +121,7 @@ impl Direction {
                         match from.try_io(Interest::READABLE, || pipe.fill_from(from, want)) {
                             Ok(0) => {
                                 // The source ended inside the literal.
-                                shut(to, Shutdown::Write);
+                                super::shut(to, std::net::Shutdown::Write);
                                 self.done = true;
                                 return Poll::Ready(Ok(()));
                             }
@@ -140,21 +143,16 @@ impl Direction {
                 }
             };
             if let (Some(data), Some(at)) = (data, at) {
-                ready!(to.poll_write_ready(cx))?;
-                match to.try_write(data) {
-                    Ok(n) => {
-                        let all = n == data.len();
-                        *at += n;
-                        if all {
-                            // All out: give the buffer back.
-                            self.pending = Pending::None;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                let n = ready!(to.poll_write(cx, data))?;
+                *at += n;
+                if n == data.len() {
+                    // All out: give the buffer back.
+                    self.pending = Pending::None;
                 }
                 continue;
             }
+            // A TLS end may still hold records of what was written: out first.
+            ready!(to.poll_flush(cx))?;
             // Everything read is written: if the session is closing, is this the place?
             match *last_word {
                 LastWord::Open => {}
@@ -171,12 +169,12 @@ impl Direction {
                     None => *last_word = LastWord::Sent,
                 },
                 LastWord::Sent => {
-                    shut(to, Shutdown::Write);
+                    ready!(to.poll_shutdown(cx))?;
                     return Poll::Ready(Ok(()));
                 }
             }
             // A long literal body coming, which the tap need not see: splice it.
-            let unseen = if self.no_splice {
+            let unseen = if self.no_splice || !from.is_plain() || !to.is_plain() {
                 0
             } else {
                 tap.unseen_ahead(way)
@@ -196,12 +194,15 @@ impl Direction {
             let mut buf = PooledBuffer::take();
             match from.try_read(&mut buf.0) {
                 Ok(0) => {
-                    shut(to, Shutdown::Write);
+                    drop(buf);
+                    ready!(to.poll_shutdown(cx))?;
                     self.done = true;
                     return Poll::Ready(Ok(()));
                 }
                 Ok(n) => {
-                    if n < buf.0.len() {
+                    if let End::Plain(from) = from
+                        && n < buf.0.len()
+                    {
                         // A short read drained the socket: forget its readiness now rather
                         // than learn it from one more read that fails with EAGAIN (a syscall
                         // per message saved). Safe with edge-triggered epoll: octets arriving
@@ -214,7 +215,7 @@ impl Direction {
                     tap.observe(way, &buf.0[..n]);
                     // Drained while the backend still owes answers: ACK now (see ack_now).
                     if n < buf.0.len() && self.quickack && tap.awaits_backend() {
-                        ack_now(from.as_fd());
+                        ack_now(from.tcp().as_fd());
                     }
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
                 }
@@ -238,9 +239,9 @@ pub(crate) enum LastWord {
 
 /// Both directions of one session; resolves when the session is over (see `super` for who
 /// ends it).
-pub struct TcpRelay<O> {
-    client: TcpStream,
-    backend: TcpStream,
+pub struct Relay<O> {
+    client: End,
+    backend: End,
     tap: O,
     last_word: LastWord,
     up: Direction,
@@ -250,10 +251,10 @@ pub struct TcpRelay<O> {
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl<O: Tap> TcpRelay<O> {
-    pub fn new(
-        client: TcpStream,
-        backend: TcpStream,
+impl<O: Tap> Relay<O> {
+    pub(super) fn new(
+        client: End,
+        backend: End,
         half_close: Duration,
         mut tap: O,
         (client_first, backend_first): (Vec<u8>, Vec<u8>),
@@ -265,7 +266,7 @@ impl<O: Tap> TcpRelay<O> {
         if !backend_first.is_empty() {
             tap.observe(Way::BackendToClient, &backend_first);
         }
-        TcpRelay {
+        Relay {
             client,
             backend,
             tap,
@@ -277,7 +278,11 @@ impl<O: Tap> TcpRelay<O> {
         }
     }
 
-    /// See `Relay::close_at_boundary`.
+    /// Ends the session at the next response boundary: the client gets the response being
+    /// sent (a large FETCH included) whole, then `last_word` (an untagged BYE), then the
+    /// close. Nothing more goes to the backend. Poll the relay on to get there; it ends with
+    /// `EndedBy::Closed`. On a compressed stream no boundary is known: it closes at once,
+    /// without the last word.
     pub fn close_at_boundary(&mut self, last_word: &'static [u8]) {
         if self.last_word == LastWord::Open {
             self.last_word = LastWord::Due(last_word);
@@ -289,8 +294,8 @@ impl<O: Tap> TcpRelay<O> {
         let way = Way::BackendToClient;
         self.down.poll_copy(
             cx,
-            &self.backend,
-            &self.client,
+            &mut self.backend,
+            &mut self.client,
             &mut self.tap,
             way,
             &mut self.last_word,
@@ -302,8 +307,8 @@ impl<O: Tap> TcpRelay<O> {
         let way = Way::ClientToBackend;
         self.up.poll_copy(
             cx,
-            &self.client,
-            &self.backend,
+            &mut self.client,
+            &mut self.backend,
             &mut self.tap,
             way,
             &mut LastWord::Open,
@@ -311,7 +316,7 @@ impl<O: Tap> TcpRelay<O> {
     }
 }
 
-impl<O: Tap + Unpin> Future for TcpRelay<O> {
+impl<O: Tap + Unpin> Future for Relay<O> {
     type Output = Ended;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Ended> {
