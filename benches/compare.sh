@@ -5,6 +5,9 @@
 #
 #   benches/compare.sh [--rounds 3] [--seconds 5] [--dovecot] [--quick]
 #
+# Against the fake backend it also runs the TLS scenarios: TLS terminated at the proxy, implicit
+# (HAProxy, nginx, imapgate) and STARTTLS (nginx, imapgate), an ECDSA P-256 certificate.
+#
 # Needs: haproxy, nginx + libnginx-mod-mail (apt-get install -y haproxy nginx libnginx-mod-mail),
 # and for --dovecot, dovecot-imapd. Everything listens on 127.0.0.1 ports the OS picks.
 set -euo pipefail
@@ -65,7 +68,7 @@ PY
   wait_port "$BACKEND_PORT"
 }
 
-# --- a CA and a certificate for localhost, for the TLS scenario -------------------------------
+# --- a CA and a certificate for localhost, for the TLS scenarios ------------------------------
 make_certs() {
   local c=$WORK/certs
   mkdir -p "$c"
@@ -81,20 +84,29 @@ make_certs() {
 make_certs
 
 # --- the proxies ----------------------------------------------------------------------------
+# Every proxy process (and the auth service), to restart them between idle measurements.
+PROXY_PIDS=()
+stop_proxies() {
+  for p in "${PROXY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PROXY_PIDS[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done
+  PROXY_PIDS=()
+}
 start_proxies() {
   IG_PORT=$(free_port) HA_PORT=$(free_port) NG_PORT=$(free_port) AUTH_PORT=$(free_port)
-  IG_TLS_PORT=$(free_port) HA_TLS_PORT=$(free_port)
+  IG_TLS_PORT=$(free_port) HA_TLS_PORT=$(free_port) NG_TLS_PORT=$(free_port)
+  IG_STLS_PORT=$(free_port) NG_STLS_PORT=$(free_port)
   cat > "$WORK/imapgate.yaml" <<EOF
 listeners:
   - { name: imap, bind: "127.0.0.1:$IG_PORT" }
   - { name: imaps, bind: "127.0.0.1:$IG_TLS_PORT", tls: implicit }
+  - { name: imap-starttls, bind: "127.0.0.1:$IG_STLS_PORT", tls: starttls }
 tls: { cert: "$WORK/certs/leaf.pem", key: "$WORK/certs/leaf.key" }
 backends: [{ name: b, address: "127.0.0.1:$BACKEND_PORT" }]
 limits: { max_connections: 1000000, per_ip: 1000000 }
 EOF
   # Per-session info logs off, as HAProxy and nginx log nothing per connection here either.
   IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate.yaml" 2>"$WORK/imapgate.log" &
-  IG_PIDS=$!; PIDS+=("$IG_PIDS")
+  IG_PIDS=$!; PIDS+=("$IG_PIDS"); PROXY_PIDS+=("$IG_PIDS")
 
   cat > "$WORK/haproxy.cfg" <<EOF
 global
@@ -114,10 +126,10 @@ backend b
   server b1 127.0.0.1:$BACKEND_PORT
 EOF
   haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
-  HA_PIDS=$!; PIDS+=("$HA_PIDS")
+  HA_PIDS=$!; PIDS+=("$HA_PIDS"); PROXY_PIDS+=("$HA_PIDS")
 
   "$LOAD" auth-http --listen "127.0.0.1:$AUTH_PORT" --backend "127.0.0.1:$BACKEND_PORT" 2>/dev/null &
-  PIDS+=("$!")
+  PIDS+=("$!"); PROXY_PIDS+=("$!")
   mkdir -p "$WORK/nginx"
   cat > "$WORK/nginx/nginx.conf" <<EOF
 load_module /usr/lib/nginx/modules/ngx_mail_module.so;
@@ -132,11 +144,16 @@ mail {
   server_name localhost;
   auth_http 127.0.0.1:$AUTH_PORT/auth;
   imap_capabilities IMAP4rev1 LITERAL+ SASL-IR IDLE;
+  ssl_certificate $WORK/certs/leaf.pem;
+  ssl_certificate_key $WORK/certs/leaf.key;
+  ssl_session_cache shared:MAIL:10m;
   server { listen 127.0.0.1:$NG_PORT; protocol imap; }
+  server { listen 127.0.0.1:$NG_TLS_PORT ssl; protocol imap; }
+  server { listen 127.0.0.1:$NG_STLS_PORT; protocol imap; starttls only; }
 }
 EOF
   nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
-  NG_MASTER=$!; PIDS+=("$NG_MASTER")
+  NG_MASTER=$!; PIDS+=("$NG_MASTER"); PROXY_PIDS+=("$NG_MASTER")
 
   # imapgate routing from the same auth_http service as nginx: with its cache, and without.
   IGW_PORT=$(free_port) IGN_PORT=$(free_port)
@@ -149,14 +166,24 @@ limits: { max_connections: 1000000, per_ip: 1000000 }
 routing: { lookup: { http: { url: "http://127.0.0.1:$AUTH_PORT/auth" }, cache: { ttl: $ttl, stale_max_age: 0s } } }
 EOF
     IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate-$name.yaml" 2>"$WORK/imapgate-$name.log" &
-    PIDS+=("$!"); eval "IG_${name^^}_PIDS=$!"
+    PIDS+=("$!"); PROXY_PIDS+=("$!"); eval "IG_${name^^}_PIDS=$!"
   done
   wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"; wait_port "$IG_TLS_PORT"; wait_port "$HA_TLS_PORT"
+  wait_port "$NG_TLS_PORT"; wait_port "$IG_STLS_PORT"; wait_port "$NG_STLS_PORT"
   wait_port "$IGW_PORT"; wait_port "$IGN_PORT"
   NG_PIDS=$(pgrep -d, -P "$NG_MASTER" || true); NG_PIDS="$NG_MASTER${NG_PIDS:+,$NG_PIDS}"
 }
 
 target_port() { case $1 in direct) echo "$BACKEND_PORT";; haproxy) echo "$HA_PORT";; nginx) echo "$NG_PORT";; imapgate) echo "$IG_PORT";; esac; }
+# TLS terminated at the proxy: implicit (993-style) on all three; STARTTLS on nginx and imapgate
+# (HAProxy cannot do IMAP's STARTTLS).
+tls_port() {  # $1: target, $2: implicit|starttls
+  case $1:$2 in
+    haproxy:implicit) echo "$HA_TLS_PORT";; nginx:implicit) echo "$NG_TLS_PORT";; imapgate:implicit) echo "$IG_TLS_PORT";;
+    nginx:starttls) echo "$NG_STLS_PORT";; imapgate:starttls) echo "$IG_STLS_PORT";;
+  esac
+}
+tls_targets() { if [ "$1" = implicit ]; then echo haproxy nginx imapgate; else echo nginx imapgate; fi; }
 target_pids() { case $1 in direct) echo "$BACKEND_PIDS";; haproxy) echo "$HA_PIDS";; nginx) echo "$NG_PIDS";; imapgate) echo "$IG_PIDS";; esac; }
 
 run_scenarios() {  # $1: backend kind
@@ -179,21 +206,41 @@ run_scenarios() {  # $1: backend kind
           --seconds "$SECONDS_PER" --users "$users" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
       done
     fi
-    # Implicit TLS (993-style), where the proxy terminates it: HAProxy and imapgate.
+    # TLS terminated at the proxy: handshakes (implicit TLS), FETCH (implicit and STARTTLS).
     if [ "$kind" = fake ]; then
-      for t in haproxy imapgate; do
-        local port=$HA_TLS_PORT; [ $t = imapgate ] && port=$IG_TLS_PORT
+      for t in haproxy nginx imapgate; do
         for resume in "" --resume; do
-          "$LOAD" tls --target "127.0.0.1:$port" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
+          "$LOAD" tls --target "127.0.0.1:$(tls_port $t implicit)" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
             --server-name localhost --workers 50 --seconds "$SECONDS_PER" $resume | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
+        done
+      done
+      for mode in implicit starttls; do
+        for t in $(tls_targets $mode); do
+          "$LOAD" fetch --target "127.0.0.1:$(tls_port $t $mode)" --pid "$(target_pids $t)" --label "$t" --tls $mode \
+            --ca "$WORK/certs/ca.pem" --server-name localhost --workers 1 --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
         done
       done
     fi
   done
+  # Idle memory: each size and kind of client side in freshly started proxies, so no run
+  # reuses memory an earlier one left in an allocator.
   for n in $IDLE_SIZES; do
-    for t in haproxy nginx imapgate; do
-      "$LOAD" idle --target "127.0.0.1:$(target_port $t)" --pid "$(target_pids $t)" --label "$t" \
-        --sessions "$n" --workers 200 --hold 3 --sources 8 | sed "s/^{/{\"backend\":\"$kind\",\"round\":1,/" >> "$RESULTS"
+    local modes=plain
+    [ "$kind" = fake ] && modes="plain implicit starttls"
+    for mode in $modes; do
+      stop_proxies; start_proxies
+      if [ "$mode" = plain ]; then
+        for t in haproxy nginx imapgate; do
+          "$LOAD" idle --target "127.0.0.1:$(target_port $t)" --pid "$(target_pids $t)" --label "$t" \
+            --sessions "$n" --workers 200 --hold 3 --sources 8 | sed "s/^{/{\"backend\":\"$kind\",\"round\":1,/" >> "$RESULTS"
+        done
+      else
+        for t in $(tls_targets $mode); do
+          "$LOAD" idle --target "127.0.0.1:$(tls_port $t $mode)" --pid "$(target_pids $t)" --label "$t" --tls $mode \
+            --ca "$WORK/certs/ca.pem" --server-name localhost --sessions "$n" --workers 200 --hold 3 --sources 8 \
+            | sed "s/^{/{\"backend\":\"$kind\",\"round\":1,/" >> "$RESULTS"
+        done
+      fi
     done
   done
 }
@@ -202,7 +249,7 @@ start_backend fake
 start_proxies
 run_scenarios fake
 if [ "$DOVECOT" = 1 ]; then
-  cleanup; PIDS=()
+  cleanup; PIDS=(); PROXY_PIDS=()
   start_backend dovecot
   start_proxies
   IDLE_SIZES="2000"

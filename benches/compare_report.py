@@ -14,13 +14,15 @@ rows = [json.loads(l) for l in open(results_path) if l.strip()]
 TARGETS = ["direct", "haproxy", "nginx", "imapgate"]
 
 
-def med(backend, scenario, target, key, workers=None, sessions=None):
+def med(backend, scenario, target, key, workers=None, sessions=None, tls="plain"):
+    """Median over rounds; `tls` is the client's side to the proxy: plain, implicit, starttls."""
     vals = [
         r[key]
         for r in rows
         if r["backend"] == backend and r["scenario"] == scenario and r["target"] == target
         and (workers is None or r.get("workers") == workers)
         and (sessions is None or r.get("sessions") == sessions)
+        and r.get("tls", "plain") == tls
         and key in r
     ]
     return statistics.median(vals) if vals else None
@@ -41,7 +43,8 @@ def version(cmd):
 
 
 def table(backend):
-    idle_sizes = sorted({r["sessions"] for r in rows if r["backend"] == backend and r["scenario"] == "idle"})
+    idle_sizes = sorted({r["sessions"] for r in rows if r["backend"] == backend and r["scenario"] == "idle"
+                         and r.get("tls", "plain") == "plain"})
     head = ["target", "logins/s (50 workers)", "CPU-s per 1k logins", "NOOP p50 / p99 µs (c=1)",
             "NOOP p50 / p99 µs (c=50)", "FETCH MB/s", "CPU-s per GB"]
     head += [f"KiB per idle session ({n}; from cold)" for n in idle_sizes]
@@ -96,7 +99,8 @@ def checks(backend):
             if ig is not None:
                 check(f"NOOP {k[:3]} ≤ best proxy's (c={w})", ig <= best, f"{ig:,.0f} vs {best:,.0f} µs")
     for r in rows:
-        if r["backend"] == backend and r["scenario"] == "idle" and r["target"] == "imapgate":
+        if r["backend"] == backend and r["scenario"] == "idle" and r["target"] == "imapgate" \
+                and r.get("tls", "plain") == "plain":
             check(f"≤ 2 KiB RSS per idle session ({r['sessions']})", r["kib_per_session"] <= 2.0,
                   f"{r['kib_per_session']:.2f} KiB, {r['held']:.0f} held, {r['dropped']} dropped")
     return "\n".join(["| target | measured (imapgate vs anchor) | |", "|---|---|---|"] + lines)
@@ -110,11 +114,59 @@ def tls_table():
 
     out = ["| target | full handshakes/s | CPU-s per 1k full | with resumption: handshakes/s | resumed | CPU-s per 1k |",
            "|---|---|---|---|---|---|"]
-    for t in ("haproxy", "imapgate"):
+    for t in ("haproxy", "nginx", "imapgate"):
         n, r = m(t, True, "handshakes"), m(t, True, "resumed")
         share = f"{100 * r / n:.0f}%" if n and r is not None else "–"
         out.append(f"| {t} | {fmt(m(t, False, 'handshakes_per_s'))} | {fmt(m(t, False, 'cpu_s_per_1k_handshakes'), 3)} "
                    f"| {fmt(m(t, True, 'handshakes_per_s'))} | {share} | {fmt(m(t, True, 'cpu_s_per_1k_handshakes'), 3)} |")
+    return "\n".join(out)
+
+
+def tls_terminated():
+    """The TLS table (fake backend): idle memory and FETCH with TLS terminated at the proxy,
+    implicit and STARTTLS, and the issue's targets for it."""
+    sizes = sorted({r["sessions"] for r in rows if r["scenario"] == "idle" and r.get("tls") in ("implicit", "starttls")})
+    head = ["target"]
+    for mode in ("implicit", "starttls"):
+        head += [f"KiB per idle session, {mode} ({n})" for n in sizes]
+    head += ["FETCH MB/s, implicit", "CPU-s per GB, implicit", "FETCH MB/s, STARTTLS", "CPU-s per GB, STARTTLS"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in ("haproxy", "nginx", "imapgate"):
+        cells = [t]
+        for mode in ("implicit", "starttls"):
+            cells += [fmt(med("fake", "idle", t, "kib_per_session", sessions=n, tls=mode), 2) for n in sizes]
+        for mode in ("implicit", "starttls"):
+            cells += [fmt(med("fake", "fetch", t, "mb_per_s", tls=mode)), fmt(med("fake", "fetch", t, "cpu_s_per_gb", tls=mode), 3)]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| target | measured (imapgate vs anchor) | |")
+    out.append("|---|---|---|")
+
+    def check(name, ok, detail):
+        out.append(f"| {name} | {detail} | {'met' if ok else '**not met**'} |")
+
+    for mode in ("implicit", "starttls"):
+        for n in sizes:
+            ig = med("fake", "idle", "imapgate", "kib_per_session", sessions=n, tls=mode)
+            ha = med("fake", "idle", "haproxy", "kib_per_session", sessions=n, tls="implicit")
+            if ig is not None:
+                anchor = f" (HAProxy implicit {ha:.2f}, {ig / ha:.2f}×)" if ha else ""
+                check(f"≤ 8 KiB RSS per idle TLS session, {mode} ({n})", ig <= 8.0, f"{ig:.2f} KiB{anchor}")
+    ig_f, ha_f = med("fake", "fetch", "imapgate", "mb_per_s", tls="implicit"), med("fake", "fetch", "haproxy", "mb_per_s", tls="implicit")
+    ig_g, ha_g = med("fake", "fetch", "imapgate", "cpu_s_per_gb", tls="implicit"), med("fake", "fetch", "haproxy", "cpu_s_per_gb", tls="implicit")
+    if None not in (ig_f, ha_f, ig_g, ha_g) and ha_f and ha_g:
+        check("TLS FETCH ≥ HAProxy's MB/s", ig_f >= ha_f, f"{ig_f:,.0f} vs {ha_f:,.0f} MB/s ({ig_f / ha_f:.2f}×)")
+        check("TLS FETCH CPU per GB ≤ HAProxy's", ig_g <= ha_g, f"{ig_g:.3f} vs {ha_g:.3f} s ({ig_g / ha_g:.2f}×)")
+
+    def hs(t, resume, key):
+        vals = [r[key] for r in rows if r["scenario"] == "tls" and r["target"] == t and r.get("resumption") == resume and key in r]
+        return statistics.median(vals) if vals else None
+
+    ig_h, ha_h = hs("imapgate", False, "handshakes_per_s"), hs("haproxy", False, "handshakes_per_s")
+    ig_hc, ha_hc = hs("imapgate", False, "cpu_s_per_1k_handshakes"), hs("haproxy", False, "cpu_s_per_1k_handshakes")
+    if None not in (ig_h, ha_h, ig_hc, ha_hc) and ha_h and ha_hc:
+        check("full handshakes: rate above HAProxy's at lower CPU (the lead kept)", ig_h > ha_h and ig_hc < ha_hc,
+              f"{ig_h / ha_h:.2f}× the rate at {ig_hc / ha_hc:.2f}× the CPU per handshake")
     return "\n".join(out)
 
 
@@ -148,11 +200,20 @@ for b in backends:
     print(f"### Targets ({b})\n")
     print(checks(b))
     print()
+if any(r.get("tls") in ("implicit", "starttls") for r in rows):
+    print("## TLS terminated at the proxy (fake backend behind; ECDSA P-256 certificate)\n")
+    print("The client speaks TLS to the proxy, the proxy plain IMAP to the backend: implicit TLS "
+          "(HAProxy `bind ... ssl crt`, nginx `listen ... ssl`, imapgate `tls: implicit`) and STARTTLS "
+          "(nginx `starttls only`, imapgate `tls: starttls`; HAProxy cannot do IMAP's STARTTLS). Idle: "
+          "as below, each session LOGIN + IDLE over TLS (the proxy's RSS growth per session after a "
+          "warm-up wave). FETCH: one session, `FETCH 1 BODY[]` of the 1 MB message in a loop.\n")
+    print(tls_terminated())
+    print()
 if any(r["scenario"] == "tls" for r in rows):
     print("## Implicit TLS handshakes (fake backend behind; ECDSA P-256 certificate)\n")
     print("Each of 50 workers: TCP connect, TLS handshake, greeting, close. The proxy terminates TLS "
-          "(HAProxy `bind ... ssl crt`, imapgate `tls: implicit`); nginx's mail proxy is not set up "
-          "for TLS here.\n")
+          "(HAProxy `bind ... ssl crt`, nginx `listen ... ssl` with `ssl_session_cache shared:MAIL:10m`, "
+          "imapgate `tls: implicit`).\n")
     print(tls_table())
     print()
 if any(r.get("target", "").startswith("dir-") for r in rows):
@@ -181,6 +242,7 @@ if any(r.get("target", "").startswith("dir-") for r in rows):
 print("Scenarios (`imapgate-load`): login = connect, greeting, LOGIN, LOGOUT, close, 50 workers; "
       "noop = one session per worker, NOOP round trips; fetch = one session, `FETCH 1 BODY[]` of a "
       "1 MB message in a loop; idle = N sessions logged in and in IDLE, from 8 source addresses, "
-      "held 3 s; KiB per session = the proxy's RSS growth ÷ N after a warm-up (one wave of 200 sessions "
+      "held 3 s, in proxies started afresh for each size and kind of client side (plain, implicit TLS, "
+      "STARTTLS); KiB per session = the proxy's RSS growth ÷ N after a warm-up (one wave of 200 sessions "
       "opened and closed, so one-time pools and the high-water mark of 200 logins in flight are in "
       "the baseline); in brackets the growth from the cold process.")
