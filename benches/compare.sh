@@ -66,6 +66,14 @@ PY
   fi
   PIDS+=("$BACKEND_PIDS")
   wait_port "$BACKEND_PORT"
+  # The same fake backend speaking implicit TLS, for the proxies' TLS-to-backend path.
+  if [ "$1" = fake ]; then
+    BACKEND_TLS_PORT=$(free_port)
+    "$LOAD" serve --listen "127.0.0.1:$BACKEND_TLS_PORT" --body-size 1000000 \
+      --tls-cert "$WORK/certs/leaf.pem" --tls-key "$WORK/certs/leaf.key" 2>/dev/null &
+    PIDS+=("$!")
+    wait_port "$BACKEND_TLS_PORT"
+  fi
 }
 
 # --- a CA and a certificate for localhost, for the TLS scenarios ------------------------------
@@ -125,6 +133,16 @@ frontend imaps
 backend b
   server b1 127.0.0.1:$BACKEND_PORT
 EOF
+  if [ -n "${BACKEND_TLS_PORT:-}" ]; then
+    HA_BTLS_PORT=$(free_port)
+    cat >> "$WORK/haproxy.cfg" <<EOF
+frontend imap_to_tls
+  bind 127.0.0.1:$HA_BTLS_PORT
+  default_backend b_tls
+backend b_tls
+  server b2 127.0.0.1:$BACKEND_TLS_PORT ssl verify required ca-file $WORK/certs/ca.pem verifyhost localhost
+EOF
+  fi
   haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>&1 &
   HA_PIDS=$!; PIDS+=("$HA_PIDS"); PROXY_PIDS+=("$HA_PIDS")
 
@@ -171,6 +189,17 @@ EOF
   wait_port "$IG_PORT"; wait_port "$HA_PORT"; wait_port "$NG_PORT"; wait_port "$IG_TLS_PORT"; wait_port "$HA_TLS_PORT"
   wait_port "$NG_TLS_PORT"; wait_port "$IG_STLS_PORT"; wait_port "$NG_STLS_PORT"
   wait_port "$IGW_PORT"; wait_port "$IGN_PORT"
+  if [ -n "${BACKEND_TLS_PORT:-}" ]; then
+    IG_BTLS_PORT=$(free_port)
+    cat > "$WORK/imapgate-btls.yaml" <<EOF
+listeners: [{ name: imap, bind: "127.0.0.1:$IG_BTLS_PORT" }]
+backends: [{ name: b, address: "127.0.0.1:$BACKEND_TLS_PORT", tls: implicit, ca: "$WORK/certs/ca.pem", server_name: localhost }]
+limits: { max_connections: 1000000, per_ip: 1000000 }
+EOF
+    IMAPGATE_LOG=warn "$BIN/imapgate" run --config "$WORK/imapgate-btls.yaml" 2>"$WORK/imapgate-btls.log" &
+    IG_BTLS_PIDS=$!; PIDS+=("$!"); PROXY_PIDS+=("$!")
+    wait_port "$HA_BTLS_PORT"; wait_port "$IG_BTLS_PORT"
+  fi
   NG_PIDS=$(pgrep -d, -P "$NG_MASTER" || true); NG_PIDS="$NG_MASTER${NG_PIDS:+,$NG_PIDS}"
 }
 
@@ -213,6 +242,12 @@ run_scenarios() {  # $1: backend kind
           "$LOAD" tls --target "127.0.0.1:$(tls_port $t implicit)" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
             --server-name localhost --workers 50 --seconds "$SECONDS_PER" $resume | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
         done
+      done
+      # Plain client, TLS from the proxy to the backend (nginx's mail proxy cannot).
+      for t in haproxy:$HA_BTLS_PORT:$HA_PIDS imapgate:$IG_BTLS_PORT:$IG_BTLS_PIDS; do
+        IFS=: read -r label port pids <<<"$t"
+        "$LOAD" fetch --target "127.0.0.1:$port" --pid "$pids" --label "$label" --workers 1 \
+          --seconds "$SECONDS_PER" | sed "s/^{/{\"backend\":\"fake-tls\",\"round\":$round,/" >> "$RESULTS"
       done
       for mode in implicit starttls; do
         for t in $(tls_targets $mode); do

@@ -1,23 +1,56 @@
 //! The fake backend: just enough IMAP to isolate a proxy's cost from a real server's.
 //! Any user logs in; `FETCH 1 BODY[]` returns one message of `--body-size` octets; IDLE waits for
 //! DONE. Each connection holds a 512-octet read buffer, so tens of thousands of idle sessions
-//! cost little.
+//! cost little. With a certificate it speaks implicit TLS (a backend on port 993), for the
+//! proxies' TLS-to-backend path.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
-pub async fn run(listener: TcpListener, body_size: usize) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    body_size: usize,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<()> {
     let message = Arc::new(message(body_size));
     loop {
         let (stream, _) = listener.accept().await?;
-        let message = message.clone();
+        let (message, tls) = (message.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let _ = session(stream, &message).await;
+            let _ = match tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    session(read, write, &message).await
+                }
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => {
+                        let (read, write) = tokio::io::split(tls);
+                        session(read, write, &message).await
+                    }
+                    Err(e) => Err(e),
+                },
+            };
         });
     }
+}
+
+/// An implicit-TLS acceptor with the certificate chain and key in these PEM files.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, Box<dyn std::error::Error>> {
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A message of exactly `size` octets: headers, then lines of text.
@@ -34,8 +67,11 @@ fn message(size: usize) -> Vec<u8> {
     m
 }
 
-async fn session(stream: TcpStream, message: &[u8]) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
+async fn session<R, W>(read: R, mut write: W, message: &[u8]) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut read = BufReader::with_capacity(512, read);
     write
         .write_all(b"* OK [CAPABILITY IMAP4rev1 SASL-IR LITERAL+ ID IDLE AUTH=PLAIN] fake backend ready\r\n")
@@ -91,12 +127,14 @@ async fn session(stream: TcpStream, message: &[u8]) -> std::io::Result<()> {
                 write
                     .write_all(format!("* BYE bye\r\n{tag} OK LOGOUT done\r\n").as_bytes())
                     .await?;
-                return Ok(());
+                // close_notify on TLS, FIN on plain.
+                return write.shutdown().await;
             }
             "NOOP" | "CHECK" => format!("{tag} OK NOOP done\r\n").into(),
             _ => format!("{tag} BAD unknown command\r\n").into(),
         };
         write.write_all(&reply).await?;
+        write.flush().await?;
     }
 }
 

@@ -1,7 +1,7 @@
 //! imapgate-load: a load generator for IMAP proxies and a fake IMAP backend.
 //!
 //! ```text
-//! imapgate-load serve --listen 127.0.0.1:10143 --body-size 1000000
+//! imapgate-load serve --listen 127.0.0.1:10143 --body-size 1000000 [--tls-cert c.pem --tls-key k.pem]
 //! imapgate-load login --target 127.0.0.1:1143 --workers 50 --seconds 5 [--pid PID]
 //! imapgate-load noop  --target ... --workers 1
 //! imapgate-load fetch --target ... --workers 1
@@ -43,6 +43,12 @@ enum Command {
         /// Size of the message `FETCH 1 BODY[]` returns.
         #[arg(long, default_value_t = 1_000_000)]
         body_size: usize,
+        /// Speak implicit TLS with this certificate chain (PEM; needs `--tls-key`).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<std::path::PathBuf>,
     },
     /// Connect, LOGIN, LOGOUT, close, in a loop per worker.
     Login(Common),
@@ -209,10 +215,25 @@ impl Common {
 async fn main() -> std::io::Result<()> {
     imapgate::raise_fd_limit();
     let report = match Cli::parse().command {
-        Command::Serve { listen, body_size } => {
+        Command::Serve {
+            listen,
+            body_size,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => match fake_backend::acceptor(&cert, &key) {
+                    Ok(acceptor) => Some(acceptor),
+                    Err(e) => {
+                        eprintln!("imapgate-load serve: TLS: {e}");
+                        std::process::exit(2);
+                    }
+                },
+                _ => None,
+            };
             let listener = tokio::net::TcpListener::bind(listen).await?;
             eprintln!("fake backend on {}", listener.local_addr()?);
-            return fake_backend::run(listener, body_size).await;
+            return fake_backend::run(listener, body_size, tls).await;
         }
         Command::AuthHttp { listen, backend } => {
             let listener = tokio::net::TcpListener::bind(listen).await?;

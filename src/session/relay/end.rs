@@ -193,3 +193,23 @@ impl Write for SyncTcp<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plain end carries no TLS state inline (the relay of a plain session stays as small as
+    /// it was); the TLS state is one box. Prints the sizes for BENCHMARKS.md.
+    #[test]
+    fn end_sizes() {
+        let (end, tls) = (size_of::<End>(), size_of::<TlsEnd>());
+        println!(
+            "End: {end} bytes; TlsEnd (boxed): {tls} bytes, of which rustls::Connection {} \
+             (server {}, client {})",
+            size_of::<rustls::Connection>(),
+            size_of::<rustls::ServerConnection>(),
+            size_of::<rustls::ClientConnection>(),
+        );
+        assert_eq!(end, size_of::<TcpStream>());
+    }
+}
