@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::net::TcpStream;
 
+use super::PooledBuffer;
 use crate::stream::Stream;
 
 pub(crate) enum End {
@@ -25,6 +26,16 @@ pub(crate) enum End {
 pub(crate) struct TlsEnd {
     tcp: TcpStream,
     conn: rustls::Connection,
+    /// Ciphertext read from the socket and not yet handed to rustls: one read of up to a pooled
+    /// buffer's size, where rustls's own `read_tls` would make a read(2) per 4 KiB. Held only
+    /// while records are coming in.
+    inbox: Option<Inbox>,
+}
+
+struct Inbox {
+    buf: PooledBuffer,
+    at: usize,
+    end: usize,
 }
 
 impl From<Stream> for End {
@@ -36,6 +47,7 @@ impl From<Stream> for End {
                 End::Tls(Box::new(TlsEnd {
                     tcp,
                     conn: conn.into(),
+                    inbox: None,
                 }))
             }
             Stream::ClientTls(tls) => {
@@ -43,6 +55,7 @@ impl From<Stream> for End {
                 End::Tls(Box::new(TlsEnd {
                     tcp,
                     conn: conn.into(),
+                    inbox: None,
                 }))
             }
         }
@@ -144,11 +157,30 @@ impl TlsEnd {
             if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
                 return Poll::Ready(Ok(()));
             }
+            // rustls takes what it can buffer (up to a record and 4 KiB more) per read_tls;
+            // records it completes are processed above before it is given more.
+            if let Some(inbox) = &mut self.inbox {
+                let n = self.conn.read_tls(&mut &inbox.buf.0[inbox.at..inbox.end])?;
+                if n == 0 {
+                    // rustls took nothing of a non-empty slice: never loop on it.
+                    return Poll::Ready(Err(io::ErrorKind::InvalidData.into()));
+                }
+                inbox.at += n;
+                if inbox.at == inbox.end {
+                    self.inbox = None;
+                }
+                continue;
+            }
             ready!(self.tcp.poll_read_ready(cx))?;
-            match self.conn.read_tls(&mut SyncTcp(&self.tcp)) {
-                // The end of the stream: `try_read` tells whether it was a clean one.
-                Ok(0) => return Poll::Ready(Ok(())),
-                Ok(_) => {}
+            let mut buf = PooledBuffer::take();
+            match self.tcp.try_read(&mut buf.0) {
+                Ok(0) => {
+                    // The end of the stream, for rustls too: `try_read` tells whether it was a
+                    // clean one (close_notify first) or a truncation.
+                    self.conn.read_tls(&mut io::empty())?;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(end) => self.inbox = Some(Inbox { buf, at: 0, end }),
                 // Readiness cleared by try_read; the next poll_read_ready registers.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
@@ -170,15 +202,9 @@ impl TlsEnd {
     }
 }
 
-/// The socket as rustls's `read_tls` / `write_tls` want it: non-blocking reads and writes that
-/// clear tokio's readiness when they would block.
+/// The socket as rustls's `write_tls` wants it: non-blocking writes that clear tokio's
+/// readiness when they would block.
 struct SyncTcp<'a>(&'a TcpStream);
-
-impl Read for SyncTcp<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.try_read(buf)
-    }
-}
 
 impl Write for SyncTcp<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
