@@ -473,6 +473,13 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         dns: DnsConfig {
             interval: nonzero(&v, "dns.interval", &raw.dns.interval)?,
         },
+        auth_mechanisms: {
+            // In the order written; a repeat is harmless and advertised once.
+            let mut m = raw.auth.mechanisms.clone();
+            let mut seen = HashSet::new();
+            m.retain(|x| seen.insert(*x));
+            m
+        },
         path: None,
         hash: String::new(),
     })

@@ -24,7 +24,7 @@ use super::{EndReason, Session};
 use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
-use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
+use crate::imap::sasl::{self, AuthMechanism, Credentials, Mechanism, Refused, SaslLine};
 use crate::imap::secret::Secret;
 use crate::metrics::Rejection;
 use crate::stream::Stream;
@@ -102,9 +102,10 @@ impl Prelogin {
             auth: tls || listener.plaintext_auth_allowed(session.peer.ip(), session.client_unknown),
         };
         if greet {
-            let caps = response::capabilities(policy.starttls, policy.auth);
+            let caps =
+                response::capabilities(policy.starttls, policy.auth, &config.auth_mechanisms);
             client
-                .write_all(&response::greeting(caps, &config.greeting))
+                .write_all(&response::greeting(&caps, &config.greeting))
                 .await?;
         }
         Ok(Prelogin {
@@ -146,6 +147,12 @@ impl Prelogin {
 
     pub fn client_id(&self) -> &[(String, String)] {
         &self.client_id
+    }
+
+    /// The reader, for the SASL lines of a relayed exchange (`dial::relay_exchange`): they are
+    /// read under the same line cap as every pre-login line.
+    pub fn reader(&mut self) -> &mut CommandReader {
+        &mut self.reader
     }
 
     /// What the client sent behind its login command: after a successful login it belongs to
@@ -293,8 +300,12 @@ async fn handle(
     }
     let credentials = match command {
         PreloginCommand::Capability => {
-            let caps = response::capabilities(policy.starttls, policy.auth);
-            client.write_all(&response::capability(caps, &tag)).await?;
+            let caps = response::capabilities(
+                policy.starttls,
+                policy.auth,
+                &session.snapshot.config.auth_mechanisms,
+            );
+            client.write_all(&response::capability(&caps, &tag)).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Noop => {
@@ -352,12 +363,20 @@ async fn handle(
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Login { user, password } => {
-            Credentials::from_login(Mechanism::Login, user, password)
+            Credentials::from_login(Mechanism::Login, user, password).map_err(Refused::from)
         }
         PreloginCommand::Authenticate {
             mechanism,
             initial_response,
-        } => match sasl_exchange(client, reader, &mechanism, initial_response).await? {
+        } => match sasl_exchange(
+            client,
+            reader,
+            &session.snapshot.config.auth_mechanisms,
+            &mechanism,
+            initial_response,
+        )
+        .await?
+        {
             Sasl::Credentials(result) => result,
             Sasl::Cancelled => {
                 client
@@ -394,11 +413,9 @@ async fn handle(
     };
     let credentials = match credentials {
         Ok(c) => c,
-        Err(why) => {
+        Err(Refused { status, code, text }) => {
             session.services.metrics.rejected(Rejection::BadCredentials);
-            client
-                .write_all(&answer(Status::Bad, "CLIENTBUG", why))
-                .await?;
+            client.write_all(&answer(status, code, text)).await?;
             return Ok(Ok(Attempt::Failed));
         }
     };
@@ -451,25 +468,51 @@ impl From<Closed> for Result<Attempt, Closed> {
 }
 
 enum Sasl {
-    Credentials(Result<Credentials, &'static str>),
+    Credentials(Result<Credentials, Refused>),
     Cancelled,
     Unsupported,
     TooLong,
     ClientGone,
 }
 
-/// Runs the AUTHENTICATE exchange for PLAIN and LOGIN.
+/// Runs the AUTHENTICATE exchange for PLAIN and LOGIN; for a relayed mechanism, reads only
+/// its first message (the rest of the exchange is relayed between client and backend by the
+/// dial, `dial::relay_exchange`). A mechanism not in `auth.mechanisms` (CRAM-MD5, DIGEST-MD5,
+/// `-PLUS`, anything else) is unsupported.
 async fn sasl_exchange<S>(
     client: &mut S,
     reader: &mut CommandReader,
+    enabled: &[AuthMechanism],
     mechanism: &str,
     initial_response: Option<Secret<Vec<u8>>>,
 ) -> io::Result<Sasl>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some(mechanism) = AuthMechanism::from_name(mechanism).filter(|m| enabled.contains(m))
+    else {
+        return Ok(Sasl::Unsupported);
+    };
+    let relayed = match mechanism {
+        AuthMechanism::XOAuth2 => Some(Mechanism::XOAuth2),
+        AuthMechanism::OAuthBearer => Some(Mechanism::OAuthBearer),
+        AuthMechanism::ScramSha1 => Some(Mechanism::ScramSha1),
+        AuthMechanism::ScramSha256 => Some(Mechanism::ScramSha256),
+        AuthMechanism::Plain | AuthMechanism::Login => None,
+    };
+    if let Some(relayed) = relayed {
+        // The client speaks first in all of them: an empty challenge asks for that message.
+        let message = match initial_response {
+            Some(ir) => ir,
+            None => match sasl_step(client, reader, "").await? {
+                Ok(message) => message,
+                Err(end) => return Ok(end),
+            },
+        };
+        return Ok(Sasl::Credentials(Credentials::relayed(relayed, message)));
+    }
     match mechanism {
-        "PLAIN" => {
+        AuthMechanism::Plain => {
             let message = match initial_response {
                 Some(ir) => ir,
                 None => match sasl_step(client, reader, "").await? {
@@ -477,9 +520,11 @@ where
                     Err(end) => return Ok(end),
                 },
             };
-            Ok(Sasl::Credentials(Credentials::from_plain(&message)))
+            Ok(Sasl::Credentials(
+                Credentials::from_plain(&message).map_err(Refused::from),
+            ))
         }
-        "LOGIN" => {
+        _ => {
             // "Username:" and "Password:", base64 as the mechanism's draft has them.
             let user = match initial_response {
                 Some(ir) => ir,
@@ -492,13 +537,11 @@ where
                 Ok(password) => password,
                 Err(end) => return Ok(end),
             };
-            Ok(Sasl::Credentials(Credentials::from_login(
-                Mechanism::SaslLogin,
-                user.expose().clone(),
-                password,
-            )))
+            Ok(Sasl::Credentials(
+                Credentials::from_login(Mechanism::SaslLogin, user.expose().clone(), password)
+                    .map_err(Refused::from),
+            ))
         }
-        _ => Ok(Sasl::Unsupported),
     }
 }
 
@@ -519,7 +562,7 @@ where
                 return Ok(match sasl::decode_line(&line) {
                     Ok(SaslLine::Response(bytes)) => Ok(bytes),
                     Ok(SaslLine::Cancel) => Err(Sasl::Cancelled),
-                    Err(why) => Err(Sasl::Credentials(Err(why))),
+                    Err(why) => Err(Sasl::Credentials(Err(why.into()))),
                 });
             }
             Ok(None) => {
