@@ -409,3 +409,43 @@ async fn scram_cancel_mid_exchange_gets_the_backends_bad() {
     c.login("alice", "alice-secret").await;
     proxy.stop().await;
 }
+
+/// `check-config` looks at the backends' `AUTH=` lists when a relayed mechanism is enabled:
+/// a mechanism a backend does not offer is a warning (the file is still valid).
+#[tokio::test]
+async fn check_config_warns_about_mechanisms_a_backend_lacks() {
+    let (Some(plain), Some(scram)) = (
+        dovecot::available().then(|| Dovecot::start("plain")),
+        scram_dovecot("scram"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imapgate.yaml");
+    std::fs::write(
+        &path,
+        config(
+            &[("plain", plain.address()), ("scram", scram.address())],
+            "auth: { mechanisms: [PLAIN, LOGIN, SCRAM-SHA-256] }\n",
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_imapgate"))
+            .arg("check-config")
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("SCRAM-SHA-256") && warnings[0].contains("backend plain"),
+        "{stderr}"
+    );
+}
