@@ -13,15 +13,15 @@ use tokio::net::TcpListener;
 use crate::support::dovecot::{self, Dovecot, Options, SCRAM_USER};
 use crate::support::{DEADLINE, Proxy, Raw, config};
 
-const GOOD_TOKEN: &str = "ya29.good-token-for-alice";
+pub(crate) const GOOD_TOKEN: &str = "ya29.good-token-for-alice";
 const BOB_TOKEN: &str = "ya29.good-token-for-bob";
-const BAD_TOKEN: &str = "ya29.expired-token";
-const ALL: &str =
+pub(crate) const BAD_TOKEN: &str = "ya29.expired-token";
+pub(crate) const ALL: &str =
     "auth: { mechanisms: [PLAIN, LOGIN, XOAUTH2, OAUTHBEARER, SCRAM-SHA-1, SCRAM-SHA-256] }\n";
 
 /// An OAuth 2.0 token introspection endpoint (RFC 7662) that knows two tokens: Dovecot POSTs
 /// `token=...` and gets `{"active": true, "username": ...}` or `{"active": false}`.
-async fn introspection() -> String {
+pub(crate) async fn introspection() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/introspect", listener.local_addr().unwrap());
     tokio::spawn(async move {
@@ -87,11 +87,11 @@ async fn oauth_dovecot(name: &str) -> Option<Dovecot> {
     ))
 }
 
-fn xoauth2(user: &str, token: &str) -> String {
+pub(crate) fn xoauth2(user: &str, token: &str) -> String {
     B64.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
 }
 
-fn oauthbearer(user: &str, token: &str) -> String {
+pub(crate) fn oauthbearer(user: &str, token: &str) -> String {
     B64.encode(format!(
         "n,a={user},\x01host=localhost\x01port=143\x01auth=Bearer {token}\x01\x01"
     ))
@@ -99,7 +99,7 @@ fn oauthbearer(user: &str, token: &str) -> String {
 
 /// Runs one AUTHENTICATE on a fresh connection, answering each `+` with the next of
 /// `answers`; returns every line after the greeting up to the tagged answer.
-async fn dance(addr: SocketAddr, command: &str, answers: &[&str]) -> Vec<String> {
+pub(crate) async fn dance(addr: SocketAddr, command: &str, answers: &[&str]) -> Vec<String> {
     let mut c = Raw::connect(addr).await;
     let greeting = c.line().await.unwrap();
     assert!(greeting.starts_with("* OK"), "{greeting}");
@@ -271,7 +271,7 @@ async fn refused_before_any_backend() {
     proxy.stop().await;
 }
 
-fn scram_dovecot(name: &str) -> Option<Dovecot> {
+pub(crate) fn scram_dovecot(name: &str) -> Option<Dovecot> {
     dovecot::available().then(|| {
         Dovecot::start_with(
             name,
@@ -284,7 +284,13 @@ fn scram_dovecot(name: &str) -> Option<Dovecot> {
 }
 
 /// One login with the scramp client; its printed lines.
-async fn scram(addr: &str, mechanism: &str, user: &str, password: &str, mode: &str) -> String {
+pub(crate) async fn scram(
+    addr: &str,
+    mechanism: &str,
+    user: &str,
+    password: &str,
+    mode: &str,
+) -> String {
     let (host, port) = addr.rsplit_once(':').unwrap();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -310,7 +316,7 @@ async fn scram(addr: &str, mechanism: &str, user: &str, password: &str, mode: &s
     text
 }
 
-fn result(out: &str) -> &str {
+pub(crate) fn result(out: &str) -> &str {
     out.lines()
         .find_map(|l| l.strip_prefix("RESULT "))
         .unwrap_or_else(|| panic!("no result: {out}"))
