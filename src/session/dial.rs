@@ -545,6 +545,34 @@ fn quotable(value: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn relayed_messages_go_as_they_came() {
+        let c = Credentials::relayed(
+            Mechanism::OAuthBearer,
+            crate::imap::secret::Secret::new(b"n,a=u,\x01auth=Bearer t\x01\x01".to_vec()),
+        )
+        .unwrap();
+        let ir = sasl::encode(b"n,a=u,\x01auth=Bearer t\x01\x01");
+        assert_eq!(
+            relayed_command(AuthMechanism::OAuthBearer, &c, true),
+            [format!("ig1 AUTHENTICATE OAUTHBEARER {ir}\r\n").into_bytes()]
+        );
+        assert_eq!(
+            relayed_command(AuthMechanism::OAuthBearer, &c, false),
+            [
+                b"ig1 AUTHENTICATE OAUTHBEARER\r\n".to_vec(),
+                format!("{ir}\r\n").into_bytes()
+            ]
+        );
+        // What a client's line in the exchange may be; anything else goes on as `*`.
+        for ok in [&b""[..], b"*", b"AQ==", b"Yz1iaXdzLHI9YWJj+/=="] {
+            assert!(is_sasl_line(ok), "{ok:?}");
+        }
+        for bad in [&b"**"[..], b"a b", b"x\r", b"ig1 LOGOUT", b"\xff"] {
+            assert!(!is_sasl_line(bad), "{bad:?}");
+        }
+    }
+
     fn joined(parts: &[Vec<u8>]) -> Vec<Vec<u8>> {
         parts.to_vec()
     }

@@ -578,6 +578,61 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A relayed mechanism: an empty `+` asks for the first message, which is checked for its
+    /// user only and kept whole; mechanisms not enabled, CRAM-MD5 and -PLUS are unsupported.
+    #[tokio::test]
+    async fn relayed_mechanisms_read_the_first_message_only() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut reader = CommandReader::new(1024, 1024);
+        let enabled = [AuthMechanism::Plain, AuthMechanism::ScramSha256];
+        client
+            .write_all(b"biwsbj1hPTJDYixyPWFiYw==\r\n")
+            .await
+            .unwrap();
+        let sasl = sasl_exchange(&mut server, &mut reader, &enabled, "SCRAM-SHA-256", None)
+            .await
+            .unwrap();
+        let Sasl::Credentials(Ok(c)) = sasl else {
+            panic!("SCRAM's first message did not decode");
+        };
+        assert_eq!(
+            (c.mechanism, c.user.as_str()),
+            (Mechanism::ScramSha256, "a,b")
+        );
+        assert_eq!(c.password.expose(), b"n,,n=a=2Cb,r=abc");
+        let mut challenge = [0u8; 4];
+        client.read_exact(&mut challenge).await.unwrap();
+        assert_eq!(&challenge, b"+ \r\n");
+
+        let ir = || Some(Secret::new(b"user=a\x01auth=Bearer t\x01\x01".to_vec()));
+        for name in [
+            "XOAUTH2",
+            "CRAM-MD5",
+            "DIGEST-MD5",
+            "SCRAM-SHA-256-PLUS",
+            "LOGIN",
+        ] {
+            let sasl = sasl_exchange(&mut server, &mut reader, &enabled, name, ir())
+                .await
+                .unwrap();
+            assert!(matches!(sasl, Sasl::Unsupported), "{name}");
+        }
+        let sasl = sasl_exchange(
+            &mut server,
+            &mut reader,
+            &enabled,
+            "SCRAM-SHA-256",
+            Some(Secret::new(b"p=tls-unique,,n=a,r=b".to_vec())),
+        )
+        .await
+        .unwrap();
+        let Sasl::Credentials(Err(refused)) = sasl else {
+            panic!("p= must be refused");
+        };
+        assert_eq!(refused.status, Status::No);
+    }
 
     #[test]
     fn only_short_plain_fields_are_forwarded() {
