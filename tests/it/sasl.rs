@@ -455,3 +455,36 @@ async fn check_config_warns_about_mechanisms_a_backend_lacks() {
         "{stderr}"
     );
 }
+
+/// The relayed exchange is bounded: a client that stops answering gets `NO [UNAVAILABLE]` after
+/// `timeouts.backend_login`, one whose line is over `line_max` gets `BYE [LIMIT]`.
+#[tokio::test]
+async fn a_relayed_exchange_is_bounded_in_time_and_line_length() {
+    let Some(b1) = scram_dovecot("b1") else {
+        return;
+    };
+    let proxy = Proxy::start(&config(
+        &[("b1", b1.address())],
+        &format!("{ALL}timeouts: {{ backend_login: 1s }}\nlimits: {{ line_max: 1024 }}\n"),
+    ))
+    .await;
+    let first = B64.encode("n,,n=alice,r=fyko+d2lbbFgONRv9qkxdawL");
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send(format!("a AUTHENTICATE SCRAM-SHA-256 {first}\r\n"))
+        .await;
+    assert!(c.line().await.unwrap().starts_with("+ "), "server-first");
+    // No answer: the login's deadline ends it.
+    let (_, answer) = c.until_tagged("a").await;
+    assert!(answer.starts_with("a NO [UNAVAILABLE]"), "{answer}");
+
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send(format!("a AUTHENTICATE SCRAM-SHA-256 {first}\r\n"))
+        .await;
+    assert!(c.line().await.unwrap().starts_with("+ "), "server-first");
+    c.send(format!("{}\r\n", "A".repeat(2000))).await;
+    let bye = c.line().await.unwrap();
+    assert!(bye.starts_with("* BYE [LIMIT]"), "{bye}");
+    proxy.stop().await;
+}
