@@ -524,6 +524,7 @@ where
                 Credentials::from_plain(&message).map_err(Refused::from),
             ))
         }
+        // LOGIN: the relayed ones have returned above.
         _ => {
             // "Username:" and "Password:", base64 as the mechanism's draft has them.
             let user = match initial_response {
