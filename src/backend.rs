@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::{Backend, BackendTls, ClientTls, SendProxy};
+use crate::config::{AuthMechanism, Backend, BackendTls, ClientTls, SendProxy};
 use crate::proxy_header;
 use crate::stream::Stream;
 
@@ -270,6 +270,8 @@ pub(crate) struct Capabilities {
     pub(crate) sasl_ir: bool,
     pub(crate) literal_plus: bool,
     pub(crate) auth_login: bool,
+    /// The `AUTH=` mechanisms of `auth.mechanisms`' set it offers (`offers`), one bit each.
+    pub(crate) auth: u8,
 }
 
 impl Capabilities {
@@ -284,9 +286,77 @@ impl Capabilities {
             } else if word.eq_ignore_ascii_case(b"AUTH=LOGIN") {
                 caps.auth_login = true;
             }
+            if let Some(name) = strip_prefix_ignore_case(word, b"AUTH=")
+                && let Some(i) = AuthMechanism::ALL
+                    .iter()
+                    .position(|m| name.eq_ignore_ascii_case(m.name().as_bytes()))
+            {
+                caps.auth |= 1 << i;
+            }
         }
         caps
     }
+}
+
+impl Capabilities {
+    /// Whether the backend advertises `AUTH=<mechanism>`.
+    pub(crate) fn offers(&self, mechanism: AuthMechanism) -> bool {
+        AuthMechanism::ALL
+            .iter()
+            .position(|m| *m == mechanism)
+            .is_some_and(|i| self.auth & (1 << i) != 0)
+    }
+}
+
+/// What `check-config` says about `auth.mechanisms` against the backends, when a relayed
+/// mechanism is enabled (the backend must speak it; PLAIN and LOGIN imapgate replays itself, and
+/// LOGIN falls back to the LOGIN command): each backend is reached as a health check does
+/// (PROXY header, TLS, greeting, capabilities), within `timeout`, and every enabled mechanism
+/// other than LOGIN that its list lacks is a warning. Best effort: a backend that cannot be
+/// reached is a warning too, never an error.
+pub async fn mechanism_warnings(config: &crate::config::Config, timeout: Duration) -> Vec<String> {
+    let enabled = &config.auth_mechanisms;
+    if !enabled
+        .iter()
+        .any(|m| !matches!(m, AuthMechanism::Plain | AuthMechanism::Login))
+    {
+        return Vec::new();
+    }
+    let mut warnings = Vec::new();
+    for backend in &config.backends {
+        let probe = async {
+            let tcp = TcpStream::connect(backend.address.as_str())
+                .await
+                .map_err(BackendError::Connect)?;
+            let (conn, caps) = open(tcp, backend, ProxyOut::Local).await?;
+            conn.logout().await;
+            Ok::<_, BackendError>(caps)
+        };
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(caps)) => {
+                for m in enabled {
+                    if *m != AuthMechanism::Login && !caps.offers(*m) {
+                        warnings.push(format!(
+                            "auth.mechanisms: {} is enabled, but backend {} ({}) does not offer AUTH={}: its logins with it will fail",
+                            m.name(),
+                            backend.name,
+                            backend.address,
+                            m.name()
+                        ));
+                    }
+                }
+            }
+            Ok(Err(error)) => warnings.push(format!(
+                "auth.mechanisms: cannot check backend {} ({}): {error}",
+                backend.name, backend.address
+            )),
+            Err(_) => warnings.push(format!(
+                "auth.mechanisms: cannot check backend {} ({}): no capabilities within {timeout:?}",
+                backend.name, backend.address
+            )),
+        }
+    }
+    warnings
 }
 
 /// The capabilities from a `[CAPABILITY ...]` response code, if the line has one.
@@ -334,8 +404,14 @@ mod tests {
                 sasl_ir: true,
                 literal_plus: true,
                 auth_login: true,
+                auth: 0b11,
             })
         );
+        let caps = Capabilities::from_list(
+            b"IMAP4rev1 AUTH=XOAUTH2 AUTH=SCRAM-SHA-256-PLUS auth=scram-sha-256\r\n",
+        );
+        assert!(caps.offers(AuthMechanism::XOAuth2) && caps.offers(AuthMechanism::ScramSha256));
+        assert!(!caps.offers(AuthMechanism::ScramSha1) && !caps.offers(AuthMechanism::Plain));
         let caps = capabilities_in(b"* OK [CAPABILITY IMAP4rev1 LITERAL- SASL-IRX] ready\r\n");
         assert_eq!(caps, Some(Capabilities::default()));
         assert_eq!(capabilities_in(b"* OK ready\r\n"), None);
@@ -345,6 +421,7 @@ mod tests {
                 sasl_ir: false,
                 literal_plus: true,
                 auth_login: false,
+                auth: 0,
             }
         );
     }

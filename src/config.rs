@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use file::{BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
+pub use file::{AuthMechanism, BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
 pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
     ConnectionRate, DnsConfig, HealthChecks, HttpLookup, LdapLookup, Limits, ListenerConfig,
@@ -472,6 +472,13 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         },
         dns: DnsConfig {
             interval: nonzero(&v, "dns.interval", &raw.dns.interval)?,
+        },
+        auth_mechanisms: {
+            // In the order written; a repeat is harmless and advertised once.
+            let mut m = raw.auth.mechanisms.clone();
+            let mut seen = HashSet::new();
+            m.retain(|x| seen.insert(*x));
+            m
         },
         path: None,
         hash: String::new(),
@@ -1013,6 +1020,31 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 4, "{e}");
         assert!(e.message.contains("line_maxx"), "{e}");
+    }
+
+    #[test]
+    fn auth_mechanisms_are_a_closed_set() {
+        let backends = "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\n";
+        let c = parse(backends, "t.yaml").unwrap();
+        assert_eq!(c.auth_mechanisms, AuthMechanism::DEFAULT);
+        let c = parse(
+            &format!("{backends}auth:\n  mechanisms: [SCRAM-SHA-256, XOAUTH2, SCRAM-SHA-256]\n"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth_mechanisms,
+            [AuthMechanism::ScramSha256, AuthMechanism::XOAuth2]
+        );
+        for unknown in ["CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256-PLUS", "plain"] {
+            let e = parse(
+                &format!("{backends}auth:\n  mechanisms: [PLAIN, {unknown}]\n"),
+                "t.yaml",
+            )
+            .unwrap_err();
+            assert_eq!(e.line, 4, "{e}");
+            assert!(e.column > 0, "{e}");
+        }
     }
 
     #[test]

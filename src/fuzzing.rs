@@ -149,6 +149,34 @@ pub fn sasl(line: &[u8]) {
     );
 }
 
+/// The relayed mechanisms' first messages (XOAUTH2, OAUTHBEARER, SCRAM client-first): never a
+/// panic; a user that decodes has no NUL or line end, and encoded again as a SASL name
+/// (`,` → `=2C`, `=` → `=3D`) in a minimal message it decodes to the same user.
+pub fn sasl_relayed(message: &[u8]) {
+    for mechanism in [
+        Mechanism::XOAuth2,
+        Mechanism::OAuthBearer,
+        Mechanism::ScramSha1,
+        Mechanism::ScramSha256,
+    ] {
+        let Ok(credentials) = Credentials::relayed(mechanism, Secret::new(message.to_vec())) else {
+            continue;
+        };
+        let user = credentials.routing_user();
+        assert!(!user.is_empty() && !user.contains(['\0', '\r', '\n']));
+        assert_eq!(credentials.password.expose(), message);
+        let encoded = user.replace('=', "=3D").replace(',', "=2C");
+        let again = match mechanism {
+            Mechanism::XOAuth2 => continue,
+            Mechanism::OAuthBearer => format!("n,a={encoded},\x01auth=Bearer x\x01\x01"),
+            _ => format!("n,,n={encoded},r=nonce"),
+        };
+        let again = Credentials::relayed(mechanism, Secret::new(again.into_bytes()))
+            .expect("a rebuilt first message decodes");
+        assert_eq!(again.routing_user(), user);
+    }
+}
+
 /// Reads a PROXY header from `bytes` (as a stream that ends there) on a current-thread
 /// runtime. Panics if the reader took octets past the header it accepted on an input that had
 /// more, or if an accepted header names an unspecified address or port 0.

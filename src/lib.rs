@@ -30,6 +30,7 @@ pub(crate) mod trace;
 
 // The public façade, for the binaries, the integration tests and the benches; everything else
 // is the crate's own (so the compiler reports what nothing uses).
+pub use backend::mechanism_warnings;
 pub use directory::ask_once as ask_directory;
 pub use imap::scan::{CommandId, CommandSink, Completion, Observer};
 pub use reload::{ReloadError, reload};

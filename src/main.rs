@@ -91,6 +91,20 @@ enum LogFormat {
     Json,
 }
 
+/// `check-config`'s best-effort look at the backends' `AUTH=` lists (`mechanism_warnings`).
+fn mechanism_warnings(c: &imapgate::config::Config) -> Vec<String> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(imapgate::mechanism_warnings(
+            c,
+            std::time::Duration::from_secs(3),
+        )),
+        Err(e) => vec![format!("cannot check the backends' mechanisms: {e}")],
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
@@ -100,7 +114,10 @@ fn main() -> ExitCode {
     }) {
         Command::Run { config, threads } => run(config, threads),
         Command::CheckConfig { file } => match config::load(&file) {
-            Ok(_) => {
+            Ok(c) => {
+                for warning in mechanism_warnings(&c) {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }

@@ -306,6 +306,10 @@ label_values! {
         Login => "login",
         Plain => "plain",
         SaslLogin => "sasl_login",
+        XOAuth2 => "xoauth2",
+        OAuthBearer => "oauthbearer",
+        ScramSha1 => "scram_sha_1",
+        ScramSha256 => "scram_sha_256",
     }
 }
 
@@ -315,6 +319,10 @@ impl From<Mechanism> for MechanismLabel {
             Mechanism::Login => MechanismLabel::Login,
             Mechanism::Plain => MechanismLabel::Plain,
             Mechanism::SaslLogin => MechanismLabel::SaslLogin,
+            Mechanism::XOAuth2 => MechanismLabel::XOAuth2,
+            Mechanism::OAuthBearer => MechanismLabel::OAuthBearer,
+            Mechanism::ScramSha1 => MechanismLabel::ScramSha1,
+            Mechanism::ScramSha256 => MechanismLabel::ScramSha256,
         }
     }
 }

@@ -263,10 +263,18 @@ async fn authenticate(client: &mut Stream, session: &Session, greet: bool) -> io
             Outcome::StartTls => return Ok(Phase::StartTls),
             Outcome::Closed(closed) => return Ok(Phase::Closed(closed)),
         };
-        let client_id = prelogin.client_id();
+        let client_id = prelogin.client_id().to_vec();
         let attempt = prelogin.attempt();
-        let attempted =
-            login::route_and_dial(client, session, &tag, &credentials, client_id, attempt).await?;
+        let attempted = login::route_and_dial(
+            client,
+            prelogin.reader(),
+            session,
+            &tag,
+            &credentials,
+            &client_id,
+            attempt,
+        )
+        .await?;
         if !matches!(attempted, LoginAttempt::LoggedIn(_)) {
             let user = credentials.routing_user();
             if let Some(trace) = session.services.traces.of_user(user) {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+pub use crate::imap::sasl::AuthMechanism;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
@@ -36,6 +38,24 @@ pub struct ConfigFile {
     pub dns: DnsFile,
     #[serde(default)]
     pub metrics: MetricsFile,
+    #[serde(default)]
+    pub auth: AuthFile,
+}
+
+/// `auth`: the SASL mechanisms offered before login.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthFile {
+    /// Advertised as `AUTH=` and accepted by AUTHENTICATE (the LOGIN command is separate).
+    pub mechanisms: Vec<AuthMechanism>,
+}
+
+impl Default for AuthFile {
+    fn default() -> Self {
+        AuthFile {
+            mechanisms: AuthMechanism::DEFAULT.to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -29,6 +29,8 @@ pub struct Config {
     pub reload: ReloadConfig,
     pub dns: DnsConfig,
     pub metrics: MetricsConfig,
+    /// `auth.mechanisms`: advertised as `AUTH=` before login and accepted by AUTHENTICATE.
+    pub auth_mechanisms: Vec<super::file::AuthMechanism>,
     /// The file it was loaded from (what a reload reads again); `None` for text parsed directly.
     pub path: Option<std::path::PathBuf>,
     /// The start of the text's SHA-256, in hex (see `config::content_hash`).

@@ -1,6 +1,8 @@
 //! What imapgate itself says to clients: greeting, tagged and untagged status, continuations.
 //! Response codes are RFC 5530's where one fits.
 
+use super::sasl::AuthMechanism;
+
 /// Capabilities imapgate offers before login: only what it does itself before login
 /// (SASL-IR, ID), STARTTLS where it is on offer, and either the SASL mechanisms or
 /// LOGINDISABLED (RFC 3501 6.2.3) where plaintext login is not allowed. After login the
@@ -10,13 +12,20 @@
 /// Not LITERAL+, though the pre-login reader takes `{n+}`: a client may pipeline commands
 /// behind its LOGIN before it sees the backend's list, and those go to a backend that may not
 /// have LITERAL+ (Courier then runs a `{n+}` literal's lines as commands).
-pub fn capabilities(starttls: bool, auth: bool) -> &'static str {
-    match (starttls, auth) {
-        (false, true) => "IMAP4rev1 SASL-IR ID AUTH=PLAIN AUTH=LOGIN",
-        (true, true) => "IMAP4rev1 SASL-IR ID STARTTLS AUTH=PLAIN AUTH=LOGIN",
-        (false, false) => "IMAP4rev1 SASL-IR ID LOGINDISABLED",
-        (true, false) => "IMAP4rev1 SASL-IR ID STARTTLS LOGINDISABLED",
+pub fn capabilities(starttls: bool, auth: bool, mechanisms: &[AuthMechanism]) -> String {
+    let mut caps = String::from("IMAP4rev1 SASL-IR ID");
+    if starttls {
+        caps.push_str(" STARTTLS");
     }
+    if auth {
+        for m in mechanisms {
+            caps.push_str(" AUTH=");
+            caps.push_str(m.name());
+        }
+    } else {
+        caps.push_str(" LOGINDISABLED");
+    }
+    caps
 }
 
 pub fn greeting(capabilities: &str, text: &str) -> Vec<u8> {

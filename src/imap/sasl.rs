@@ -1,10 +1,17 @@
 //! Credentials as a client presents them (LOGIN, AUTHENTICATE PLAIN, AUTHENTICATE LOGIN), checked
-//! so that the user imapgate routes is exactly the user the backend logs in.
+//! so that the user imapgate routes is exactly the user the backend logs in; and the relayed
+//! mechanisms (XOAUTH2, OAUTHBEARER, SCRAM-SHA-*), of which imapgate reads only the user from the
+//! first message (`oauth`, `scram`) and relays the rest of the exchange untouched.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
 
+use super::response::Status;
 use super::secret::Secret;
+
+pub(crate) mod oauth;
+pub(crate) mod scram;
 
 /// How the client logged in. Also the `mechanism` in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +22,14 @@ pub enum Mechanism {
     Plain,
     /// AUTHENTICATE LOGIN (the legacy SASL mechanism).
     SaslLogin,
+    /// AUTHENTICATE XOAUTH2 (relayed).
+    XOAuth2,
+    /// AUTHENTICATE OAUTHBEARER (relayed).
+    OAuthBearer,
+    /// AUTHENTICATE SCRAM-SHA-1 (relayed).
+    ScramSha1,
+    /// AUTHENTICATE SCRAM-SHA-256 (relayed).
+    ScramSha256,
 }
 
 impl Mechanism {
@@ -23,6 +38,124 @@ impl Mechanism {
             Mechanism::Login => "login",
             Mechanism::Plain => "plain",
             Mechanism::SaslLogin => "sasl_login",
+            Mechanism::XOAuth2 => "xoauth2",
+            Mechanism::OAuthBearer => "oauthbearer",
+            Mechanism::ScramSha1 => "scram_sha_1",
+            Mechanism::ScramSha256 => "scram_sha_256",
+        }
+    }
+
+    /// The command as a trace or log shows it.
+    pub fn command(self) -> &'static str {
+        match self {
+            Mechanism::Login => "LOGIN",
+            Mechanism::Plain => "AUTHENTICATE PLAIN",
+            Mechanism::SaslLogin => "AUTHENTICATE LOGIN",
+            Mechanism::XOAuth2 => "AUTHENTICATE XOAUTH2",
+            Mechanism::OAuthBearer => "AUTHENTICATE OAUTHBEARER",
+            Mechanism::ScramSha1 => "AUTHENTICATE SCRAM-SHA-1",
+            Mechanism::ScramSha256 => "AUTHENTICATE SCRAM-SHA-256",
+        }
+    }
+
+    /// The SASL mechanism relayed to the backend as the client's own messages (imapgate read
+    /// only the user): `None` for the password logins imapgate replays itself.
+    pub fn relayed(self) -> Option<AuthMechanism> {
+        match self {
+            Mechanism::XOAuth2 => Some(AuthMechanism::XOAuth2),
+            Mechanism::OAuthBearer => Some(AuthMechanism::OAuthBearer),
+            Mechanism::ScramSha1 => Some(AuthMechanism::ScramSha1),
+            Mechanism::ScramSha256 => Some(AuthMechanism::ScramSha256),
+            Mechanism::Login | Mechanism::Plain | Mechanism::SaslLogin => None,
+        }
+    }
+}
+
+/// A SASL mechanism `auth.mechanisms` may enable: advertised as `AUTH=<name>` before login and
+/// accepted by AUTHENTICATE. A closed set: CRAM-MD5 and DIGEST-MD5 cannot be relayed (the
+/// server's challenge comes before the client names its user, so imapgate could not route),
+/// and `-PLUS` variants cannot be (channel binding ends with TLS at imapgate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum AuthMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "LOGIN")]
+    Login,
+    #[serde(rename = "XOAUTH2")]
+    XOAuth2,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
+    #[serde(rename = "SCRAM-SHA-1")]
+    ScramSha1,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+}
+
+impl AuthMechanism {
+    pub const ALL: [AuthMechanism; 6] = [
+        AuthMechanism::Plain,
+        AuthMechanism::Login,
+        AuthMechanism::XOAuth2,
+        AuthMechanism::OAuthBearer,
+        AuthMechanism::ScramSha1,
+        AuthMechanism::ScramSha256,
+    ];
+    /// `auth.mechanisms` when unset.
+    pub const DEFAULT: [AuthMechanism; 2] = [AuthMechanism::Plain, AuthMechanism::Login];
+
+    /// The SASL name (RFC 4422), as in `AUTH=<name>` and AUTHENTICATE.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::Login => "LOGIN",
+            AuthMechanism::XOAuth2 => "XOAUTH2",
+            AuthMechanism::OAuthBearer => "OAUTHBEARER",
+            AuthMechanism::ScramSha1 => "SCRAM-SHA-1",
+            AuthMechanism::ScramSha256 => "SCRAM-SHA-256",
+        }
+    }
+
+    /// From an AUTHENTICATE's (upper-cased) mechanism name.
+    pub fn from_name(name: &str) -> Option<AuthMechanism> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// A login refused before any backend sees it: the tagged status, RFC 5530 code and text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub status: Status,
+    pub code: &'static str,
+    pub text: &'static str,
+}
+
+impl From<&'static str> for Refused {
+    /// Malformed input: `BAD [CLIENTBUG]`.
+    fn from(text: &'static str) -> Self {
+        Refused {
+            status: Status::Bad,
+            code: "CLIENTBUG",
+            text,
+        }
+    }
+}
+
+impl Refused {
+    /// The client asked for channel binding (gs2 `p=`): well-formed, but impossible here.
+    pub(crate) fn channel_binding() -> Self {
+        Refused {
+            status: Status::No,
+            code: "",
+            text: "Channel binding is not available through this proxy (TLS ends here); use the mechanism without -PLUS.",
+        }
+    }
+
+    /// Well-formed, but without a user to route by.
+    pub(crate) fn no_user(text: &'static str) -> Self {
+        Refused {
+            status: Status::No,
+            code: "",
+            text,
         }
     }
 }
@@ -35,6 +168,8 @@ pub struct Credentials {
     pub authzid: Option<String>,
     /// The authentication identity.
     pub user: String,
+    /// The password; for a relayed mechanism (`Mechanism::relayed`), the client's first SASL
+    /// message as it came (token or SCRAM client-first), replayed to the backend untouched.
     pub password: Secret<Vec<u8>>,
 }
 
@@ -82,6 +217,27 @@ impl Credentials {
         })
     }
 
+    /// From the first message of a relayed mechanism: only the user is read.
+    pub fn relayed(mechanism: Mechanism, message: Secret<Vec<u8>>) -> Result<Credentials, Refused> {
+        let (user, authzid) = match mechanism {
+            Mechanism::XOAuth2 => (oauth::xoauth2_user(message.expose())?, None),
+            Mechanism::OAuthBearer => (oauth::oauthbearer_user(message.expose())?, None),
+            Mechanism::ScramSha1 | Mechanism::ScramSha256 => {
+                let first = scram::client_first(message.expose())?;
+                (first.user, first.authzid)
+            }
+            Mechanism::Login | Mechanism::Plain | Mechanism::SaslLogin => {
+                return Err("not a relayed mechanism".into());
+            }
+        };
+        Ok(Credentials {
+            mechanism,
+            authzid,
+            user,
+            password: message,
+        })
+    }
+
     /// The PLAIN message for the backend, rebuilt from the checked fields.
     pub fn plain_message(&self) -> Secret<Vec<u8>> {
         let mut m = Vec::new();
@@ -98,7 +254,7 @@ impl Credentials {
 
 /// A user name must be UTF-8 without NUL or line ends: anything else could be read differently
 /// by the backend than by the router.
-fn user_name(bytes: Vec<u8>) -> Result<String, &'static str> {
+pub(crate) fn user_name(bytes: Vec<u8>) -> Result<String, &'static str> {
     if bytes.is_empty() {
         return Err("empty user name");
     }

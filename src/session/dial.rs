@@ -15,6 +15,13 @@
 //! when offered), so an authzid reaches the backend and the backend decides; AUTHENTICATE LOGIN
 //! as AUTHENTICATE LOGIN where the backend offers AUTH=LOGIN, else as LOGIN. The backend's tagged
 //! answer is returned without its tag, to be sent on with the client's.
+//!
+//! A relayed mechanism (XOAUTH2, OAUTHBEARER, SCRAM-SHA-*) goes as the client's first message
+//! (SASL-IR where offered, else after the backend's `+`); then every `+` line the backend sends
+//! goes to the client verbatim and the client's answer line back (`relay_exchange`), at most
+//! `SASL_ROUND_TRIPS` times, each line under the pre-login line cap, the whole exchange under
+//! `timeouts.backend_login`: SCRAM's server-first/client-final/server-final, OAuth's error JSON and
+//! the client's `AQ==`. A `*` from the client goes on and the backend's BAD comes back.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,9 +31,30 @@ use tokio::net::TcpStream;
 
 use crate::backend::{self, BackendError, Conn, LINE_MAX, ProxyOut, printable};
 use crate::config::Backend;
+use crate::imap::command::CommandReader;
 use crate::imap::response;
-use crate::imap::sasl::{self, Credentials, Mechanism};
+use crate::imap::sasl::{self, AuthMechanism, Credentials, Mechanism};
 use crate::stream::Stream;
+
+/// How many `+` round trips a relayed SASL exchange may take after its first message: SCRAM
+/// needs two (server-first, server-final), an OAuth failure one.
+const SASL_ROUND_TRIPS: usize = 4;
+
+/// The client's side of a login, for the lines of a relayed SASL exchange.
+pub struct ClientSide<'a> {
+    pub stream: &'a mut Stream,
+    /// Pre-login's reader: what the client sent is read under its line cap.
+    pub reader: &'a mut CommandReader,
+}
+
+/// How a relayed exchange ended on the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientEnd {
+    /// The client closed (or its socket failed) mid-exchange.
+    Gone,
+    /// A SASL line over `limits.line_max`.
+    TooLong,
+}
 
 /// The tag of the login command towards backends.
 const TAG: &str = "ig1";
@@ -58,6 +86,8 @@ pub enum LoginOutcome {
     Rejected {
         tagged_rest: Vec<u8>,
     },
+    /// The client left a relayed exchange (or broke its line cap) before the backend answered.
+    Client(ClientEnd),
 }
 
 /// Who the client is, for the PROXY header and the ID fields sent to backends.
@@ -96,13 +126,14 @@ pub async fn replay(
     credentials: &Credentials,
     identity: &Identity,
     (greeting, login): (Duration, Duration),
+    client: ClientSide<'_>,
 ) -> Result<LoginOutcome, DialError> {
     let (conn, caps) = tokio::time::timeout(greeting, reach(tcp, backend, identity))
         .await
         .map_err(|_| BackendError::GreetingTimeout(greeting))
         .and_then(|r| r)
         .map_err(DialError::BeforeLogin)?;
-    tokio::time::timeout(login, log_in(conn, caps, credentials))
+    tokio::time::timeout(login, log_in(conn, caps, credentials, client))
         .await
         .map_err(|_| BackendError::LoginTimeout(login))
         .and_then(|r| r)
@@ -132,13 +163,18 @@ async fn log_in(
     mut conn: Conn,
     caps: backend::Capabilities,
     credentials: &Credentials,
+    mut client: ClientSide<'_>,
 ) -> Result<LoginOutcome, BackendError> {
     let mut untagged = Vec::new();
-    let parts = match credentials.mechanism {
-        Mechanism::Plain => plain_command(credentials, caps.sasl_ir),
-        Mechanism::SaslLogin if caps.auth_login => sasl_login_command(credentials, caps.sasl_ir),
+    let relayed = credentials.mechanism.relayed();
+    let parts = match (credentials.mechanism, relayed) {
+        (_, Some(mechanism)) => relayed_command(mechanism, credentials, caps.sasl_ir),
+        (Mechanism::Plain, _) => plain_command(credentials, caps.sasl_ir),
+        (Mechanism::SaslLogin, _) if caps.auth_login => {
+            sasl_login_command(credentials, caps.sasl_ir)
+        }
         // A backend without AUTH=LOGIN still takes the same user and password as LOGIN.
-        Mechanism::Login | Mechanism::SaslLogin => login_command(
+        _ => login_command(
             credentials.user.as_bytes(),
             credentials.password.expose(),
             caps.literal_plus,
@@ -153,11 +189,23 @@ async fn log_in(
             break;
         }
         match tagged_or_continuation(&mut conn, &mut untagged).await? {
-            Answer::Continuation => {}
+            Answer::Continuation(_) => {}
             Answer::Tagged(rest) => return Ok(LoginOutcome::Rejected { tagged_rest: rest }),
         }
     }
-    match tagged_or_continuation(&mut conn, &mut untagged).await? {
+    let mut round_trips = 0;
+    let answer = loop {
+        match tagged_or_continuation(&mut conn, &mut untagged).await? {
+            Answer::Continuation(line) if relayed.is_some() && round_trips < SASL_ROUND_TRIPS => {
+                round_trips += 1;
+                if let Err(end) = relay_exchange(&mut conn, &line, &mut client).await? {
+                    return Ok(LoginOutcome::Client(end));
+                }
+            }
+            answer => break answer,
+        }
+    };
+    match answer {
         Answer::Tagged(mut rest) if backend::is_ok(&rest) => {
             let mut buffered = Vec::new();
             if backend::capabilities_in(&rest).is_none() {
@@ -172,9 +220,73 @@ async fn log_in(
             }))
         }
         Answer::Tagged(rest) => Ok(LoginOutcome::Rejected { tagged_rest: rest }),
-        Answer::Continuation => Err(BackendError::Protocol(
+        Answer::Continuation(_) => Err(BackendError::Protocol(
             "unexpected continuation after the login was sent".into(),
         )),
+    }
+}
+
+/// One round trip of a relayed SASL exchange: the backend's `+` line to the client as it came,
+/// the client's answer line to the backend. An answer that is neither base64 nor `*` becomes
+/// `*`, so the backend ends the exchange with its BAD (and nothing but SASL data ever reaches it
+/// as such a line). The lines are secrets (SCRAM proofs, tokens): never logged.
+async fn relay_exchange(
+    conn: &mut Conn,
+    continuation: &[u8],
+    client: &mut ClientSide<'_>,
+) -> Result<Result<(), ClientEnd>, BackendError> {
+    let sent = async {
+        client.stream.write_all(continuation).await?;
+        client.stream.flush().await
+    };
+    if sent.await.is_err() {
+        return Ok(Err(ClientEnd::Gone));
+    }
+    let line = loop {
+        match client.reader.take_line() {
+            Ok(Some(line)) => break line,
+            Ok(None) => match client.reader.read_from(client.stream).await {
+                Ok(0) | Err(_) => return Ok(Err(ClientEnd::Gone)),
+                Ok(_) => {}
+            },
+            Err(_too_long) => return Ok(Err(ClientEnd::TooLong)),
+        }
+    };
+    let mut out = if is_sasl_line(&line) {
+        line
+    } else {
+        b"*".to_vec()
+    };
+    out.extend_from_slice(b"\r\n");
+    conn.stream.write_all(&out).await?;
+    conn.stream.flush().await?;
+    Ok(Ok(()))
+}
+
+/// A client's line in a SASL exchange: base64 (empty included) or `*`.
+fn is_sasl_line(line: &[u8]) -> bool {
+    line == b"*"
+        || line
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+}
+
+/// `ig1 AUTHENTICATE <mechanism>` with the client's first message: SASL-IR when the backend
+/// offers it, else after its `+`.
+fn relayed_command(
+    mechanism: AuthMechanism,
+    credentials: &Credentials,
+    sasl_ir: bool,
+) -> Vec<Vec<u8>> {
+    let name = mechanism.name();
+    let encoded = sasl::encode(credentials.password.expose());
+    if sasl_ir {
+        vec![format!("{TAG} AUTHENTICATE {name} {encoded}\r\n").into_bytes()]
+    } else {
+        vec![
+            format!("{TAG} AUTHENTICATE {name}\r\n").into_bytes(),
+            format!("{encoded}\r\n").into_bytes(),
+        ]
     }
 }
 
@@ -200,7 +312,7 @@ async fn tagged_or_continuation(
     loop {
         let line = conn.read_line("during the login").await?;
         if line.starts_with(b"+") {
-            return Ok(Answer::Continuation);
+            return Ok(Answer::Continuation(line));
         }
         if let Some(rest) = line
             .strip_prefix(TAG.as_bytes())
@@ -312,7 +424,8 @@ const OWN_ID_FIELDS: usize = 6;
 pub(crate) const CLIENT_ID_FIELDS: usize = 30 - OWN_ID_FIELDS;
 
 enum Answer {
-    Continuation,
+    /// The `+` line, CRLF included.
+    Continuation(Vec<u8>),
     /// The tagged line without `TAG `, CRLF included.
     Tagged(Vec<u8>),
 }
@@ -431,6 +544,34 @@ fn quotable(value: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_messages_go_as_they_came() {
+        let c = Credentials::relayed(
+            Mechanism::OAuthBearer,
+            crate::imap::secret::Secret::new(b"n,a=u,\x01auth=Bearer t\x01\x01".to_vec()),
+        )
+        .unwrap();
+        let ir = sasl::encode(b"n,a=u,\x01auth=Bearer t\x01\x01");
+        assert_eq!(
+            relayed_command(AuthMechanism::OAuthBearer, &c, true),
+            [format!("ig1 AUTHENTICATE OAUTHBEARER {ir}\r\n").into_bytes()]
+        );
+        assert_eq!(
+            relayed_command(AuthMechanism::OAuthBearer, &c, false),
+            [
+                b"ig1 AUTHENTICATE OAUTHBEARER\r\n".to_vec(),
+                format!("{ir}\r\n").into_bytes()
+            ]
+        );
+        // What a client's line in the exchange may be; anything else goes on as `*`.
+        for ok in [&b""[..], b"*", b"AQ==", b"Yz1iaXdzLHI9YWJj+/=="] {
+            assert!(is_sasl_line(ok), "{ok:?}");
+        }
+        for bad in [&b"**"[..], b"a b", b"x\r", b"ig1 LOGOUT", b"\xff"] {
+            assert!(!is_sasl_line(bad), "{bad:?}");
+        }
+    }
 
     fn joined(parts: &[Vec<u8>]) -> Vec<Vec<u8>> {
         parts.to_vec()

@@ -18,6 +18,7 @@ use crate::backend;
 use crate::backend::state::BackendState;
 use crate::config::{Backend, LookupFallback};
 use crate::directory::{Decision, Query, Why};
+use crate::imap::command::CommandReader;
 use crate::imap::response::{self, Status};
 use crate::imap::sasl::{Credentials, Mechanism};
 use crate::metrics::{AttemptResult, LoginResult, Rejection};
@@ -59,11 +60,7 @@ pub struct Authenticated {
 
 /// A login as a trace shows it: tag, command and user, never a credential.
 pub fn login_line(tag: &str, mechanism: Mechanism, user: &str) -> String {
-    let command = match mechanism {
-        Mechanism::Login => "LOGIN",
-        Mechanism::Plain => "AUTHENTICATE PLAIN",
-        Mechanism::SaslLogin => "AUTHENTICATE LOGIN",
-    };
+    let command = mechanism.command();
     format!("{tag} {command} as {user} [credentials not recorded]")
 }
 
@@ -77,6 +74,7 @@ struct Target {
 /// `attempt` counts this connection's login attempts (for the directory).
 pub async fn route_and_dial(
     client: &mut Stream,
+    reader: &mut CommandReader,
     session: &Session,
     tag: &str,
     credentials: &Credentials,
@@ -95,7 +93,9 @@ pub async fn route_and_dial(
         (Some(directory), Some(lookup)) => {
             let query = Query {
                 user,
-                password: lookup.send_password().then_some(&credentials.password),
+                // A relayed mechanism's message is no password: it never goes to the directory.
+                password: (lookup.send_password() && credentials.mechanism.relayed().is_none())
+                    .then_some(&credentials.password),
                 // nginx says `plain` for every cleartext login (LOGIN, PLAIN, AUTH LOGIN).
                 method: "plain",
                 client: session.peer,
@@ -105,7 +105,11 @@ pub async fn route_and_dial(
             match directory.decide(&key, &query).await {
                 Decision::Route { route, from } => {
                     info!(session = %session.id, user, server = %route.server, from = from.as_str(), "directory route");
-                    if route.user.is_some() || route.password.is_some() {
+                    // A relayed exchange is the client's own (a SCRAM proof binds the user): the
+                    // directory cannot replace its user or password.
+                    if (route.user.is_some() || route.password.is_some())
+                        && credentials.mechanism.relayed().is_none()
+                    {
                         let mut c = credentials.clone();
                         if let Some(u) = &route.user {
                             c.user = u.clone();
@@ -170,6 +174,7 @@ pub async fn route_and_dial(
     let credentials = rewritten.as_ref().unwrap_or(credentials);
     dial_targets(
         client,
+        reader,
         session,
         tag,
         credentials,
@@ -230,8 +235,10 @@ fn directed(snapshot: &Snapshot, server: &str) -> Vec<Target> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn dial_targets(
     client: &mut Stream,
+    reader: &mut CommandReader,
     session: &Session,
     tag: &str,
     credentials: &Credentials,
@@ -268,7 +275,11 @@ async fn dial_targets(
             Ok(stream) => {
                 state.metrics.connected(started.elapsed());
                 crate::stream::detect_dead_peer(&stream, config.timeouts.keepalive);
-                dial::replay(stream, &backend, credentials, &identity, timeouts).await
+                let side = dial::ClientSide {
+                    stream: &mut *client,
+                    reader: &mut *reader,
+                };
+                dial::replay(stream, &backend, credentials, &identity, timeouts, side).await
             }
             Err(e) => Err(DialError::BeforeLogin(e)),
         };
@@ -276,7 +287,7 @@ async fn dial_targets(
         let elapsed_ms = took.as_millis() as u64;
         let result = match &outcome {
             Ok(LoginOutcome::LoggedIn(_)) => AttemptResult::Ok,
-            Ok(LoginOutcome::Rejected { .. }) => AttemptResult::Rejected,
+            Ok(LoginOutcome::Rejected { .. } | LoginOutcome::Client(_)) => AttemptResult::Rejected,
             // Reached, but it failed the login (BYE, close, silence): not "unavailable".
             Err(DialError::AfterLogin(_)) => AttemptResult::Error,
             Err(e) if e.error().is_protocol() => AttemptResult::Error,
@@ -356,6 +367,28 @@ async fn dial_targets(
                 out.extend_from_slice(&tagged_rest);
                 client.write_all(&out).await?;
                 return Ok(LoginAttempt::Rejected);
+            }
+            Ok(LoginOutcome::Client(end)) => {
+                // The client left (or broke the line cap) in the middle of a relayed exchange.
+                info!(session = %session.id, user, backend = %backend.name, mechanism, result = "abandoned", elapsed_ms, "login");
+                metrics.login(credentials.mechanism, LoginResult::Rejected);
+                return match end {
+                    dial::ClientEnd::Gone => Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the client closed during the SASL exchange",
+                    )),
+                    dial::ClientEnd::TooLong => {
+                        metrics.rejected(Rejection::LineTooLong);
+                        client
+                            .write_all(&response::bye("LIMIT", "SASL response too long."))
+                            .await?;
+                        client.flush().await?;
+                        Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "SASL response too long",
+                        ))
+                    }
+                };
             }
             Err(DialError::BeforeLogin(error)) => {
                 warn!(session = %session.id, user, backend = %backend.name, mechanism, result = result.as_str(), elapsed_ms, %error, "login");

@@ -24,7 +24,7 @@ use super::{EndReason, Session};
 use crate::config::ListenerTls;
 use crate::imap::command::{CommandReader, Parsed, PreloginCommand, Step};
 use crate::imap::response::{self, Status};
-use crate::imap::sasl::{self, Credentials, Mechanism, SaslLine};
+use crate::imap::sasl::{self, AuthMechanism, Credentials, Mechanism, Refused, SaslLine};
 use crate::imap::secret::Secret;
 use crate::metrics::Rejection;
 use crate::stream::Stream;
@@ -102,9 +102,10 @@ impl Prelogin {
             auth: tls || listener.plaintext_auth_allowed(session.peer.ip(), session.client_unknown),
         };
         if greet {
-            let caps = response::capabilities(policy.starttls, policy.auth);
+            let caps =
+                response::capabilities(policy.starttls, policy.auth, &config.auth_mechanisms);
             client
-                .write_all(&response::greeting(caps, &config.greeting))
+                .write_all(&response::greeting(&caps, &config.greeting))
                 .await?;
         }
         Ok(Prelogin {
@@ -146,6 +147,12 @@ impl Prelogin {
 
     pub fn client_id(&self) -> &[(String, String)] {
         &self.client_id
+    }
+
+    /// The reader, for the SASL lines of a relayed exchange (`dial::relay_exchange`): they are
+    /// read under the same line cap as every pre-login line.
+    pub fn reader(&mut self) -> &mut CommandReader {
+        &mut self.reader
     }
 
     /// What the client sent behind its login command: after a successful login it belongs to
@@ -293,8 +300,12 @@ async fn handle(
     }
     let credentials = match command {
         PreloginCommand::Capability => {
-            let caps = response::capabilities(policy.starttls, policy.auth);
-            client.write_all(&response::capability(caps, &tag)).await?;
+            let caps = response::capabilities(
+                policy.starttls,
+                policy.auth,
+                &session.snapshot.config.auth_mechanisms,
+            );
+            client.write_all(&response::capability(&caps, &tag)).await?;
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Noop => {
@@ -352,12 +363,20 @@ async fn handle(
             return Ok(Ok(Attempt::Answered));
         }
         PreloginCommand::Login { user, password } => {
-            Credentials::from_login(Mechanism::Login, user, password)
+            Credentials::from_login(Mechanism::Login, user, password).map_err(Refused::from)
         }
         PreloginCommand::Authenticate {
             mechanism,
             initial_response,
-        } => match sasl_exchange(client, reader, &mechanism, initial_response).await? {
+        } => match sasl_exchange(
+            client,
+            reader,
+            &session.snapshot.config.auth_mechanisms,
+            &mechanism,
+            initial_response,
+        )
+        .await?
+        {
             Sasl::Credentials(result) => result,
             Sasl::Cancelled => {
                 client
@@ -394,11 +413,9 @@ async fn handle(
     };
     let credentials = match credentials {
         Ok(c) => c,
-        Err(why) => {
+        Err(Refused { status, code, text }) => {
             session.services.metrics.rejected(Rejection::BadCredentials);
-            client
-                .write_all(&answer(Status::Bad, "CLIENTBUG", why))
-                .await?;
+            client.write_all(&answer(status, code, text)).await?;
             return Ok(Ok(Attempt::Failed));
         }
     };
@@ -451,25 +468,51 @@ impl From<Closed> for Result<Attempt, Closed> {
 }
 
 enum Sasl {
-    Credentials(Result<Credentials, &'static str>),
+    Credentials(Result<Credentials, Refused>),
     Cancelled,
     Unsupported,
     TooLong,
     ClientGone,
 }
 
-/// Runs the AUTHENTICATE exchange for PLAIN and LOGIN.
+/// Runs the AUTHENTICATE exchange for PLAIN and LOGIN; for a relayed mechanism, reads only
+/// its first message (the rest of the exchange is relayed between client and backend by the
+/// dial, `dial::relay_exchange`). A mechanism not in `auth.mechanisms` (CRAM-MD5, DIGEST-MD5,
+/// `-PLUS`, anything else) is unsupported.
 async fn sasl_exchange<S>(
     client: &mut S,
     reader: &mut CommandReader,
+    enabled: &[AuthMechanism],
     mechanism: &str,
     initial_response: Option<Secret<Vec<u8>>>,
 ) -> io::Result<Sasl>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some(mechanism) = AuthMechanism::from_name(mechanism).filter(|m| enabled.contains(m))
+    else {
+        return Ok(Sasl::Unsupported);
+    };
+    let relayed = match mechanism {
+        AuthMechanism::XOAuth2 => Some(Mechanism::XOAuth2),
+        AuthMechanism::OAuthBearer => Some(Mechanism::OAuthBearer),
+        AuthMechanism::ScramSha1 => Some(Mechanism::ScramSha1),
+        AuthMechanism::ScramSha256 => Some(Mechanism::ScramSha256),
+        AuthMechanism::Plain | AuthMechanism::Login => None,
+    };
+    if let Some(relayed) = relayed {
+        // The client speaks first in all of them: an empty challenge asks for that message.
+        let message = match initial_response {
+            Some(ir) => ir,
+            None => match sasl_step(client, reader, "").await? {
+                Ok(message) => message,
+                Err(end) => return Ok(end),
+            },
+        };
+        return Ok(Sasl::Credentials(Credentials::relayed(relayed, message)));
+    }
     match mechanism {
-        "PLAIN" => {
+        AuthMechanism::Plain => {
             let message = match initial_response {
                 Some(ir) => ir,
                 None => match sasl_step(client, reader, "").await? {
@@ -477,9 +520,12 @@ where
                     Err(end) => return Ok(end),
                 },
             };
-            Ok(Sasl::Credentials(Credentials::from_plain(&message)))
+            Ok(Sasl::Credentials(
+                Credentials::from_plain(&message).map_err(Refused::from),
+            ))
         }
-        "LOGIN" => {
+        // LOGIN: the relayed ones have returned above.
+        _ => {
             // "Username:" and "Password:", base64 as the mechanism's draft has them.
             let user = match initial_response {
                 Some(ir) => ir,
@@ -492,13 +538,11 @@ where
                 Ok(password) => password,
                 Err(end) => return Ok(end),
             };
-            Ok(Sasl::Credentials(Credentials::from_login(
-                Mechanism::SaslLogin,
-                user.expose().clone(),
-                password,
-            )))
+            Ok(Sasl::Credentials(
+                Credentials::from_login(Mechanism::SaslLogin, user.expose().clone(), password)
+                    .map_err(Refused::from),
+            ))
         }
-        _ => Ok(Sasl::Unsupported),
     }
 }
 
@@ -519,7 +563,7 @@ where
                 return Ok(match sasl::decode_line(&line) {
                     Ok(SaslLine::Response(bytes)) => Ok(bytes),
                     Ok(SaslLine::Cancel) => Err(Sasl::Cancelled),
-                    Err(why) => Err(Sasl::Credentials(Err(why))),
+                    Err(why) => Err(Sasl::Credentials(Err(why.into()))),
                 });
             }
             Ok(None) => {
@@ -535,6 +579,61 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A relayed mechanism: an empty `+` asks for the first message, which is checked for its
+    /// user only and kept whole; mechanisms not enabled, CRAM-MD5 and -PLUS are unsupported.
+    #[tokio::test]
+    async fn relayed_mechanisms_read_the_first_message_only() {
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut reader = CommandReader::new(1024, 1024);
+        let enabled = [AuthMechanism::Plain, AuthMechanism::ScramSha256];
+        client
+            .write_all(b"biwsbj1hPTJDYixyPWFiYw==\r\n")
+            .await
+            .unwrap();
+        let sasl = sasl_exchange(&mut server, &mut reader, &enabled, "SCRAM-SHA-256", None)
+            .await
+            .unwrap();
+        let Sasl::Credentials(Ok(c)) = sasl else {
+            panic!("SCRAM's first message did not decode");
+        };
+        assert_eq!(
+            (c.mechanism, c.user.as_str()),
+            (Mechanism::ScramSha256, "a,b")
+        );
+        assert_eq!(c.password.expose(), b"n,,n=a=2Cb,r=abc");
+        let mut challenge = [0u8; 4];
+        client.read_exact(&mut challenge).await.unwrap();
+        assert_eq!(&challenge, b"+ \r\n");
+
+        let ir = || Some(Secret::new(b"user=a\x01auth=Bearer t\x01\x01".to_vec()));
+        for name in [
+            "XOAUTH2",
+            "CRAM-MD5",
+            "DIGEST-MD5",
+            "SCRAM-SHA-256-PLUS",
+            "LOGIN",
+        ] {
+            let sasl = sasl_exchange(&mut server, &mut reader, &enabled, name, ir())
+                .await
+                .unwrap();
+            assert!(matches!(sasl, Sasl::Unsupported), "{name}");
+        }
+        let sasl = sasl_exchange(
+            &mut server,
+            &mut reader,
+            &enabled,
+            "SCRAM-SHA-256",
+            Some(Secret::new(b"p=tls-unique,,n=a,r=b".to_vec())),
+        )
+        .await
+        .unwrap();
+        let Sasl::Credentials(Err(refused)) = sasl else {
+            panic!("p= must be refused");
+        };
+        assert_eq!(refused.status, Status::No);
+    }
 
     #[test]
     fn only_short_plain_fields_are_forwarded() {

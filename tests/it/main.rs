@@ -24,6 +24,7 @@ mod prelogin;
 mod prometheus;
 mod relay;
 mod replicas;
+mod sasl;
 mod secrets;
 mod support;
 mod tls;

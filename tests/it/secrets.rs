@@ -158,3 +158,109 @@ async fn no_secret_reaches_a_log_or_an_endpoint() {
         }
     }
 }
+
+/// The relayed mechanisms: a bearer token (accepted and refused, XOAUTH2 and OAUTHBEARER) and
+/// a SCRAM proof pass through the real binary at the most verbose log level and appear in no
+/// log, `/metrics`, `/sessions` or trace.
+#[tokio::test]
+async fn no_token_or_scram_proof_reaches_a_log_or_an_endpoint() {
+    use crate::sasl::{
+        ALL, BAD_TOKEN, GOOD_TOKEN, dance, introspection, oauthbearer, result, scram, xoauth2,
+    };
+    if !dovecot::available() {
+        return;
+    }
+    let b1 = Dovecot::start_with(
+        "b1",
+        dovecot::Options {
+            oauth2: Some(introspection().await),
+            scram: true,
+            ..dovecot::Options::default()
+        },
+    );
+    let (port, admin_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imapgate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\nadmin: {{ bind: \"127.0.0.1:{admin_port}\" }}\ntimeouts: {{ shutdown_grace: 500ms }}\nlimits: {{ login_penalty: {{ base: 0s }} }}\nbackends:\n  - {{ name: b1, address: \"{}\" }}\n{ALL}",
+            b1.address()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imapgate"))
+        .args(["run", "--threads", "1", "--config"])
+        .arg(&path)
+        .env("IMAPGATE_LOG", "trace")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut logs = LogLines::new(child.stderr.take().unwrap());
+    logs.wait_for("listening").await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let (status, body) = http(admin, "POST", "/trace?user=alice", None).await;
+    assert_eq!(status, 201, "{body}");
+    let trace_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let good = xoauth2("alice", GOOD_TOKEN);
+    let bad = oauthbearer("alice", BAD_TOKEN);
+    let ok = dance(addr, &format!("a AUTHENTICATE XOAUTH2 {good}\r\n"), &[]).await;
+    assert!(ok.last().unwrap().starts_with("a OK"), "{ok:?}");
+    let no = dance(addr, "a AUTHENTICATE OAUTHBEARER\r\n", &[&bad, "AQ=="]).await;
+    assert!(no.last().unwrap().starts_with("a NO"), "{no:?}");
+    let out = scram(
+        &addr.to_string(),
+        "SCRAM-SHA-256",
+        "alice",
+        "alice-secret",
+        "ir n",
+    )
+    .await;
+    assert!(result(&out).starts_with("a OK"), "{out}");
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name}: {out}"))
+            .to_string()
+    };
+    let (proof, client_final) = (field("PROOF "), field("CLIENT-FINAL "));
+
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    let (_, sessions_json) = http_get(admin, "/sessions").await;
+    let (_, trace_text) = http_get(admin, &format!("/trace/{trace_id}")).await;
+    assert!(
+        trace_text.contains("AUTHENTICATE SCRAM-SHA-256 as alice"),
+        "the trace recorded the logins: {trace_text}"
+    );
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) };
+    tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = logs.rest().await;
+    assert!(log.contains("xoauth2"), "the logins were logged: {log}");
+    for secret in [
+        GOOD_TOKEN,
+        BAD_TOKEN,
+        "alice-secret",
+        &good,
+        &bad,
+        &proof,
+        &client_final,
+    ] {
+        for (place, text) in [
+            ("log", &log),
+            ("/metrics", &metrics),
+            ("/sessions", &sessions_json),
+            ("a trace", &trace_text),
+        ] {
+            assert!(!text.contains(secret), "{secret:?} appears in {place}");
+        }
+    }
+}

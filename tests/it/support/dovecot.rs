@@ -53,7 +53,17 @@ pub struct Options {
     /// Run inside this network namespace (`ip netns exec`), listening on this address of it
     /// instead of 127.0.0.1 (`support::netns`). Plain IMAP only.
     pub netns: Option<(String, Ipv4Addr)>,
+    /// XOAUTH2 and OAUTHBEARER on, checked by an `oauth2` passdb that POSTs the token to this
+    /// introspection URL (`introspection_mode = post`; the answer's `username` must be the user
+    /// and its `active` must be `true`).
+    pub oauth2: Option<String>,
+    /// SCRAM-SHA-1 and SCRAM-SHA-256 on (Dovecot derives them from the passdb's plaintext
+    /// passwords), and one more user, `SCRAM_USER`, whose name needs SCRAM's `=2C`/`=3D`.
+    pub scram: bool,
 }
+
+/// A user whose name holds `,` and `=` (with `Options::scram`).
+pub const SCRAM_USER: (&str, &str) = ("a,b=c", "abc-secret");
 
 pub struct Dovecot {
     /// The address it listens on (127.0.0.1, or its namespace's address).
@@ -139,13 +149,40 @@ impl Dovecot {
         if options.literal_minus {
             conf.push_str("imap_literal_minus = yes\n");
         }
+        let mut mechanisms = String::from("plain login");
+        if options.scram {
+            mechanisms.push_str(" scram-sha-1 scram-sha-256");
+            // SCRAM_USER's `,` and `=` are not in the default auth_username_chars.
+            conf.push_str("auth_username_chars =\n");
+        }
+        if let Some(url) = &options.oauth2 {
+            mechanisms.push_str(" xoauth2 oauthbearer");
+            // Dovecot 2.3's oauth2 passdb reads its settings from a file of its own.
+            let ext = root.join("oauth2.conf.ext");
+            std::fs::write(
+                &ext,
+                format!(
+                    "introspection_mode = post\nintrospection_url = {url}\nusername_attribute = username\nactive_attribute = active\nactive_value = true\nforce_introspection = yes\ntimeout_msecs = 10000\n"
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            conf.push_str(&format!(
+                "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {}\n}}\n",
+                ext.display()
+            ));
+        }
+        conf = conf.replace(
+            "auth_mechanisms = plain login",
+            &format!("auth_mechanisms = {mechanisms}"),
+        );
         std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
         let mut passwd = String::new();
         let (long, longer) = (long_password(), longer_password());
         let users = USERS
             .iter()
             .copied()
-            .chain([("longpw", long.as_str()), ("longerpw", longer.as_str())]);
+            .chain([("longpw", long.as_str()), ("longerpw", longer.as_str())])
+            .chain(options.scram.then_some(SCRAM_USER));
         for (user, password) in users {
             passwd.push_str(&format!("{user}:{{PLAIN}}{password}::::::\n"));
             make_maildir(&root.join("mail").join(user), name).map_err(|e| e.to_string())?;
