@@ -6,9 +6,13 @@
 //! an error text with `Auth-Wait`.
 //!
 //! Unlike nginx, connections to the service are kept alive and reused (a pool of idle HTTP/1.1
-//! connections), at most `max_in_flight` requests run at once, and each has `timeout`.
+//! connections), at most `max_in_flight` requests run at once, and each has `timeout`. A
+//! connection is driven by a task on the worker thread that opened it, and is reused only by
+//! sessions on that thread: handing it to another worker would cost two cross-thread wake-ups
+//! per lookup.
 
 use std::sync::Mutex;
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Limited};
@@ -30,7 +34,8 @@ const BODY_MAX: usize = 64 * 1024;
 
 pub(crate) struct HttpSource {
     config: HttpLookup,
-    idle: Mutex<Vec<SendRequest<Empty<Bytes>>>>,
+    /// Idle connections, each with the thread whose runtime drives it.
+    idle: Mutex<Vec<(ThreadId, SendRequest<Empty<Bytes>>)>>,
     slots: Semaphore,
 }
 
@@ -66,16 +71,22 @@ impl HttpSource {
         if body_ok && !sender.is_closed() {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < IDLE_MAX {
-                idle.push(sender);
+                idle.push((std::thread::current().id(), sender));
             }
         }
         answer(parts.status, &parts.headers, self.config.send_password)
     }
 
-    /// An idle connection that is still open, or a new one.
+    /// An idle connection of this thread that is still open, or a new one.
     async fn connection(&self) -> Result<SendRequest<Empty<Bytes>>, LookupError> {
+        let here = std::thread::current().id();
         loop {
-            let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let idle = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.iter()
+                    .rposition(|(thread, _)| *thread == here)
+                    .map(|i| idle.swap_remove(i).1)
+            };
             match idle {
                 Some(mut sender) => {
                     if sender.ready().await.is_ok() {
