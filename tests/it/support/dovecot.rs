@@ -53,6 +53,8 @@ pub struct Options {
     /// Run inside this network namespace (`ip netns exec`), listening on this address of it
     /// instead of 127.0.0.1 (`support::netns`). Plain IMAP only.
     pub netns: Option<(String, Ipv4Addr)>,
+    /// COMPRESS=DEFLATE after login (RFC 4978): the `zlib` and `imap_zlib` plugins.
+    pub compress: bool,
 }
 
 pub struct Dovecot {
@@ -138,6 +140,11 @@ impl Dovecot {
         }
         if options.literal_minus {
             conf.push_str("imap_literal_minus = yes\n");
+        }
+        if options.compress {
+            conf.push_str(
+                "mail_plugins = $mail_plugins zlib\nprotocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n",
+            );
         }
         std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
         let mut passwd = String::new();
