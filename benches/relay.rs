@@ -148,7 +148,7 @@ fn compress(c: &mut Criterion) {
                     );
                     let mut out = vec![0u8; 8 * 1024];
                     for chunk in wire.chunks(32 * 1024) {
-                        let mut input = &chunk[..];
+                        let mut input = chunk;
                         loop {
                             let step = miniz_oxide::inflate::stream::inflate(
                                 &mut state,
