@@ -316,3 +316,104 @@ async fn bytes_only_counts_nothing_after_compress() {
     assert_eq!(compress_errors(&m), Some(0.0));
     proxy.stop().await;
 }
+
+/// A backend whose "compressed" stream is not DEFLATE (a scripted one: no real server sends
+/// garbage): the observing stops and is counted once, and every octet still goes through
+/// both ways, unchanged, in a session that stays open.
+#[tokio::test]
+async fn a_stream_that_cannot_be_inflated_stops_the_observing_only() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = backend.local_addr().unwrap().to_string();
+    // 0xff opens a block of the reserved type 3: invalid from its first octet.
+    let garbage: Vec<u8> = (0..5000u32).map(|i| 0xff ^ (i % 3) as u8).collect();
+    let echo: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let (garbage_out, echo_len) = (garbage.clone(), echo.len());
+    let script = tokio::spawn(async move {
+        // Health checks come and go (greeting, LOGOUT); the login is the one that stays.
+        let (lines, mut write) = loop {
+            let (tcp, _) = backend.accept().await.unwrap();
+            let (read, mut write) = tcp.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"* OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] ready.\r\n")
+                .await
+                .unwrap();
+            match lines.next_line().await {
+                Ok(Some(login)) if login.starts_with("ig1 LOGIN ") => break (lines, write),
+                _ => continue,
+            }
+        };
+        write
+            .write_all(b"ig1 OK [CAPABILITY IMAP4rev1 COMPRESS=DEFLATE] in\r\n")
+            .await
+            .unwrap();
+        let mut lines = lines;
+        assert_eq!(
+            lines.next_line().await.unwrap().unwrap(),
+            "z COMPRESS DEFLATE"
+        );
+        let mut answer = b"z OK DEFLATE active\r\n".to_vec();
+        answer.extend_from_slice(&garbage_out);
+        write.write_all(&answer).await.unwrap();
+        // Then an echo of what the client sends.
+        let mut read = lines.into_inner();
+        let mut got = vec![0u8; echo_len];
+        read.read_exact(&mut got).await.unwrap();
+        write.write_all(&got).await.unwrap();
+        // Open until the client has read it all.
+        let _ = read.read(&mut [0u8; 1]).await;
+    });
+    let proxy = Proxy::start(&config(&[("b1", addr)], "")).await;
+    let mut c = proxy.connect().await;
+    c.line().await.unwrap();
+    c.send("a LOGIN alice secret\r\n").await;
+    let (_, ok) = c.until_tagged("a").await;
+    assert!(ok.starts_with("a OK"), "{ok}");
+    c.send("z COMPRESS DEFLATE\r\n").await;
+    assert_eq!(c.line().await.unwrap(), "z OK DEFLATE active\r\n");
+    assert!(
+        c.bytes(garbage.len()).await == garbage,
+        "backend → client unchanged"
+    );
+    c.send(&echo).await;
+    assert!(
+        c.bytes(echo.len()).await == echo,
+        "client → backend → client unchanged"
+    );
+    let m = metrics_when(&proxy, |m| compress_errors(m) == Some(1.0)).await;
+    assert_eq!(
+        sample(
+            &m,
+            "imapgate_commands_total",
+            "command=\"COMPRESS\",status=\"ok\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "imapgate_sessions_active", "backend=\"b1\""),
+        Some(1.0),
+        "the session goes on"
+    );
+    let bytes = |direction: &str| {
+        sample(
+            &m,
+            "imapgate_bytes_total",
+            &format!("backend=\"b1\",direction=\"{direction}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        bytes("backend_to_client") >= (garbage.len() + echo.len()) as f64,
+        "{m}"
+    );
+    assert!(bytes("client_to_backend") >= echo.len() as f64, "{m}");
+    drop(c);
+    tokio::time::timeout(DEADLINE, script)
+        .await
+        .expect("script deadline")
+        .expect("the backend saw what it expected");
+    proxy.stop().await;
+}
