@@ -3,6 +3,10 @@
 //!
 //! `cargo bench --bench relay`. The target: the observer costs under 3% of relay
 //! throughput on large-literal traffic (compare `relay/observed` with `relay/plain`).
+//!
+//! `cargo bench --bench relay -- compress`: the observer over the same traffic after
+//! `COMPRESS DEFLATE` (inflated and observed, or bytes only) next to it uncompressed, each
+//! measured per octet of the *inflated* traffic, so the times compare per GB of mail.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +14,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use imapgate::config::CompressMode;
 use imapgate::{CommandId, CommandSink, Completion, Observer, Stream, Way, relay};
 
 struct Discard;
@@ -84,6 +89,97 @@ fn observer(c: &mut Criterion) {
             }
         })
     });
+    group.finish();
+}
+
+/// `plain` as one raw DEFLATE stream, sync-flushed every 16 KiB (a server flushes per write).
+fn deflated(plain: &[u8]) -> Vec<u8> {
+    let mut z = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(plain.len() / 2);
+    for piece in plain.chunks(16 * 1024) {
+        let mut input = piece;
+        loop {
+            out.reserve(64 * 1024);
+            let before = z.total_in();
+            z.compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            input = &input[(z.total_in() - before) as usize..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The observer after COMPRESS: the mix deflated (both ways) vs plain, 32 KiB reads.
+fn compress(c: &mut Criterion) {
+    let (client, server) = mix();
+    let (client_z, server_z) = (deflated(&client), deflated(&server));
+    let inflated = (client.len() + server.len()) as u64;
+    eprintln!(
+        "compress: {inflated} octets inflated, {} on the wire (ratio {:.2})",
+        client_z.len() + server_z.len(),
+        inflated as f64 / (client_z.len() + server_z.len()) as f64
+    );
+    let mut group = c.benchmark_group("compress");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(inflated));
+    let run = |observer: &mut Observer<Discard>, client: &[u8], server: &[u8]| {
+        for chunk in client.chunks(32 * 1024) {
+            observer.observe(Way::ClientToBackend, chunk);
+        }
+        for chunk in server.chunks(32 * 1024) {
+            observer.observe(Way::BackendToClient, chunk);
+        }
+    };
+    // Alternated within one run so the shared machine's noise hits all three alike.
+    for round in 1..=2 {
+        group.bench_function(format!("plain_{round}"), |b| {
+            b.iter(|| run(&mut Observer::new(Discard), &client, &server))
+        });
+        // The floor: inflating alone (miniz_oxide into an 8 KiB buffer, as the observer does),
+        // without framing.
+        group.bench_function(format!("inflate_only_{round}"), |b| {
+            b.iter(|| {
+                for wire in [&client_z, &server_z] {
+                    let mut state = miniz_oxide::inflate::stream::InflateState::new_boxed(
+                        miniz_oxide::DataFormat::Raw,
+                    );
+                    let mut out = vec![0u8; 8 * 1024];
+                    for chunk in wire.chunks(32 * 1024) {
+                        let mut input = chunk;
+                        loop {
+                            let step = miniz_oxide::inflate::stream::inflate(
+                                &mut state,
+                                input,
+                                &mut out,
+                                miniz_oxide::MZFlush::None,
+                            );
+                            input = &input[step.bytes_consumed..];
+                            std::hint::black_box(&out[..step.bytes_written]);
+                            if step.bytes_consumed == 0 && step.bytes_written == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        });
+        for (name, mode) in [
+            ("deflate_observed", CompressMode::Observe),
+            ("deflate_bytes_only", CompressMode::BytesOnly),
+        ] {
+            group.bench_function(format!("{name}_{round}"), |b| {
+                b.iter(|| {
+                    let mut observer = Observer::with_compress(Discard, mode);
+                    observer.observe(Way::ClientToBackend, b"z COMPRESS DEFLATE\r\n");
+                    observer.observe(Way::BackendToClient, b"z OK DEFLATE active\r\n");
+                    run(&mut observer, &client_z, &server_z);
+                })
+            });
+        }
+    }
     group.finish();
 }
 
@@ -210,5 +306,5 @@ fn relay_throughput(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, observer, relay_throughput);
+criterion_group!(benches, observer, compress, relay_throughput);
 criterion_main!(benches);

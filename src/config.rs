@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use file::{AuthMechanism, BackendTlsMode, HealthMode, ListenerTlsMode, LookupFallback};
+pub use file::{
+    AuthMechanism, BackendTlsMode, CompressMode, HealthMode, ListenerTlsMode, LookupFallback,
+};
 pub use runtime::{
     AdminConfig, AdminToken, Backend, BackendDefaults, BackendTls, Cidr, ClientTls, Config,
     ConnectionRate, DnsConfig, HealthChecks, HttpLookup, LdapLookup, Limits, ListenerConfig,
@@ -469,6 +471,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
         },
         metrics: MetricsConfig {
             command_by_backend: raw.metrics.command_by_backend,
+            compress: raw.metrics.compress,
         },
         dns: DnsConfig {
             interval: nonzero(&v, "dns.interval", &raw.dns.interval)?,

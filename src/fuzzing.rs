@@ -238,6 +238,63 @@ impl crate::CommandSink for Recorder {
             .unwrap()
             .push((command.name(), completion, latency.is_some()));
     }
+
+    fn compress_error(&self) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((COMPRESS_ERROR, crate::Completion::Unfinished, false));
+    }
+}
+
+/// What `observe` reports for `CommandSink::compress_error`.
+pub const COMPRESS_ERROR: &str = "<compress error>";
+
+/// `steps` as a client and a backend would send them after `COMPRESS DEFLATE`: the exchange
+/// in plain (`z0 COMPRESS DEFLATE`, `z0 OK`), then each direction one raw DEFLATE stream,
+/// sync-flushed after every step (RFC 4978). Observing it must report `COMPRESS` and then
+/// exactly what the plain steps give (unless they hold a COMPRESS of their own).
+pub fn compressed(steps: &[(crate::Way, &[u8])]) -> Vec<(crate::Way, Vec<u8>)> {
+    use miniz_oxide::deflate::core::{CompressorOxide, create_comp_flags_from_zip_params};
+    use miniz_oxide::{MZFlush, MZStatus};
+
+    let flags = create_comp_flags_from_zip_params(6, -15, 0);
+    let mut client = CompressorOxide::new(flags);
+    let mut backend = CompressorOxide::new(flags);
+    let mut out = vec![
+        (
+            crate::Way::ClientToBackend,
+            b"z0 COMPRESS DEFLATE\r\n".to_vec(),
+        ),
+        (
+            crate::Way::BackendToClient,
+            b"z0 OK DEFLATE active\r\n".to_vec(),
+        ),
+    ];
+    for &(way, bytes) in steps {
+        let z = match way {
+            crate::Way::ClientToBackend => &mut client,
+            crate::Way::BackendToClient => &mut backend,
+        };
+        let mut wire = Vec::new();
+        let mut input = bytes;
+        let mut buf = [0u8; 4096];
+        loop {
+            let step = miniz_oxide::deflate::stream::deflate(z, input, &mut buf, MZFlush::Sync);
+            input = &input[step.bytes_consumed..];
+            wire.extend_from_slice(&buf[..step.bytes_written]);
+            assert!(
+                matches!(step.status, Ok(MZStatus::Ok)),
+                "deflate: {:?}",
+                step.status
+            );
+            if input.is_empty() && step.bytes_written < buf.len() {
+                break;
+            }
+        }
+        out.push((way, wire));
+    }
+    out
 }
 
 /// How the relay shows a session's octets to the observer.

@@ -543,6 +543,7 @@ struct BackendFamilies {
     /// Process-wide (not per backend: the series budget).
     login_duration: Histogram,
     connect_duration: Histogram,
+    compress_errors: Counter,
 }
 
 /// One backend's hot-path handles.
@@ -561,6 +562,8 @@ pub struct BackendMetrics {
     attempts: [Counter; AttemptResult::ALL.len()],
     login_duration: Histogram,
     connect_duration: Histogram,
+    /// Process-wide: `imapgate_compress_observe_errors_total`.
+    compress_errors: Counter,
     up: Gauge,
     in_service: Gauge,
 }
@@ -602,6 +605,10 @@ impl CommandSink for BackendMetrics {
             self.durations[i].observe(seconds);
             self.duration_total.observe(seconds);
         }
+    }
+
+    fn compress_error(&self) {
+        self.compress_errors.inc();
     }
 }
 
@@ -739,6 +746,12 @@ impl Metrics {
         );
         let bytes_total = Family::<BytesLabels, Counter>::default();
         r.register("bytes", "Octets relayed after login", bytes_total.clone());
+        let compress_errors = Counter::default();
+        r.register(
+            "compress_observe_errors",
+            "Compressed sessions (COMPRESS=DEFLATE) whose stream could not be inflated: relayed on, no longer observed",
+            compress_errors.clone(),
+        );
         let backend_up = Family::<BackendLabels, Gauge>::default();
         r.register(
             "backend_up",
@@ -925,6 +938,7 @@ impl Metrics {
                 bytes: bytes_total,
                 login_duration,
                 connect_duration: backend_connect_duration,
+                compress_errors,
             },
             sessions_closed,
             lookups,
@@ -1051,6 +1065,7 @@ impl Metrics {
             attempts,
             login_duration: f.login_duration.clone(),
             connect_duration: f.connect_duration.clone(),
+            compress_errors: f.compress_errors.clone(),
             up: f.up.get_or_create(&labels).clone(),
             in_service: f.in_service.get_or_create(&labels).clone(),
         })

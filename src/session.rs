@@ -361,7 +361,7 @@ impl LoggedInSession {
         };
         let listener_session = Held::new(&session.listener_sessions[tls.index()]);
         let tap = SessionTap {
-            commands: Observer::new(metrics.clone()),
+            commands: Observer::with_compress(metrics.clone(), snapshot.config.metrics.compress),
             live: live.clone(),
         };
         let backend = authenticated.backend;

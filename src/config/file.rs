@@ -64,6 +64,20 @@ pub struct MetricsFile {
     /// Per-command series for each backend (the full matrix), not for all backends together.
     #[serde(default)]
     pub command_by_backend: bool,
+    /// What the observer does once a session is compressed (COMPRESS=DEFLATE).
+    #[serde(default)]
+    pub compress: CompressMode,
+}
+
+/// After `COMPRESS DEFLATE` (RFC 4978): inflate a copy of both directions so commands are
+/// still counted (`observe`), or count bytes only (`bytes_only`, cheaper: no inflating, no
+/// inflater memory).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressMode {
+    #[default]
+    Observe,
+    BytesOnly,
 }
 
 #[derive(Debug, Deserialize)]

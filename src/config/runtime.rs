@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use super::file::{ProxyProtocol, SendProxy};
+pub use super::file::{CompressMode, ProxyProtocol, SendProxy};
 use crate::imap::secret::Secret;
 use crate::tls::ServerTls;
 
@@ -96,6 +96,9 @@ pub struct MetricsConfig {
     /// `imapgate_commands_total` and `imapgate_command_duration_seconds` by backend too.
     /// Read at start only: a reload cannot change a metric's label set.
     pub command_by_backend: bool,
+    /// What the observer does in compressed sessions; a reload applies it to sessions that
+    /// log in afterwards.
+    pub compress: CompressMode,
 }
 
 #[derive(Debug, Clone)]

@@ -19,14 +19,23 @@
 //!   backend's continuations to tell which happened. (The client cannot send before it has the
 //!   `+`, and the backend side sees the `+` before the client does, so the count is up to date.)
 //! - lines the client sends inside AUTHENTICATE or after IDLE (`DONE`) are not commands;
-//! - COMPRESS=DEFLATE: after the backend's OK both directions are DEFLATE streams. imapgate does
-//!   not inflate; from then on it counts bytes only (see the README).
+//! - COMPRESS=DEFLATE: after the backend's OK both directions are DEFLATE streams (the backend's
+//!   from the octet after its OK line, the client's from its next octet). With
+//!   `metrics.compress: observe` (the default) each direction gets an `Inflater` and the same
+//!   framing reads the inflated copy; with `bytes_only`, or once a stream cannot be inflated,
+//!   the direction is `Wire::Blind` (bytes counted, nothing read). Inside a compressed stream
+//!   literal sizes are of inflated octets, so nothing may pass unseen (`literal_left` is 0)
+//!   and no wire offset is a known response boundary (`at_boundary` is `None`).
 //! - the in-flight table: tag → command, bounded at `IN_FLIGHT_MAX` (a client that pipelines
 //!   without reading cannot grow it; the oldest entries are dropped as `unfinished`).
 
 use std::time::{Duration, Instant};
 
+use crate::config::CompressMode;
 use crate::tap::{Tap, Way};
+use inflate::Inflater;
+
+mod inflate;
 
 /// Octets of a logical line's start that are kept: enough for a tracked tag (`TAG_MAX`) and
 /// the longest two-word name (`UID EXPUNGE`).
@@ -197,17 +206,29 @@ pub trait CommandSink: Send + Sync {
     /// completion arriving; `None` for IDLE (its duration is the client's choice) and for
     /// commands that never completed.
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>);
+
+    /// A compressed stream could not be inflated (corrupt, or not DEFLATE): the session is
+    /// relayed on, but no longer observed.
+    fn compress_error(&self) {}
 }
 
 impl<T: CommandSink + ?Sized> CommandSink for &T {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         (**self).command(command, completion, latency);
     }
+
+    fn compress_error(&self) {
+        (**self).compress_error();
+    }
 }
 
 impl<T: CommandSink + ?Sized> CommandSink for std::sync::Arc<T> {
     fn command(&self, command: CommandId, completion: Completion, latency: Option<Duration>) {
         (**self).command(command, completion, latency);
+    }
+
+    fn compress_error(&self) {
+        (**self).compress_error();
     }
 }
 
@@ -228,40 +249,170 @@ pub struct Observer<K: CommandSink> {
     shared: Shared,
     client: ClientScanner,
     backend: BackendScanner,
+    /// From the backend's OK to COMPRESS on (boxed: a session that never compresses pays
+    /// one pointer for it).
+    compressed: Option<Box<Compressed>>,
+}
+
+/// Each direction's `Wire` once the session compresses.
+struct Compressed {
+    client: Wire,
+    backend: Wire,
+}
+
+impl Compressed {
+    fn new() -> Box<Self> {
+        Box::new(Compressed {
+            client: Wire::Plain,
+            backend: Wire::Plain,
+        })
+    }
+
+    fn wire(&self, way: Way) -> &Wire {
+        match way {
+            Way::ClientToBackend => &self.client,
+            Way::BackendToClient => &self.backend,
+        }
+    }
+
+    fn wire_mut(&mut self, way: Way) -> &mut Wire {
+        match way {
+            Way::ClientToBackend => &mut self.client,
+            Way::BackendToClient => &mut self.backend,
+        }
+    }
+}
+
+/// What one direction's octets are to the observer.
+enum Wire {
+    /// IMAP as it is (until COMPRESS).
+    Plain,
+    /// COMPRESS=DEFLATE, read through an inflated copy.
+    Deflated(Inflater),
+    /// Not read: compressed with `bytes_only`, or a stream that could not be inflated.
+    Blind,
 }
 
 impl<K: CommandSink> Observer<K> {
+    /// An observer that inflates compressed sessions (the default, `metrics.compress: observe`).
     pub fn new(sink: K) -> Self {
+        Self::with_compress(sink, CompressMode::Observe)
+    }
+
+    pub fn with_compress(sink: K, compress: CompressMode) -> Self {
         Observer {
             sink,
-            shared: Shared::new(),
+            shared: Shared::new(compress),
             client: ClientScanner::new(),
             backend: BackendScanner::new(),
+            compressed: None,
         }
     }
 
     /// Octets on their way `way`.
     pub fn observe(&mut self, way: Way, bytes: &[u8]) {
-        match way {
+        match self.compressed.as_deref().map(|c| c.wire(way)) {
+            Some(Wire::Blind) => return,
+            Some(Wire::Deflated(_)) => return self.observe_deflated(way, bytes),
+            Some(Wire::Plain) | None => {}
+        }
+        let compressed_from = match way {
             Way::ClientToBackend => self.client.observe(&mut self.shared, &self.sink, bytes),
             Way::BackendToClient => self.backend.observe(&mut self.shared, &self.sink, bytes),
+        };
+        // COMPRESS took effect: the rest of this chunk and all that follows is DEFLATE.
+        if let Some(at) = compressed_from {
+            let wire = self
+                .compressed
+                .get_or_insert_with(Compressed::new)
+                .wire_mut(way);
+            match self.shared.compress {
+                CompressMode::Observe => {
+                    // The only allocation of a session's observer beyond its in-flight table.
+                    *wire = Wire::Deflated(Inflater::new());
+                    self.observe_deflated(way, bytes.get(at..).unwrap_or_default());
+                }
+                CompressMode::BytesOnly => *wire = Wire::Blind,
+            }
         }
     }
 
-    /// Literal octets still to come `way` that the observer would only skip.
+    /// Compressed octets going `way`: inflated, and the inflated octets framed as usual.
+    fn observe_deflated(&mut self, way: Way, bytes: &[u8]) {
+        let Observer {
+            sink,
+            shared,
+            client,
+            backend,
+            compressed,
+            ..
+        } = self;
+        let Some(Wire::Deflated(inflater)) = compressed.as_deref_mut().map(|c| c.wire_mut(way))
+        else {
+            return;
+        };
+        // COMPRESS accepted again inside the compressed stream (a server must refuse it,
+        // RFC 4978 section 3): nested DEFLATE is not followed.
+        let mut nested = false;
+        let inflated = inflater.feed(bytes, |plain| {
+            if nested {
+                return;
+            }
+            let again = match way {
+                Way::ClientToBackend => client.observe(shared, &*sink, plain),
+                Way::BackendToClient => backend.observe(shared, &*sink, plain),
+            };
+            nested = again.is_some();
+        });
+        if inflated.is_err() || nested {
+            self.sink.compress_error();
+            self.stop_observing();
+        }
+    }
+
+    /// Both directions blind from here on (a session's observation is whole or nothing);
+    /// what is in flight will never be seen to complete.
+    fn stop_observing(&mut self) {
+        let compressed = self.compressed.get_or_insert_with(Compressed::new);
+        compressed.client = Wire::Blind;
+        compressed.backend = Wire::Blind;
+        for entry in self.shared.in_flight.drain(..) {
+            self.sink
+                .command(entry.command, Completion::Unfinished, None);
+        }
+    }
+
+    /// Whether the octets going `way` are plain IMAP (not compressed).
+    fn plain(&self, way: Way) -> bool {
+        self.compressed
+            .as_deref()
+            .is_none_or(|c| matches!(c.wire(way), Wire::Plain))
+    }
+
+    /// Literal octets still to come `way` that the observer would only skip. Always 0 in a
+    /// compressed direction: its literal sizes count inflated octets, not wire octets.
     pub fn literal_left(&self, way: Way) -> u64 {
+        if !self.plain(way) {
+            return 0;
+        }
         match way {
             Way::ClientToBackend => match self.client.mode {
                 ClientMode::Commands => self.client.framer.literal_left,
                 _ => 0,
             },
-            Way::BackendToClient if self.backend.off => 0,
             Way::BackendToClient => self.backend.framer.literal_left,
         }
     }
 
     /// `n` literal octets went `way` without being shown (at most `literal_left(way)`).
     pub fn literal_passed(&mut self, way: Way, n: u64) {
+        if !self.plain(way) {
+            // Never allowed (`literal_left` is 0); an inflater that missed octets is lost.
+            if n > 0 {
+                self.stop_observing();
+            }
+            return;
+        }
         let left = match way {
             Way::ClientToBackend => &mut self.client.framer.literal_left,
             Way::BackendToClient => &mut self.backend.framer.literal_left,
@@ -283,10 +434,13 @@ impl<K: CommandSink> Observer<K> {
         self.shared.in_flight.first().map(|c| c.command)
     }
 
-    /// Whether the stream `way` is between lines (see `Tap::at_boundary`); `None` once it is
-    /// compressed.
+    /// Whether the stream `way` is between lines (see `Tap::at_boundary`); `None` once the
+    /// session is compressed, observed or not: the inflated framing knows where a response
+    /// ends in inflated octets, but a DEFLATE block does not end where a response does (the
+    /// end of a response may still sit in the compressor), so no wire offset is a safe place
+    /// to add a BYE, and the relay closes at once, as for any stream it cannot read.
     pub fn at_boundary(&self, way: Way) -> Option<bool> {
-        if self.shared.compressed || self.backend.off {
+        if self.shared.compressions > 0 || !self.plain(way) {
             return None;
         }
         Some(match way {
@@ -338,21 +492,25 @@ struct Shared {
     continuations: u64,
     /// A client AUTHENTICATE exchange is open: client lines are SASL data.
     sasl_open: bool,
-    /// The backend accepted COMPRESS: both directions are compressed from here on.
-    compressed: bool,
+    /// How many times the backend accepted COMPRESS (once in a sane session): both directions
+    /// are compressed from the first.
+    compressions: u32,
     /// The backend said `* BYE`.
     bye: bool,
+    /// What to do once compressed (here, not in `Observer`: it fits in this struct's padding).
+    compress: CompressMode,
     /// Commands sent and not yet completed, oldest first.
     in_flight: Vec<InFlight>,
 }
 
 impl Shared {
-    fn new() -> Self {
+    fn new(compress: CompressMode) -> Self {
         Shared {
             continuations: 0,
             sasl_open: false,
-            compressed: false,
+            compressions: 0,
             bye: false,
+            compress,
             // Allocated on the first command, with room for one: a session mostly has one
             // command in flight (an IDLE, for hours); the default first growth would reserve four.
             in_flight: Vec::new(),
@@ -600,10 +758,11 @@ enum ClientMode {
     Idle {
         continuations: u64,
     },
-    /// COMPRESS was sent; once the backend accepted it, the stream is compressed.
-    CompressPending,
-    /// Compressed: bytes are counted, not read.
-    Off,
+    /// COMPRESS was sent (the count of accepted COMPRESS commands then is kept); if the
+    /// backend accepted it, the client's next octet is compressed.
+    CompressPending {
+        compressions: u32,
+    },
 }
 
 /// Observes client → backend.
@@ -625,15 +784,20 @@ impl ClientScanner {
         }
     }
 
-    fn observe(&mut self, shared: &mut Shared, sink: &dyn CommandSink, mut bytes: &[u8]) {
+    /// Returns where in `bytes` the stream turned compressed, if it did.
+    fn observe(
+        &mut self,
+        shared: &mut Shared,
+        sink: &dyn CommandSink,
+        bytes: &[u8],
+    ) -> Option<usize> {
         match self.mode {
-            ClientMode::Off => return,
-            ClientMode::CompressPending if !bytes.is_empty() => {
-                if shared.compressed {
-                    self.mode = ClientMode::Off;
-                    return;
-                }
+            ClientMode::CompressPending { compressions } if !bytes.is_empty() => {
                 self.mode = ClientMode::Commands;
+                if shared.compressions > compressions {
+                    // Accepted: this octet is the first compressed one.
+                    return Some(0);
+                }
             }
             ClientMode::AwaitingGoAhead {
                 octets,
@@ -698,7 +862,9 @@ impl ClientScanner {
                     } else if current == CommandId::AUTHENTICATE {
                         shared.sasl_open = true;
                     } else if current == CommandId::COMPRESS {
-                        mode = ClientMode::CompressPending;
+                        mode = ClientMode::CompressPending {
+                            compressions: shared.compressions,
+                        };
                         return Flow::Stop;
                     }
                 }
@@ -710,18 +876,20 @@ impl ClientScanner {
         self.current = current;
         if let Some(used) = consumed {
             // Framing stopped mid-chunk: the literal's go-ahead or COMPRESS decide the rest.
-            bytes = &bytes[used..];
-            if !bytes.is_empty() {
-                self.observe(shared, sink, bytes);
+            let rest = bytes.get(used..).unwrap_or_default();
+            if !rest.is_empty() {
+                return self
+                    .observe(shared, sink, rest)
+                    .map(|at| used.saturating_add(at));
             }
         }
+        None
     }
 }
 
 /// Observes backend → client.
 struct BackendScanner {
     framer: Framer,
-    off: bool,
     /// The tagged response being read completed COMPRESS with OK.
     compress_accepted: bool,
 }
@@ -730,18 +898,20 @@ impl BackendScanner {
     fn new() -> Self {
         BackendScanner {
             framer: Framer::new(),
-            off: false,
             compress_accepted: false,
         }
     }
 
-    fn observe(&mut self, shared: &mut Shared, sink: &dyn CommandSink, bytes: &[u8]) {
-        if self.off {
-            return;
-        }
+    /// Returns where in `bytes` the stream turned compressed (right after COMPRESS's OK
+    /// line), if it did.
+    fn observe(
+        &mut self,
+        shared: &mut Shared,
+        sink: &dyn CommandSink,
+        bytes: &[u8],
+    ) -> Option<usize> {
         let mut compress_accepted = self.compress_accepted;
-        let mut off = false;
-        self.framer.scan(bytes, |event| match event {
+        let compressed_from = self.framer.scan(bytes, |event| match event {
             Event::Head(head) => {
                 if head.first() == Some(&b'+') {
                     shared.continuations += 1;
@@ -781,15 +951,15 @@ impl BackendScanner {
             Event::End => {
                 if compress_accepted {
                     // The OK line is the last plaintext; the client side learns it here.
-                    shared.compressed = true;
-                    off = true;
+                    compress_accepted = false;
+                    shared.compressions = shared.compressions.saturating_add(1);
                     return Flow::Stop;
                 }
                 Flow::Go
             }
         });
         self.compress_accepted = compress_accepted;
-        self.off = off;
+        compressed_from
     }
 }
 

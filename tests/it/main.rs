@@ -7,6 +7,7 @@ mod backends_smoke;
 mod bind;
 mod capabilities;
 mod clients;
+mod compress;
 mod config_corpus;
 mod deploy;
 mod directory;

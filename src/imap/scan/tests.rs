@@ -18,7 +18,17 @@ impl CommandSink for Recorder {
             .unwrap()
             .push((command.name(), completion, latency.is_some()));
     }
+
+    fn compress_error(&self) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((COMPRESS_ERROR, Completion::Unfinished, false));
+    }
 }
+
+/// What `Recorder` writes for `CommandSink::compress_error`.
+const COMPRESS_ERROR: &str = "<compress error>";
 
 /// One step of a session: what the client sends, or what the backend sends.
 #[derive(Clone, Debug)]
@@ -33,9 +43,17 @@ fn run_with(
     steps: &[Step],
     cuts: impl Fn(usize, usize) -> Vec<usize>,
 ) -> Vec<(&'static str, Completion, bool)> {
+    run_compress(steps, cuts, CompressMode::Observe)
+}
+
+fn run_compress(
+    steps: &[Step],
+    cuts: impl Fn(usize, usize) -> Vec<usize>,
+    compress: CompressMode,
+) -> Vec<(&'static str, Completion, bool)> {
     let recorder = Recorder::default();
     {
-        let mut observer = Observer::new(&recorder);
+        let mut observer = Observer::with_compress(&recorder, compress);
         for (i, step) in steps.iter().enumerate() {
             let bytes = match step {
                 C(b) | S(b) => *b,
@@ -193,14 +211,32 @@ fn authenticate_lines_are_not_commands() {
 }
 
 #[test]
-fn compress_stops_parsing_after_the_ok() {
+fn compress_bytes_only_stops_parsing_after_the_ok() {
+    let steps = [
+        C(b"z1 COMPRESS DEFLATE\r\n"),
+        S(b"z1 OK DEFLATE active\r\n\x78\x9c z2 OK {5}\r\n"),
+        C(b"\x78\x9cz3 NOOP\r\n"),
+    ];
+    assert_eq!(
+        run_compress(&steps, |_, _| vec![], CompressMode::BytesOnly),
+        [("COMPRESS", OK, true)]
+    );
+}
+
+#[test]
+fn compress_observed_not_deflate_is_an_error_not_a_command() {
+    // The same octets observed: they are not DEFLATE, so observing stops (counted), and
+    // nothing after COMPRESS is taken for a command.
     check(
         &[
             C(b"z1 COMPRESS DEFLATE\r\n"),
-            S(b"z1 OK DEFLATE active\r\n\x78\x9c z2 OK {5}\r\n"),
-            C(b"\x78\x9cz3 NOOP\r\n"),
+            S(b"z1 OK DEFLATE active\r\n\xff\xff z2 OK {5}\r\n"),
+            C(b"\xff\xffz3 NOOP\r\n"),
         ],
-        &[("COMPRESS", OK, true)],
+        &[
+            ("COMPRESS", OK, true),
+            (COMPRESS_ERROR, Completion::Unfinished, false),
+        ],
     );
 }
 
@@ -345,5 +381,222 @@ fn literal_left_is_what_the_relay_may_splice() {
     assert_eq!(
         recorder.0.into_inner().unwrap(),
         [("FETCH", OK, true), ("APPEND", OK, true)]
+    );
+}
+
+/// Both peers of a compressed session: each direction one raw DEFLATE stream, sync-flushed
+/// after each step (RFC 4978: a compressor flushes after each command and response).
+struct Deflaters {
+    client: flate2::Compress,
+    backend: flate2::Compress,
+}
+
+impl Deflaters {
+    fn new() -> Self {
+        Deflaters {
+            client: flate2::Compress::new(flate2::Compression::default(), false),
+            backend: flate2::Compress::new(flate2::Compression::default(), false),
+        }
+    }
+
+    fn deflate(z: &mut flate2::Compress, plain: &[u8]) -> &'static [u8] {
+        let mut out = Vec::with_capacity(plain.len() + 64);
+        let mut input = plain;
+        loop {
+            let before = z.total_in();
+            z.compress_vec(input, &mut out, flate2::FlushCompress::Sync)
+                .unwrap();
+            input = &input[(z.total_in() - before) as usize..];
+            if input.is_empty() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(64 * 1024);
+        }
+        Box::leak(out.into_boxed_slice())
+    }
+
+    /// `steps` as they go on the wire after COMPRESS's OK.
+    fn step(&mut self, step: &Step) -> Step {
+        match step {
+            C(b) => C(Self::deflate(&mut self.client, b)),
+            S(b) => S(Self::deflate(&mut self.backend, b)),
+        }
+    }
+}
+
+/// COMPRESS accepted, then `after` compressed; the backend's first compressed octets come in
+/// the same read as its OK.
+fn compressed(after: &[Step]) -> Vec<Step> {
+    let mut z = Deflaters::new();
+    let mut steps = vec![C(b"z1 COMPRESS DEFLATE\r\n")];
+    let mut ok = b"z1 OK DEFLATE active\r\n".to_vec();
+    // An untagged line, compressed, right behind the OK (Dovecot sends nothing, others may).
+    if let S(first) = z.step(&S(b"* 0 RECENT\r\n")) {
+        ok.extend_from_slice(first);
+    }
+    steps.push(S(Box::leak(ok.into_boxed_slice())));
+    steps.extend(after.iter().map(|s| z.step(s)));
+    steps
+}
+
+#[test]
+fn compressed_session_every_cut() {
+    let mut expected = vec![("COMPRESS", OK, true)];
+    expected.extend([
+        ("SELECT", OK, true),
+        ("FETCH", OK, true),
+        ("APPEND", OK, true),
+        ("IDLE", OK, false),
+        ("UID STORE", OK, true),
+        ("other", Completion::Bad, true),
+        ("UID EXPUNGE", OK, true),
+        ("LOGOUT", OK, true),
+    ]);
+    check(&compressed(&recorded()), &expected);
+    // bytes_only: nothing after COMPRESS.
+    assert_eq!(
+        run_compress(
+            &compressed(&recorded()),
+            |_, _| vec![],
+            CompressMode::BytesOnly
+        ),
+        [("COMPRESS", OK, true)]
+    );
+}
+
+proptest! {
+    /// A compressed session cut into random reads observes what it does whole.
+    #[test]
+    fn compressed_random_reads_observe_the_same(seed in proptest::collection::vec(1usize..40, 1..200)) {
+        let steps = compressed(&recorded());
+        let whole = run(&steps);
+        let cut = run_with(&steps, |i, len| {
+            let mut at = 0;
+            let mut cuts = Vec::new();
+            let mut k = i;
+            while at < len {
+                at += seed[k % seed.len()];
+                k += 1;
+                if at < len {
+                    cuts.push(at);
+                }
+            }
+            cuts
+        });
+        prop_assert_eq!(whole.len(), 9);
+        prop_assert_eq!(whole, cut);
+    }
+}
+
+#[test]
+fn compressed_big_literals_are_read_not_spliced() {
+    // A 300 KB FETCH body and APPEND literal, inflated through many scratch buffers, holding
+    // lines that look like completions; the relay must never splice a compressed stream.
+    let body: &'static [u8] = Box::leak(
+        (0..20_000u32)
+            .flat_map(|i| format!("{i:05} a1 OK {{5}}\r\n").into_bytes())
+            .collect::<Vec<u8>>()
+            .into_boxed_slice(),
+    );
+    let head: &'static [u8] = Box::leak(
+        format!("* 1 FETCH (BODY[] {{{}}}\r\n", body.len())
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let append: &'static [u8] = Box::leak(
+        format!("a2 APPEND INBOX {{{}+}}\r\n", body.len())
+            .into_bytes()
+            .into_boxed_slice(),
+    );
+    let steps = compressed(&[
+        C(b"a1 FETCH 1 BODY[]\r\n"),
+        S(head),
+        S(body),
+        S(b")\r\na1 OK done\r\n"),
+        C(append),
+        C(body),
+        C(b"\r\n"),
+        S(b"a2 OK appended\r\n"),
+    ]);
+    let recorder = Recorder::default();
+    let mut observer = Observer::new(&recorder);
+    for (i, step) in steps.iter().enumerate() {
+        let (way, bytes) = match step {
+            C(b) => (Way::ClientToBackend, *b),
+            S(b) => (Way::BackendToClient, *b),
+        };
+        for piece in bytes.chunks(1500) {
+            observer.observe(way, piece);
+            assert_eq!(observer.literal_left(way), 0, "nothing may pass unseen");
+            if i > 0 {
+                // From the backend's OK on, no wire offset is a known boundary.
+                assert_eq!(observer.at_boundary(way), None);
+            }
+        }
+    }
+    drop(observer);
+    assert_eq!(
+        recorder.0.into_inner().unwrap(),
+        [
+            ("COMPRESS", OK, true),
+            ("FETCH", OK, true),
+            ("APPEND", OK, true)
+        ]
+    );
+}
+
+#[test]
+fn compress_refused_inside_compression_keeps_observing() {
+    // A second COMPRESS inside a compressed session is refused (RFC 4978 COMPRESSIONACTIVE):
+    // the stream stays as it is and the next commands are still seen.
+    let steps = compressed(&[
+        C(b"z2 COMPRESS DEFLATE\r\n"),
+        S(b"z2 NO [COMPRESSIONACTIVE] already\r\n"),
+        C(b"a1 NOOP\r\n"),
+        S(b"a1 OK\r\n"),
+    ]);
+    check(
+        &steps,
+        &[
+            ("COMPRESS", OK, true),
+            ("COMPRESS", Completion::No, true),
+            ("NOOP", OK, true),
+        ],
+    );
+}
+
+#[test]
+fn corrupt_stream_stops_observing_only() {
+    // The backend's stream turns to garbage in the middle of a FETCH: observing stops (one
+    // error), the FETCH in flight is given up as unfinished at once (after the error), later octets are ignored
+    // without a panic, and nothing is ever offered for splicing.
+    let mut steps = compressed(&[
+        C(b"a1 FETCH 1 BODY[]\r\n"),
+        S(b"* 1 FETCH (BODY[] {10}\r\n"),
+    ]);
+    steps.push(S(&[0xff; 200]));
+    steps.push(C(b"a2 NOOP\r\n"));
+    steps.push(S(b"a2 OK\r\n"));
+    let recorder = Recorder::default();
+    let mut observer = Observer::new(&recorder);
+    for step in &steps {
+        match step {
+            C(b) => observer.observe(Way::ClientToBackend, b),
+            S(b) => observer.observe(Way::BackendToClient, b),
+        }
+    }
+    for way in [Way::ClientToBackend, Way::BackendToClient] {
+        assert_eq!(observer.literal_left(way), 0);
+        assert_eq!(observer.at_boundary(way), None);
+    }
+    assert_eq!(observer.in_flight(), 0);
+    drop(observer);
+    assert_eq!(
+        recorder.0.into_inner().unwrap(),
+        [
+            ("COMPRESS", OK, true),
+            (COMPRESS_ERROR, Completion::Unfinished, false),
+            ("FETCH", Completion::Unfinished, false),
+        ]
     );
 }

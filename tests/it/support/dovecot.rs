@@ -60,6 +60,8 @@ pub struct Options {
     /// SCRAM-SHA-1 and SCRAM-SHA-256 on (Dovecot derives them from the passdb's plaintext
     /// passwords), and one more user, `SCRAM_USER`, whose name needs SCRAM's `=2C`/`=3D`.
     pub scram: bool,
+    /// COMPRESS=DEFLATE after login (RFC 4978): the `zlib` and `imap_zlib` plugins.
+    pub compress: bool,
 }
 
 /// A user whose name holds `,` and `=` (with `Options::scram`).
@@ -175,6 +177,11 @@ impl Dovecot {
             "auth_mechanisms = plain login",
             &format!("auth_mechanisms = {mechanisms}"),
         );
+        if options.compress {
+            conf.push_str(
+                "mail_plugins = $mail_plugins zlib\nprotocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n",
+            );
+        }
         std::fs::write(root.join("dovecot.conf"), conf).map_err(|e| e.to_string())?;
         let mut passwd = String::new();
         let (long, longer) = (long_password(), longer_password());
