@@ -620,3 +620,81 @@ async fn tls_relay_large_literals_and_idle() {
     }
     proxy.stop().await;
 }
+
+/// Ending TLS sessions: a client that sends LOGOUT and at once close_notify + FIN still gets the
+/// whole answer (the half-close passed on, the backend's answer relayed); a kicked session in
+/// IDLE gets the BYE and then a clean close (close_notify, not a truncated stream).
+#[tokio::test]
+async fn tls_sessions_end_cleanly() {
+    if !dovecot::available() {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let backend = pki.pair("backend");
+    let dv = Dovecot::start_with(
+        "b1",
+        Options {
+            tls: Some((backend.cert, backend.key)),
+            ..Options::default()
+        },
+    );
+    let ca = pki.ca();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tls-test-token-0123456789\n").unwrap();
+    let proxy = Proxy::start(&format!(
+        "{TWO_LISTENERS}{}admin: {{ bind: \"127.0.0.1:9143\", token_file: \"{}\" }}\nbackends:\n  - {{ name: tls, address: \"{}\", tls: implicit, ca: \"{}\", server_name: backend.test }}\n",
+        tls_yaml(&pki),
+        token.display(),
+        dv.imaps_address(),
+        ca.display(),
+    ))
+    .await;
+    let implicit = proxy.addrs[1];
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(implicit).await.unwrap();
+        let mut c = Raw::new(tls_client(tcp, "imap.test", &ca).await);
+        c.login("erin", "erin-secret").await;
+        c
+    };
+
+    // LOGOUT, then close_notify and FIN at once: the answer still comes, then a clean end.
+    let mut c = connect().await;
+    c.send("z LOGOUT\r\n").await;
+    c.stream.shutdown().await.unwrap();
+    let mut rest = c.take_buffered();
+    tokio::time::timeout(DEADLINE, c.stream.read_to_end(&mut rest))
+        .await
+        .expect("imapgate closes within the deadline")
+        .expect("a clean TLS close (close_notify), not a truncated stream");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("* BYE"), "{rest}");
+    assert!(rest.contains("z OK"), "the tagged answer arrives: {rest}");
+
+    // Kicked in IDLE: the BYE, then close_notify and FIN.
+    let mut c = connect().await;
+    c.send("i IDLE\r\n").await;
+    assert!(c.line().await.unwrap().starts_with("+ "));
+    let (status, body) = crate::support::http(
+        proxy.admin,
+        "POST",
+        "/sessions/kick?user=erin",
+        Some("tls-test-token-0123456789"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let mut rest = c.take_buffered();
+    tokio::time::timeout(DEADLINE, c.stream.read_to_end(&mut rest))
+        .await
+        .expect("the kick closes the session within the deadline")
+        .expect("a clean TLS close after the BYE");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.trim_end()
+            .ends_with("Session closed by the administrator."),
+        "the BYE is the last word: {rest}"
+    );
+    assert!(rest.contains("* BYE [UNAVAILABLE]"), "{rest}");
+    proxy.stop().await;
+}

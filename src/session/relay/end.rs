@@ -3,10 +3,11 @@
 //!
 //! Both kinds are driven the same way: wait for the socket's readiness, then do what can be done
 //! without blocking. For TLS that means the rustls connection taken out of tokio-rustls once the
-//! handshake and login are over: ciphertext is read into rustls's own buffer (`read_tls`), and
-//! plaintext is copied out only when a record is complete, into the relay's pooled buffer. So an
-//! idle TLS session, like a plain one, holds no relay buffer; what remains is the connection's
-//! state (keys, a few KiB of record buffer rustls keeps; figures in BENCHMARKS.md).
+//! handshake and login are over: ciphertext is read from the socket into a pooled buffer (the
+//! end's `Inbox`, held only while records are coming in) and handed to rustls, and plaintext is
+//! copied out only when a record is complete, into the relay's pooled buffer. So an idle TLS
+//! session, like a plain one, holds no relay buffer; what remains is the connection's state
+//! (keys, the 4 KiB record buffer rustls keeps; figures in BENCHMARKS.md).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -130,15 +131,29 @@ impl End {
         }
     }
 
-    /// Passes a half-close on: close_notify (TLS), then FIN.
+    /// Passes a half-close on: close_notify (TLS), then FIN. Errors are ignored, as `shut`
+    /// ignores them: a peer that is gone already is what a close wants, and the other direction
+    /// may still have an answer to deliver.
     pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let End::Tls(tls) = self {
             // Idempotent: rustls sends the alert once.
             tls.conn.send_close_notify();
-            ready!(tls.poll_flush(cx))?;
+            if tls.poll_flush(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
         super::shut(self.tcp(), Shutdown::Write);
         Poll::Ready(Ok(()))
+    }
+
+    /// Whether what was read took everything the socket had so far (for `ack_now`): a plain
+    /// read that came back short says so itself; a TLS end, once no ciphertext waits in its
+    /// inbox.
+    pub(crate) fn drained(&self) -> bool {
+        match self {
+            End::Plain(_) => true,
+            End::Tls(tls) => tls.inbox.is_none(),
+        }
     }
 }
 
@@ -149,15 +164,21 @@ impl TlsEnd {
                 .conn
                 .process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
-            // A record may have made rustls answer (an alert, a key update): send it along.
+            // A record may have made rustls answer (an alert, a key update): send it along,
+            // best effort (a write error is for the writing side to report; what was read
+            // here is still delivered).
             if self.conn.wants_write() {
-                let _ = self.poll_flush(cx)?;
+                let _ = self.poll_flush(cx);
             }
             let state = state?;
+            if state.peer_has_closed() {
+                // Nothing after close_notify counts: give the buffer back.
+                self.inbox = None;
+            }
             if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
                 return Poll::Ready(Ok(()));
             }
-            // rustls takes what it can buffer (up to a record and 4 KiB more) per read_tls;
+            // rustls takes what it can buffer (at most one record's worth) per read_tls;
             // records it completes are processed above before it is given more.
             if let Some(inbox) = &mut self.inbox {
                 let n = self.conn.read_tls(&mut &inbox.buf.0[inbox.at..inbox.end])?;
@@ -180,7 +201,16 @@ impl TlsEnd {
                     self.conn.read_tls(&mut io::empty())?;
                     return Poll::Ready(Ok(()));
                 }
-                Ok(end) => self.inbox = Some(Inbox { buf, at: 0, end }),
+                Ok(end) => {
+                    if end < buf.0.len() {
+                        // Drained: forget the readiness now rather than learn it from a read
+                        // that fails with EAGAIN (as the plain relay does; see pump.rs).
+                        let _ = self.tcp.try_io(tokio::io::Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    self.inbox = Some(Inbox { buf, at: 0, end });
+                }
                 // Readiness cleared by try_read; the next poll_read_ready registers.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),

@@ -4,7 +4,8 @@
 //! per session (each readiness wait and write is a future of its own) than this state machine,
 //! and an idle session is mostly its future (figures in BENCHMARKS.md). Each direction is
 //! either waiting to read (no buffer), or holds the octets it read until the other end took
-//! them all (a pooled buffer, or the first bytes handed over from the login), or is splicing a
+//! them all (a pooled buffer, or the first bytes handed over from the login; a TLS source may
+//! also hold ciphertext not yet decrypted, see `end.rs`), or is splicing a
 //! long literal's body between two plain sockets (a pooled pipe, see `splice`). The readiness
 //! registrations are the sockets' own (tokio's `poll_*_ready`), with this task's waker.
 
@@ -166,7 +167,11 @@ impl Direction {
                         *last_word = LastWord::Sent;
                         continue;
                     }
-                    None => *last_word = LastWord::Sent,
+                    // No boundary can be known (a compressed stream): close now.
+                    None => {
+                        *last_word = LastWord::Sent;
+                        continue;
+                    }
                 },
                 LastWord::Sent => {
                     ready!(to.poll_shutdown(cx))?;
@@ -214,7 +219,7 @@ impl Direction {
                     }
                     tap.observe(way, &buf.0[..n]);
                     // Drained while the backend still owes answers: ACK now (see ack_now).
-                    if n < buf.0.len() && self.quickack && tap.awaits_backend() {
+                    if n < buf.0.len() && from.drained() && self.quickack && tap.awaits_backend() {
                         ack_now(from.tcp().as_fd());
                     }
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
