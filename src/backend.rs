@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{AuthMechanism, Backend, BackendTls, ClientTls, SendProxy};
 use crate::proxy_header;
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsStream};
 
 pub(crate) mod resolve;
 pub(crate) mod state;
@@ -173,13 +173,16 @@ pub(crate) async fn open(
 
 /// The client side of a TLS handshake with a backend.
 async fn tls_connect(tcp: TcpStream, tls: &ClientTls) -> Result<Stream, BackendError> {
-    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    // Boxed: the handshake's state is large, and inline it would make every login's future
-    // (plain backends too) that much larger.
-    let stream = Box::pin(connector.connect(tls.name.clone(), tcp))
-        .await
-        .map_err(BackendError::Tls)?;
-    Ok(Stream::ClientTls(Box::new(stream)))
+    // Boxed: inline, the handshake's state would make every login's future (plain backends
+    // too) that much larger.
+    let stream = Box::pin(TlsStream::connect(
+        tcp,
+        tls.config.clone(),
+        tls.name.clone(),
+    ))
+    .await
+    .map_err(BackendError::Tls)?;
+    Ok(Stream::Tls(Box::new(stream)))
 }
 
 /// A backend connection before the relay: the stream and what was read and not yet used.

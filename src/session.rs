@@ -29,7 +29,7 @@ use crate::metrics::{BackendMetrics, Held, OverTls, Rejection, TlsOutcome, TlsVe
 use crate::proxy_header;
 use crate::services::{Services, Snapshot};
 use crate::shutdown::Shutdown;
-use crate::stream::Stream;
+use crate::stream::{Stream, TlsStream};
 use crate::tap::{Tap, Way};
 use crate::tls::ServerTls;
 use login::{Authenticated, LoginAttempt};
@@ -632,12 +632,12 @@ async fn tls_handshake(
     deadline: tokio::time::Instant,
 ) -> Option<Stream> {
     // Boxed, like the backend side's: plain sessions do not carry the handshake's state.
-    let handshake = Box::pin(tls.acceptor().accept(tcp));
+    let handshake = Box::pin(TlsStream::accept(tcp, tls.config.clone()));
     let metrics = &session.services.metrics;
     let listener = &session.listener().name;
     match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(stream)) => {
-            let (_, connection) = stream.get_ref();
+            let connection = stream.common();
             let version = match connection.protocol_version() {
                 Some(rustls::ProtocolVersion::TLSv1_2) => TlsVersion::Tls12,
                 Some(rustls::ProtocolVersion::TLSv1_3) => TlsVersion::Tls13,
@@ -645,7 +645,7 @@ async fn tls_handshake(
             };
             let resumed = connection.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             metrics.tls_handshake(listener, TlsOutcome::Ok { version, resumed });
-            Some(Stream::ServerTls(Box::new(stream)))
+            Some(Stream::Tls(Box::new(stream)))
         }
         Ok(Err(error)) => {
             debug!(session = %session.id, %error, "TLS handshake failed");

@@ -84,10 +84,6 @@ impl ServerTls {
             expiry,
         })
     }
-
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.config.clone())
-    }
 }
 
 #[derive(Debug)]

@@ -108,10 +108,10 @@ fn shut(stream: &TcpStream, how: Shutdown) {
 }
 
 /// A buffer from this thread's pool, returned on drop (to the pool of whichever thread drops it).
-struct PooledBuffer(Box<[u8]>);
+pub(crate) struct PooledBuffer(pub(crate) Box<[u8]>);
 
 impl PooledBuffer {
-    fn take() -> Self {
+    pub(crate) fn take() -> Self {
         let buf = POOL
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());

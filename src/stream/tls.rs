@@ -1,0 +1,653 @@
+//! TLS on a TCP socket, driven through rustls's unbuffered API (`rustls::unbuffered`), for the
+//! whole life of a connection: handshake, pre-login (or the backend's login), relay.
+//!
+//! With the unbuffered API imapgate owns every buffer: ciphertext read and not yet processed
+//! (the inbox), ciphertext made and not yet sent (the outbox), plaintext decrypted and not yet
+//! read (the stash). Each is taken when there is something to hold and given back as soon as it
+//! is empty, the first two from the relay's per-thread pool; so an idle TLS connection holds
+//! only rustls's connection state (keys, the handshake's outcome), where tokio-rustls over the
+//! buffered API kept a record buffer of at least 4 KiB for good (figures in BENCHMARKS.md).
+//!
+//! The type is driven by the socket's readiness like a plain socket (`poll_read_ready`,
+//! `try_read`, `poll_write`, `poll_flush`, `poll_shutdown`), which is what the relay uses;
+//! `AsyncRead`/`AsyncWrite` on top serve pre-login and the backend's login.
+
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::ServerName;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon,
+    UnbufferedStatus,
+};
+use rustls::{ClientConfig, CommonState, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::session::relay::PooledBuffer;
+
+/// Plaintext taken per write: one full record, so that its ciphertext fits a pooled buffer.
+const RECORD_MAX: usize = 16 * 1024;
+/// The most ciphertext held at once: a handshake message may span records (rustls accepts
+/// them up to 64 KiB) and must be whole in the inbox to be processed.
+const HELD_MAX: usize = 128 * 1024;
+
+/// Public only as `Stream::Tls`'s content; nothing outside the crate can make or use one.
+pub struct TlsStream {
+    tcp: TcpStream,
+    conn: Conn,
+    io: Buffers,
+}
+
+enum Conn {
+    /// imapgate as the server (towards a client).
+    Server(UnbufferedServerConnection),
+    /// imapgate as the client (towards a backend).
+    Client(UnbufferedClientConnection),
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// Ciphertext read from the socket and not yet processed by rustls.
+    inbox: Option<Octets>,
+    /// rustls has seen all of the inbox and needs more ciphertext to go on.
+    starved: bool,
+    /// The last socket read took everything the socket had.
+    drained: bool,
+    /// Ciphertext made and not yet sent.
+    outbox: Option<Octets>,
+    /// Plaintext decrypted and not yet read (what did not fit the reader's buffer, or came in
+    /// while writing).
+    stash: Vec<u8>,
+    stash_at: usize,
+    /// The socket said end-of-stream.
+    eof: bool,
+    /// The peer's close_notify came: nothing after it counts.
+    peer_closed: bool,
+    /// Our close_notify is queued.
+    close_sent: bool,
+}
+
+/// Octets waiting in a buffer, `at..end`; a pooled buffer until a handshake message needs a
+/// larger one.
+struct Octets {
+    buf: Buf,
+    at: usize,
+    end: usize,
+}
+
+enum Buf {
+    Pooled(PooledBuffer),
+    Grown(Box<[u8]>),
+}
+
+impl Octets {
+    fn new() -> Octets {
+        Octets {
+            buf: Buf::Pooled(PooledBuffer::take()),
+            at: 0,
+            end: 0,
+        }
+    }
+
+    fn all(&mut self) -> &mut [u8] {
+        match &mut self.buf {
+            Buf::Pooled(b) => &mut b.0,
+            Buf::Grown(b) => b,
+        }
+    }
+
+    fn data(&mut self) -> &mut [u8] {
+        let (at, end) = (self.at, self.end);
+        &mut self.all()[at..end]
+    }
+
+    /// Room for at least `need` more octets after the data (moving the data to the front, or
+    /// into a larger buffer, up to `HELD_MAX`).
+    fn spare(&mut self, need: usize) -> io::Result<&mut [u8]> {
+        if self.all().len() - self.end < need && self.at > 0 {
+            let (at, end) = (self.at, self.end);
+            self.all().copy_within(at..end, 0);
+            self.end -= at;
+            self.at = 0;
+        }
+        let len = self.end - self.at;
+        if self.all().len() - self.end < need {
+            let size = (len + need).max(2 * self.all().len());
+            if size > HELD_MAX {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS message too large",
+                ));
+            }
+            let mut grown = vec![0u8; size].into_boxed_slice();
+            grown[..len].copy_from_slice(self.data());
+            self.buf = Buf::Grown(grown);
+            (self.at, self.end) = (0, len);
+        }
+        let end = self.end;
+        Ok(&mut self.all()[end..])
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at == self.end
+    }
+}
+
+/// Takes `n` octets off the front of `slot`, giving the buffer back once it is empty.
+fn consume(slot: &mut Option<Octets>, n: usize) {
+    if let Some(octets) = slot {
+        octets.at += n;
+        if octets.is_empty() {
+            *slot = None;
+        }
+    }
+}
+
+/// What a drive of rustls is to do once it may send application data.
+#[derive(Clone, Copy)]
+enum Send<'a> {
+    Nothing,
+    Data(&'a [u8]),
+    CloseNotify,
+}
+
+/// Where a drive of rustls stopped.
+enum Stop {
+    /// It needs more ciphertext (the handshake is blocked, or no complete record is left).
+    Starved,
+    /// The data to send (this many octets of it) or the close_notify is in the outbox.
+    Sent(usize),
+    /// Both sides sent close_notify.
+    Closed,
+}
+
+/// The reader's buffer, filled by a drive.
+struct Sink<'b> {
+    buf: &'b mut [u8],
+    filled: usize,
+}
+
+impl Sink<'_> {
+    fn none() -> Sink<'static> {
+        Sink {
+            buf: &mut [],
+            filled: 0,
+        }
+    }
+
+    /// In order: into the reader's buffer while there is room and nothing is stashed, the
+    /// rest into the stash.
+    fn put(&mut self, mut data: &[u8], stash: &mut Vec<u8>) {
+        if stash.is_empty() {
+            let n = data.len().min(self.buf.len() - self.filled);
+            self.buf[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+        }
+        stash.extend_from_slice(data);
+    }
+}
+
+/// The two sides' unbuffered connections, alike to drive.
+trait Side {
+    type Data;
+    fn common(&mut self) -> &mut UnbufferedConnectionCommon<Self::Data>;
+    fn process<'c, 'i>(
+        common: &'c mut UnbufferedConnectionCommon<Self::Data>,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn common(&mut self) -> &mut UnbufferedConnectionCommon<ServerConnectionData> {
+        self
+    }
+    fn process<'c, 'i>(
+        common: &'c mut UnbufferedConnectionCommon<ServerConnectionData>,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        common.process_tls_records(incoming)
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn common(&mut self) -> &mut UnbufferedConnectionCommon<ClientConnectionData> {
+        self
+    }
+    fn process<'c, 'i>(
+        common: &'c mut UnbufferedConnectionCommon<ClientConnectionData>,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        common.process_tls_records(incoming)
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Runs rustls over the inbox until it needs more ciphertext or has taken `send`: records
+/// decrypted go to `sink`, handshake messages and alerts to the outbox. Every complete record
+/// in the inbox is processed before it returns (so the inbox then holds at most a partial one).
+fn drive<S: Side>(
+    side: &mut S,
+    io: &mut Buffers,
+    sink: &mut Sink<'_>,
+    send: Send<'_>,
+) -> io::Result<Stop> {
+    let common = side.common();
+    loop {
+        let Buffers {
+            inbox,
+            outbox,
+            stash,
+            peer_closed,
+            ..
+        } = &mut *io;
+        let incoming: &mut [u8] = match inbox {
+            Some(octets) => octets.data(),
+            None => &mut [],
+        };
+        let UnbufferedStatus { mut discard, state } = S::process(common, incoming);
+        let stop = match state {
+            Err(e) => Err(tls_error(e)),
+            Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                let mut result = Ok(None);
+                while let Some(record) = traffic.next_record() {
+                    match record {
+                        Ok(record) => {
+                            discard += record.discard;
+                            sink.put(record.payload, stash);
+                        }
+                        Err(e) => {
+                            result = Err(tls_error(e));
+                            break;
+                        }
+                    }
+                }
+                result
+            }
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                let outbox = outbox.get_or_insert_with(Octets::new);
+                let mut need = 0;
+                loop {
+                    match outbox.spare(need).map(|spare| encode.encode(spare)) {
+                        Ok(Ok(n)) => {
+                            outbox.end += n;
+                            break Ok(None);
+                        }
+                        Ok(Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                            required_size,
+                        }))) => need = required_size,
+                        Ok(Err(EncodeError::AlreadyEncoded)) => break Ok(None),
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            // What was encoded is the outbox's to send (`poll_flush`); rustls is done with it.
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                transmit.done();
+                Ok(None)
+            }
+            Ok(ConnectionState::PeerClosed) => {
+                *peer_closed = true;
+                Ok(None)
+            }
+            Ok(ConnectionState::Closed) => {
+                *peer_closed = true;
+                Ok(Some(Stop::Closed))
+            }
+            Ok(ConnectionState::BlockedHandshake) => Ok(Some(Stop::Starved)),
+            Ok(ConnectionState::WriteTraffic(mut traffic)) => match send {
+                Send::Nothing => Ok(Some(Stop::Starved)),
+                Send::Data(data) => {
+                    let outbox = outbox.get_or_insert_with(Octets::new);
+                    let mut need = data.len();
+                    loop {
+                        match outbox.spare(need).map(|spare| traffic.encrypt(data, spare)) {
+                            Ok(Ok(n)) => {
+                                outbox.end += n;
+                                break Ok(Some(Stop::Sent(data.len())));
+                            }
+                            Ok(Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            }))) if required_size > need => need = required_size,
+                            Ok(Err(e)) => break Err(io::Error::other(e)),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                Send::CloseNotify => {
+                    let outbox = outbox.get_or_insert_with(Octets::new);
+                    let mut need = 0;
+                    loop {
+                        match outbox
+                            .spare(need)
+                            .map(|spare| traffic.queue_close_notify(spare))
+                        {
+                            Ok(Ok(n)) => {
+                                outbox.end += n;
+                                break Ok(Some(Stop::Sent(0)));
+                            }
+                            Ok(Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                                required_size,
+                            }))) if required_size > need => need = required_size,
+                            Ok(Err(e)) => break Err(io::Error::other(e)),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+            },
+            // Early data is never enabled (`max_early_data_size` stays 0).
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected TLS state",
+            )),
+        };
+        consume(&mut io.inbox, discard);
+        if let Some(octets) = &io.outbox
+            && octets.is_empty()
+        {
+            io.outbox = None;
+        }
+        match stop {
+            Ok(None) => {}
+            Ok(Some(stop)) => return Ok(stop),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl TlsStream {
+    /// The server side of a handshake on `tcp` (no deadline of its own: the caller's).
+    pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        TlsStream::handshake(tcp, Conn::Server(conn)).await
+    }
+
+    /// The client side of a handshake on `tcp`, with `name` as SNI and for verification.
+    pub(crate) async fn connect(
+        tcp: TcpStream,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<TlsStream> {
+        let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
+        TlsStream::handshake(tcp, Conn::Client(conn)).await
+    }
+
+    async fn handshake(tcp: TcpStream, conn: Conn) -> io::Result<TlsStream> {
+        let mut stream = TlsStream {
+            tcp,
+            conn,
+            io: Buffers::default(),
+        };
+        match std::future::poll_fn(|cx| stream.poll_handshake(cx)).await {
+            Ok(()) => Ok(stream),
+            Err(e) => {
+                stream.send_alert();
+                Err(e)
+            }
+        }
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            // Application data right behind the peer's Finished is stashed for the first read.
+            self.drive(&mut Sink::none(), Send::Nothing)?;
+            ready!(self.poll_flush(cx))?;
+            if !self.common().is_handshaking() {
+                return Poll::Ready(Ok(()));
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// After a failed handshake: the alert rustls made, if any, sent as far as the socket
+    /// takes it now (the peer learns why; nothing waits for it).
+    fn send_alert(&mut self) {
+        self.io.inbox = None;
+        let _ = self.drive(&mut Sink::none(), Send::Nothing);
+        if let Some(outbox) = &mut self.io.outbox {
+            let _ = self.tcp.try_write(outbox.data());
+        }
+        self.io.outbox = None;
+    }
+
+    fn drive(&mut self, sink: &mut Sink<'_>, send: Send<'_>) -> io::Result<Stop> {
+        let stop = match &mut self.conn {
+            Conn::Server(conn) => drive(conn, &mut self.io, sink, send),
+            Conn::Client(conn) => drive(conn, &mut self.io, sink, send),
+        }?;
+        if let Stop::Starved = stop {
+            self.io.starved = true;
+        }
+        Ok(stop)
+    }
+
+    /// The negotiated version, the handshake's kind and the like.
+    pub(crate) fn common(&self) -> &CommonState {
+        match &self.conn {
+            Conn::Server(conn) => conn,
+            Conn::Client(conn) => conn,
+        }
+    }
+
+    /// The TCP connection underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Reads from the socket into the inbox: the number of octets, 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_read_ready(cx))?;
+            let inbox = self.io.inbox.get_or_insert_with(Octets::new);
+            // At least a few octets; all of a pooled buffer when there is nothing held.
+            let spare = inbox.spare(1)?;
+            let room = spare.len();
+            match self.tcp.try_read(spare) {
+                Ok(n) => {
+                    inbox.end += n;
+                    if inbox.is_empty() {
+                        self.io.inbox = None;
+                    }
+                    self.io.drained = n < room;
+                    if n > 0 {
+                        self.io.starved = false;
+                        if n < room {
+                            // Drained: forget the readiness now rather than learn it from a
+                            // read that fails with EAGAIN (as the plain relay does, pump.rs).
+                            let _ = self.tcp.try_io(Interest::READABLE, || {
+                                Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                            });
+                        }
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => {
+                    if inbox.is_empty() {
+                        self.io.inbox = None;
+                    }
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        return Poll::Ready(Err(e));
+                    }
+                    // Readiness cleared by try_read; the next poll_read_ready registers.
+                }
+            }
+        }
+    }
+
+    /// Ready once `try_read` has something to say: plaintext, the end of the stream or an
+    /// error.
+    pub(crate) fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let io = &self.io;
+            if !io.stash.is_empty()
+                || io.eof
+                || io.peer_closed
+                || (io.inbox.is_some() && !io.starved)
+            {
+                return Poll::Ready(Ok(()));
+            }
+            // A record may have made rustls answer (an alert, a key update): send it along,
+            // best effort (a write error is for the writing side to report).
+            if self.io.outbox.is_some() {
+                let _ = self.poll_flush(cx);
+            }
+            if ready!(self.poll_fill(cx))? == 0 {
+                self.io.eof = true;
+            }
+        }
+    }
+
+    /// Reads what plaintext there is; `WouldBlock` when there is none (yet).
+    pub(crate) fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let io = &mut self.io;
+        if !io.stash.is_empty() {
+            let n = buf.len().min(io.stash.len() - io.stash_at);
+            buf[..n].copy_from_slice(&io.stash[io.stash_at..io.stash_at + n]);
+            io.stash_at += n;
+            if io.stash_at == io.stash.len() {
+                io.stash = Vec::new();
+                io.stash_at = 0;
+            }
+            return Ok(n);
+        }
+        if io.peer_closed {
+            // Nothing after close_notify counts: give the buffer back.
+            io.inbox = None;
+            return Ok(0);
+        }
+        if io.inbox.is_some() && !io.starved {
+            let mut sink = Sink { buf, filled: 0 };
+            self.drive(&mut sink, Send::Nothing)?;
+            if sink.filled > 0 {
+                return Ok(sink.filled);
+            }
+            if self.io.peer_closed {
+                self.io.inbox = None;
+                return Ok(0);
+            }
+        }
+        if self.io.eof {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection without a TLS close_notify",
+            ));
+        }
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    /// Writes some of `data`: once earlier records are out (so at most one record's worth of
+    /// ciphertext waits), it takes up to a record's worth, encrypts it and sends what the
+    /// socket takes; the rest goes out with `poll_flush`.
+    pub(crate) fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.poll_flush(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.io.close_sent {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let data = &data[..data.len().min(RECORD_MAX)];
+        let n = match self.drive(&mut Sink::none(), Send::Data(data))? {
+            Stop::Sent(n) => n,
+            Stop::Starved => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Stop::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+        };
+        // What the socket does not take now waits for the next poll_flush (the waker is
+        // registered if it would block).
+        if let Poll::Ready(Err(e)) = self.poll_flush(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Ready once nothing made waits to go out.
+    pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(outbox) = &mut self.io.outbox {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            match self.tcp.try_write(outbox.data()) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => consume(&mut self.io.outbox, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// close_notify (once), then FIN. Errors are ignored: a peer that is gone already is what
+    /// a close wants, and the other direction may still have an answer to deliver.
+    pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.io.close_sent {
+            self.io.close_sent = true;
+            let _ = self.drive(&mut Sink::none(), Send::CloseNotify);
+        }
+        if self.poll_flush(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.io.outbox = None;
+        let _ = socket2::SockRef::from(&self.tcp).shutdown(Shutdown::Write);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether what was read took everything the socket had so far, all of it handed on.
+    pub(crate) fn drained(&self) -> bool {
+        let io = &self.io;
+        io.drained && io.stash.is_empty() && (io.inbox.is_none() || io.starved)
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            ready!(this.poll_read_ready(cx))?;
+            match this.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        TlsStream::poll_write(self.get_mut(), cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TlsStream::poll_flush(self.get_mut(), cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TlsStream::poll_shutdown(self.get_mut(), cx)
+    }
+}
