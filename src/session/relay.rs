@@ -37,8 +37,12 @@ mod end;
 mod pump;
 mod splice;
 
-/// Sized for bulk FETCH bodies; only busy directions hold one.
+/// What the relay reads at once: sized for bulk FETCH bodies; only busy directions hold a
+/// buffer.
 const BUFFER_SIZE: usize = 32 * 1024;
+/// A pooled buffer's extra room beyond `BUFFER_SIZE`: a TLS end encrypts a whole read (two
+/// full records) into one buffer, headers and tags included, and sends it with one write.
+const TLS_SLACK: usize = 256;
 /// Buffers a worker thread keeps for reuse; more than this are freed.
 const POOL_MAX: usize = 256;
 
@@ -114,8 +118,13 @@ impl PooledBuffer {
     pub(crate) fn take() -> Self {
         let buf = POOL
             .with(|p| p.borrow_mut().pop())
-            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE + TLS_SLACK].into_boxed_slice());
         PooledBuffer(buf)
+    }
+
+    /// Where the relay reads into.
+    fn read_room(&mut self) -> &mut [u8] {
+        &mut self.0[..BUFFER_SIZE]
     }
 }
 

@@ -31,8 +31,9 @@ use tokio::net::TcpStream;
 
 use crate::session::relay::PooledBuffer;
 
-/// Plaintext taken per write: one full record, so that its ciphertext fits a pooled buffer.
-const RECORD_MAX: usize = 16 * 1024;
+/// Plaintext taken per write: two full records, whose ciphertext fits a pooled buffer
+/// (`TLS_SLACK`) and goes out with one write(2).
+const WRITE_MAX: usize = 32 * 1024;
 /// The most ciphertext held at once: a handshake message may span records (rustls accepts
 /// them up to 64 KiB) and must be whole in the inbox to be processed.
 const HELD_MAX: usize = 128 * 1024;
@@ -452,8 +453,9 @@ impl TlsStream {
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
             let inbox = self.io.inbox.get_or_insert_with(Octets::new);
-            // At least a few octets; all of a pooled buffer when there is nothing held.
-            let spare = inbox.spare(1)?;
+            // Room for a good part of a record: a partial one moves to the front first (or,
+            // a handshake message spanning records, into a larger buffer).
+            let spare = inbox.spare(4096)?;
             let room = spare.len();
             match self.tcp.try_read(spare) {
                 Ok(n) => {
@@ -548,9 +550,9 @@ impl TlsStream {
         Err(io::ErrorKind::WouldBlock.into())
     }
 
-    /// Writes some of `data`: once earlier records are out (so at most one record's worth of
-    /// ciphertext waits), it takes up to a record's worth, encrypts it and sends what the
-    /// socket takes; the rest goes out with `poll_flush`.
+    /// Writes some of `data`: once earlier records are out (so at most one write's worth of
+    /// ciphertext waits), it takes up to `WRITE_MAX`, encrypts it and sends what the socket
+    /// takes; the rest goes out with `poll_flush`.
     pub(crate) fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -563,7 +565,7 @@ impl TlsStream {
         if self.io.close_sent {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        let data = &data[..data.len().min(RECORD_MAX)];
+        let data = &data[..data.len().min(WRITE_MAX)];
         let n = match self.drive(&mut Sink::none(), Send::Data(data))? {
             Stop::Sent(n) => n,
             Stop::Starved => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),

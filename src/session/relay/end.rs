@@ -59,9 +59,9 @@ impl End {
         }
     }
 
-    /// Writes some of `data`. A TLS end takes up to a record's worth once its earlier records
-    /// are out (so at most one record's ciphertext waits per end), encrypts it and sends what
-    /// the socket takes; the rest goes out with `poll_flush`.
+    /// Writes some of `data`. A TLS end takes up to a read's worth once its earlier records
+    /// are out (so at most that much ciphertext waits per end), encrypts it and sends what the
+    /// socket takes; the rest goes out with `poll_flush`.
     pub(crate) fn poll_write(
         &mut self,
         cx: &mut Context<'_>,

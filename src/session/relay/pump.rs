@@ -21,7 +21,7 @@ use tokio::time::Sleep;
 
 use super::end::End;
 use super::splice::{PIPE_CHUNK, Pipe, SPLICE_MIN};
-use super::{Ended, EndedBy, PooledBuffer, ack_now};
+use super::{BUFFER_SIZE, Ended, EndedBy, PooledBuffer, ack_now};
 use crate::tap::{Tap, Way};
 
 /// Octets read and not yet all written.
@@ -197,7 +197,7 @@ impl Direction {
             // Nothing pending: read, borrowing a buffer only once there is something to read.
             ready!(from.poll_read_ready(cx))?;
             let mut buf = PooledBuffer::take();
-            match from.try_read(&mut buf.0) {
+            match from.try_read(buf.read_room()) {
                 Ok(0) => {
                     drop(buf);
                     ready!(to.poll_shutdown(cx))?;
@@ -206,7 +206,7 @@ impl Direction {
                 }
                 Ok(n) => {
                     if let End::Plain(from) = from
-                        && n < buf.0.len()
+                        && n < BUFFER_SIZE
                     {
                         // A short read drained the socket: forget its readiness now rather
                         // than learn it from one more read that fails with EAGAIN (a syscall
@@ -219,7 +219,7 @@ impl Direction {
                     }
                     tap.observe(way, &buf.0[..n]);
                     // Drained while the backend still owes answers: ACK now (see ack_now).
-                    if n < buf.0.len() && from.drained() && self.quickack && tap.awaits_backend() {
+                    if n < BUFFER_SIZE && from.drained() && self.quickack && tap.awaits_backend() {
                         ack_now(from.tcp().as_fd());
                     }
                     self.pending = Pending::Pooled { buf, at: 0, end: n };
