@@ -653,3 +653,163 @@ impl AsyncWrite for TlsStream {
         TlsStream::poll_shutdown(self.get_mut(), cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A self-signed certificate for `localhost` with `extra` more names (a large Certificate
+    /// message when there are many), the server config and a client config trusting it.
+    fn configs(extra: usize) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+        let mut names = vec!["localhost".to_string()];
+        names.extend((0..extra).map(|i| format!("name-{i:05}.imap.example.net")));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("localhost").unwrap()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// Holds no buffer: what an idle connection should look like.
+    fn holds_nothing(stream: &TlsStream) -> bool {
+        stream.io.inbox.is_none() && stream.io.outbox.is_none() && stream.io.stash.capacity() == 0
+    }
+
+    /// Ours as the server, tokio-rustls (the buffered API) as the client: 300 KB each way, read
+    /// through a 7-byte buffer on our side (the stash), byte-exact; then nothing is held.
+    #[tokio::test]
+    async fn both_ways_byte_exact_and_nothing_held_after() {
+        let (server_config, client_config) = configs(0);
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            TlsStream::accept(server_tcp, server_config)
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        assert!(holds_nothing(&server));
+        let data = pattern(300_000);
+        let up = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in up.chunks(9_999) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.flush().await.unwrap();
+            let mut back = vec![0u8; 300_000];
+            client.read_exact(&mut back).await.unwrap();
+            (client, back)
+        });
+        let mut got = Vec::new();
+        let mut small = [0u8; 7];
+        while got.len() < data.len() {
+            let n = server.read(&mut small).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&small[..n]);
+        }
+        assert!(got == data, "the bytes read differ from those written");
+        server.write_all(&data).await.unwrap();
+        server.flush().await.unwrap();
+        let (mut client, back) = writer.await.unwrap();
+        assert!(back == data, "the bytes read back differ");
+        assert!(holds_nothing(&server));
+        // A clean close: close_notify, then the end of the stream.
+        client.shutdown().await.unwrap();
+        assert_eq!(server.read(&mut small).await.unwrap(), 0);
+        assert!(holds_nothing(&server));
+    }
+
+    /// The end of the stream without close_notify is a truncation, not a clean end.
+    #[tokio::test]
+    async fn a_missing_close_notify_is_an_error() {
+        let (server_config, client_config) = configs(0);
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            TlsStream::accept(server_tcp, server_config)
+        );
+        let (client, mut server) = (client.unwrap(), server.unwrap());
+        // FIN without close_notify (a drop would reset: the server's ticket is unread).
+        let (mut tcp, _) = client.into_inner();
+        tcp.shutdown().await.unwrap();
+        let error = server.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Ours as the client, against a certificate larger than a pooled buffer (its handshake
+    /// message spans records and must be whole in the inbox): the inbox grows for it, and gives
+    /// the large buffer back once the handshake is through.
+    #[tokio::test]
+    async fn a_handshake_message_larger_than_a_buffer() {
+        let (server_config, client_config) = configs(1_500);
+        let (client_tcp, server_tcp) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let (client, server) = tokio::join!(
+            TlsStream::connect(client_tcp, client_config, name()),
+            acceptor.accept(server_tcp)
+        );
+        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        assert!(holds_nothing(&client));
+        server.write_all(b"* OK ready\r\n").await.unwrap();
+        server.flush().await.unwrap();
+        let mut line = [0u8; 12];
+        client.read_exact(&mut line).await.unwrap();
+        assert_eq!(&line, b"* OK ready\r\n");
+    }
+
+    /// A relay read's worth (two full records) fits one pooled buffer, overhead included, so
+    /// it goes out with one write and no larger allocation.
+    #[tokio::test]
+    async fn a_full_write_fits_a_pooled_buffer() {
+        let (server_config, client_config) = configs(0);
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            TlsStream::accept(server_tcp, server_config)
+        );
+        let (_client, mut server) = (client.unwrap(), server.unwrap());
+        let data = pattern(WRITE_MAX);
+        let stop = server.drive(&mut Sink::none(), Send::Data(&data)).unwrap();
+        assert!(matches!(stop, Stop::Sent(n) if n == WRITE_MAX));
+        let outbox = server.io.outbox.as_ref().unwrap();
+        assert!(matches!(outbox.buf, Buf::Pooled(_)));
+        assert!(outbox.end - outbox.at > WRITE_MAX);
+    }
+}
