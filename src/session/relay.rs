@@ -4,9 +4,8 @@
 //! pool, reads and writes until the source has nothing more, and gives the buffer back; so an
 //! idle session (IDLE, or a client that just sits there) holds no buffer at all, and the busy
 //! path takes no lock. Plain or TLS, the two ends are driven alike (`relay/end.rs`): a TLS end
-//! is the rustls connection under tokio-rustls, taken out of it after the login, whose records
-//! are read from the socket a pooled buffer at a time and decrypted into the pooled one only
-//! when complete.
+//! is the connection's `TlsStream` (`stream/tls.rs`, rustls's unbuffered API), whose ciphertext
+//! is read a pooled buffer at a time and decrypted record by record into the relay's buffer.
 //! Between two plain sockets the body of a literal of 64 KiB or more (a FETCH'd message, an
 //! APPEND) does not pass through user space at all: it is spliced socket → pipe → socket
 //! (`relay/splice.rs`). Every chunk passes through the relay's `Tap` (`tap.rs`) on its way,
