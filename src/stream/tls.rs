@@ -72,6 +72,8 @@ struct Buffers {
     peer_closed: bool,
     /// Our close_notify is queued.
     close_sent: bool,
+    /// rustls failed (its alert, if any, sent): it is not called again.
+    failed: bool,
 }
 
 /// Octets waiting in a buffer, `at..end`; a pooled buffer until a handshake message needs a
@@ -119,13 +121,13 @@ impl Octets {
         }
         let len = self.end - self.at;
         if self.all().len() - self.end < need {
-            let size = (len + need).max(2 * self.all().len());
-            if size > HELD_MAX {
+            if len + need > HELD_MAX {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "TLS message too large",
                 ));
             }
+            let size = (len + need).max(2 * self.all().len()).min(HELD_MAX);
             let mut grown = vec![0u8; size].into_boxed_slice();
             grown[..len].copy_from_slice(self.data());
             self.buf = Buf::Grown(grown);
@@ -367,6 +369,27 @@ fn drive<S: Side>(
     }
 }
 
+/// One call into rustls after an error: the alert it queued, if any, into the outbox.
+fn encode_alert<S: Side>(side: &mut S, io: &mut Buffers) -> io::Result<()> {
+    let Buffers { inbox, outbox, .. } = io;
+    let incoming: &mut [u8] = match inbox {
+        Some(octets) => octets.data(),
+        None => &mut [],
+    };
+    let UnbufferedStatus { discard, state } = S::process(side.common(), incoming);
+    let result = match state {
+        Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+            let outbox = outbox.get_or_insert_with(Octets::new);
+            let written = encode.encode(outbox.spare(0)?);
+            outbox.end += written.map_err(io::Error::other)?;
+            Ok(())
+        }
+        _ => Ok(()),
+    };
+    consume(&mut io.inbox, discard);
+    result
+}
+
 impl TlsStream {
     /// The server side of a handshake on `tcp` (no deadline of its own: the caller's).
     pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
@@ -413,26 +436,55 @@ impl TlsStream {
         }
     }
 
-    /// After a failed handshake: the alert rustls made, if any, sent as far as the socket
-    /// takes it now (the peer learns why; nothing waits for it).
+    /// After an error: the alert rustls made, if any, sent as far as the socket takes it now
+    /// (the peer learns why; nothing waits for it), then the buffers given back. One call into
+    /// rustls, which hands a queued alert out before it looks at the inbox again: a second one
+    /// would process the bytes that failed once more (and the inbox must stay as rustls saw it,
+    /// since a handshake message it is joining across records is kept there by offset).
     fn send_alert(&mut self) {
-        self.io.inbox = None;
-        let _ = self.drive(&mut Sink::none(), Send::Nothing);
+        if std::mem::replace(&mut self.io.failed, true) {
+            return;
+        }
+        let _ = match &mut self.conn {
+            Conn::Server(conn) => encode_alert(conn, &mut self.io),
+            Conn::Client(conn) => encode_alert(conn, &mut self.io),
+        };
         if let Some(outbox) = &mut self.io.outbox {
             let _ = self.tcp.try_write(outbox.data());
         }
         self.io.outbox = None;
+        self.io.inbox = None;
+    }
+
+    /// A drive to send: records rustls decrypts on the way go to the stash, and the reading
+    /// side, which may be waiting for the socket (which will not tell it), is woken for them.
+    /// (Not expected: reads leave no complete record in the inbox. Cheap insurance.)
+    fn drive_writing(&mut self, cx: &mut Context<'_>, send: Send<'_>) -> io::Result<Stop> {
+        let before = (self.io.stash.len(), self.io.peer_closed);
+        let stop = self.drive(&mut Sink::none(), send);
+        if (self.io.stash.len(), self.io.peer_closed) != before {
+            cx.waker().wake_by_ref();
+        }
+        stop
     }
 
     fn drive(&mut self, sink: &mut Sink<'_>, send: Send<'_>) -> io::Result<Stop> {
+        if self.io.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed",
+            ));
+        }
         let stop = match &mut self.conn {
             Conn::Server(conn) => drive(conn, &mut self.io, sink, send),
             Conn::Client(conn) => drive(conn, &mut self.io, sink, send),
-        }?;
-        if let Stop::Starved = stop {
-            self.io.starved = true;
+        };
+        match stop {
+            Ok(Stop::Starved) => self.io.starved = true,
+            Ok(_) => {}
+            Err(_) => self.send_alert(),
         }
-        Ok(stop)
+        stop
     }
 
     /// The negotiated version, the handshake's kind and the like.
@@ -496,6 +548,7 @@ impl TlsStream {
             let io = &self.io;
             if !io.stash.is_empty()
                 || io.eof
+                || io.failed
                 || io.peer_closed
                 || (io.inbox.is_some() && !io.starved)
             {
@@ -503,8 +556,11 @@ impl TlsStream {
             }
             // A record may have made rustls answer (an alert, a key update): send it along,
             // best effort (a write error is for the writing side to report).
-            if self.io.outbox.is_some() {
-                let _ = self.poll_flush(cx);
+            if self.io.outbox.is_some()
+                && let Poll::Ready(Err(_)) = self.poll_flush(cx)
+            {
+                // Nobody to send it to: give the buffer back rather than retry at every wake.
+                self.io.outbox = None;
             }
             if ready!(self.poll_fill(cx))? == 0 {
                 self.io.eof = true;
@@ -524,6 +580,12 @@ impl TlsStream {
                 io.stash_at = 0;
             }
             return Ok(n);
+        }
+        if io.failed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the TLS connection failed",
+            ));
         }
         if io.peer_closed {
             // Nothing after close_notify counts: give the buffer back.
@@ -566,7 +628,7 @@ impl TlsStream {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
         let data = &data[..data.len().min(WRITE_MAX)];
-        let n = match self.drive(&mut Sink::none(), Send::Data(data))? {
+        let n = match self.drive_writing(cx, Send::Data(data))? {
             Stop::Sent(n) => n,
             Stop::Starved => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
             Stop::Closed => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -598,7 +660,7 @@ impl TlsStream {
     pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.io.close_sent {
             self.io.close_sent = true;
-            let _ = self.drive(&mut Sink::none(), Send::CloseNotify);
+            let _ = self.drive_writing(cx, Send::CloseNotify);
         }
         if self.poll_flush(cx).is_pending() {
             return Poll::Pending;
@@ -751,6 +813,62 @@ mod tests {
         // A clean close: close_notify, then the end of the stream.
         client.shutdown().await.unwrap();
         assert_eq!(server.read(&mut small).await.unwrap(), 0);
+        assert!(holds_nothing(&server));
+    }
+
+    /// A client that sends part of a ClientHello split across records and then FIN (or part
+    /// of one, then garbage): the handshake fails with an error, and the alert on the way out
+    /// does not trip over the handshake message rustls was joining. Each case also leaves a
+    /// server that still accepts a good client.
+    #[tokio::test]
+    async fn a_broken_handshake_fails_cleanly() {
+        let (server_config, _) = configs(0);
+        let cases: [&[u8]; 4] = [
+            // A handshake record holding only the start of a ClientHello, then FIN.
+            &[0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x01, 0x00],
+            // The same, then a record of another type in the middle of the message.
+            &[
+                0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x01, 0x00, 0x15, 0x03, 0x03, 0x00, 0x02,
+                0x02, 0x28,
+            ],
+            // Not TLS at all.
+            b"a LOGIN user pass\r\n",
+            // A record header promising more than is ever sent.
+            &[0x16, 0x03, 0x01, 0x40, 0x00, 0x01],
+        ];
+        for bytes in cases {
+            let (mut client, server_tcp) = pair().await;
+            client.write_all(bytes).await.unwrap();
+            client.shutdown().await.unwrap();
+            let accepted = TlsStream::accept(server_tcp, server_config.clone()).await;
+            assert!(accepted.is_err(), "{bytes:?}");
+        }
+    }
+
+    /// A record that does not decrypt after the handshake: the read fails, and so does every
+    /// later one at once (no waiting, no spinning), and the close still works.
+    #[tokio::test]
+    async fn a_bad_record_after_the_handshake_fails_the_connection() {
+        let (server_config, client_config) = configs(0);
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            TlsStream::accept(server_tcp, server_config)
+        );
+        let (client, mut server) = (client.unwrap(), server.unwrap());
+        let (mut tcp, _) = client.into_inner();
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+        record.extend_from_slice(&[0x55; 0x40]);
+        tcp.write_all(&record).await.unwrap();
+        let mut buf = [0u8; 64];
+        let first = server.read(&mut buf).await.unwrap_err();
+        assert_eq!(first.kind(), io::ErrorKind::InvalidData, "{first}");
+        let again = tokio::time::timeout(std::time::Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("a failed connection answers at once");
+        assert!(again.is_err());
+        server.shutdown().await.unwrap();
         assert!(holds_nothing(&server));
     }
 
