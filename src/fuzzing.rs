@@ -410,3 +410,114 @@ pub fn codec_commands(client: &[u8]) -> Option<(Vec<u8>, Vec<&'static str>)> {
     }
     Some((stream, names))
 }
+
+/// A self-signed ECDSA P-256 certificate for `localhost` (valid for a century) and its key:
+/// test material for the TLS target only.
+const FUZZ_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBljCCATugAwIBAgIUOzBZeD8amec/mX/W7FyyvftRwDUwCgYIKoZIzj0EAwIw
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwMjE0NTY1NloYDzIxMjYxMTA4
+MTQ1NjU2WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
+PQMBBwNCAASkeNHDKC3F2e1SJQQfPgJXFGYawwLAhSHPIfXhJ+Jcgj8WJv3kMLc5
+t2nF3pY+AQRZ6Dx8mWpeWbibe7pTV148o2kwZzAdBgNVHQ4EFgQUxsBjaNfhc2tc
+zKDvXBX0xWvGZSIwHwYDVR0jBBgwFoAUxsBjaNfhc2tczKDvXBX0xWvGZSIwDwYD
+VR0TAQH/BAUwAwEB/zAUBgNVHREEDTALgglsb2NhbGhvc3QwCgYIKoZIzj0EAwID
+SQAwRgIhAM3F3bM980cxASovw8AaD/bR7EL8SFXNaOwZkGDOxU4OAiEAohuhgwXJ
+wIMimw1ATPTpYm7y0ghHEfCZ0NK8rQTrY8g=
+-----END CERTIFICATE-----
+";
+const FUZZ_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg6FTuGiCtGp4hulk6
+5+fRnjtOK7nnffHJ7033oQxRa0mhRANCAASkeNHDKC3F2e1SJQQfPgJXFGYawwLA
+hSHPIfXhJ+Jcgj8WJv3kMLc5t2nF3pY+AQRZ6Dx8mWpeWbibe7pTV148
+-----END PRIVATE KEY-----
+";
+
+thread_local! {
+    static TLS_FUZZ: (tokio::runtime::Runtime, std::sync::Arc<rustls::ServerConfig>, std::sync::Arc<rustls::ClientConfig>) = {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let dir = std::env::temp_dir().join(format!("imapgate-fuzz-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, FUZZ_CERT).expect("the certificate written");
+        std::fs::write(&key, FUZZ_KEY).expect("the key written");
+        let source = crate::tls::CertSource { names: Vec::new(), cert, key };
+        let server = crate::tls::ServerTls::load(source, Vec::new()).expect("the certificate loads");
+        let client = crate::tls::client_config(crate::tls::Verify::Nothing).expect("a client config");
+        (runtime, server.config, client)
+    };
+}
+
+/// What a TLS peer sends, then the end of the stream, against imapgate's server side (the first
+/// byte even: a client's octets) or its client side (odd: a server's octets); the next four
+/// bytes seed the cuts, written a piece at a time. The handshake must fail or finish, and
+/// then reading must end, within 10 s and without a panic (the bug a review found: a partial
+/// ClientHello then FIN made the alert on the way out panic).
+pub fn tls_peer(data: &[u8]) {
+    use crate::stream::TlsStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Some((&side, rest)) = data.split_first() else {
+        return;
+    };
+    let Some((seed, mut stream)) = rest.split_first_chunk::<4>() else {
+        return;
+    };
+    let mut cuts = Cuts::new(u32::from_le_bytes(*seed));
+    TLS_FUZZ.with(|(runtime, server, client)| {
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("a port");
+            let address = listener.local_addr().expect("its address");
+            let (peer, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
+            let (peer, ours) = (peer.expect("connected"), accepted.expect("accepted").0);
+            let (mut peer_read, mut peer_write) = peer.into_split();
+            let feed = async move {
+                while !stream.is_empty() {
+                    let (piece, left) = stream.split_at(cuts.read_size(512).min(stream.len()));
+                    if peer_write.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    stream = left;
+                    tokio::task::yield_now().await;
+                }
+                let _ = peer_write.shutdown().await;
+            };
+            // What imapgate sends is read and dropped, so that it never blocks on a full socket.
+            let sink = async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = peer_read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            };
+            let ours = async move {
+                let tls = if side % 2 == 0 {
+                    TlsStream::accept(ours, server.clone()).await
+                } else {
+                    let name =
+                        rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                    TlsStream::connect(ours, client.clone(), name).await
+                };
+                if let Ok(mut tls) = tls {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    let _ = tls.shutdown().await;
+                }
+            };
+            let all = async { tokio::join!(feed, ours, sink) };
+            tokio::time::timeout(std::time::Duration::from_secs(10), all)
+                .await
+                .expect("the TLS side ends once its peer has");
+        })
+    });
+}
