@@ -760,6 +760,18 @@ mod tests {
         (client.unwrap(), accepted.unwrap().0)
     }
 
+    /// Ours as the server after a handshake with tokio-rustls (the buffered API) as the client.
+    async fn handshaken() -> (tokio_rustls::client::TlsStream<TcpStream>, TlsStream) {
+        let (server_config, client_config) = configs(0);
+        let (client_tcp, server_tcp) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let (client, server) = tokio::join!(
+            connector.connect(name(), client_tcp),
+            TlsStream::accept(server_tcp, server_config)
+        );
+        (client.unwrap(), server.unwrap())
+    }
+
     fn name() -> ServerName<'static> {
         ServerName::try_from("localhost").unwrap()
     }
@@ -777,14 +789,7 @@ mod tests {
     /// through a 7-byte buffer on our side (the stash), byte-exact; then nothing is held.
     #[tokio::test]
     async fn both_ways_byte_exact_and_nothing_held_after() {
-        let (server_config, client_config) = configs(0);
-        let (client_tcp, server_tcp) = pair().await;
-        let connector = tokio_rustls::TlsConnector::from(client_config);
-        let (client, server) = tokio::join!(
-            connector.connect(name(), client_tcp),
-            TlsStream::accept(server_tcp, server_config)
-        );
-        let (mut client, mut server) = (client.unwrap(), server.unwrap());
+        let (mut client, mut server) = handshaken().await;
         assert!(holds_nothing(&server));
         let data = pattern(300_000);
         let up = data.clone();
@@ -849,14 +854,7 @@ mod tests {
     /// later one at once (no waiting, no spinning), and the close still works.
     #[tokio::test]
     async fn a_bad_record_after_the_handshake_fails_the_connection() {
-        let (server_config, client_config) = configs(0);
-        let (client_tcp, server_tcp) = pair().await;
-        let connector = tokio_rustls::TlsConnector::from(client_config);
-        let (client, server) = tokio::join!(
-            connector.connect(name(), client_tcp),
-            TlsStream::accept(server_tcp, server_config)
-        );
-        let (client, mut server) = (client.unwrap(), server.unwrap());
+        let (client, mut server) = handshaken().await;
         let (mut tcp, _) = client.into_inner();
         let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
         record.extend_from_slice(&[0x55; 0x40]);
@@ -875,14 +873,7 @@ mod tests {
     /// The end of the stream without close_notify is a truncation, not a clean end.
     #[tokio::test]
     async fn a_missing_close_notify_is_an_error() {
-        let (server_config, client_config) = configs(0);
-        let (client_tcp, server_tcp) = pair().await;
-        let connector = tokio_rustls::TlsConnector::from(client_config);
-        let (client, server) = tokio::join!(
-            connector.connect(name(), client_tcp),
-            TlsStream::accept(server_tcp, server_config)
-        );
-        let (client, mut server) = (client.unwrap(), server.unwrap());
+        let (client, mut server) = handshaken().await;
         // FIN without close_notify (a drop would reset: the server's ticket is unread).
         let (mut tcp, _) = client.into_inner();
         tcp.shutdown().await.unwrap();
@@ -915,14 +906,7 @@ mod tests {
     /// it goes out with one write and no larger allocation.
     #[tokio::test]
     async fn a_full_write_fits_a_pooled_buffer() {
-        let (server_config, client_config) = configs(0);
-        let (client_tcp, server_tcp) = pair().await;
-        let connector = tokio_rustls::TlsConnector::from(client_config);
-        let (client, server) = tokio::join!(
-            connector.connect(name(), client_tcp),
-            TlsStream::accept(server_tcp, server_config)
-        );
-        let (_client, mut server) = (client.unwrap(), server.unwrap());
+        let (_client, mut server) = handshaken().await;
         let data = pattern(WRITE_MAX);
         let stop = server.drive(&mut Sink::none(), Send::Data(&data)).unwrap();
         assert!(matches!(stop, Stop::Sent(n) if n == WRITE_MAX));
