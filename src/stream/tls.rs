@@ -870,6 +870,33 @@ mod tests {
         assert!(holds_nothing(&server));
     }
 
+    /// A TLS 1.3 KeyUpdate from the peer, asking for ours in return, between two writes: both
+    /// writes arrive, and what we write next decrypts at the peer. rustls switches our keys as
+    /// it queues our KeyUpdate, so this fails if that message is lost or sent after the data.
+    #[tokio::test]
+    async fn a_key_update_from_the_peer_is_answered() {
+        let (mut client, mut server) = handshaken().await;
+        assert_eq!(
+            server.common().protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        client.write_all(b"a NOOP\r\n").await.unwrap();
+        client.get_mut().1.refresh_traffic_keys().unwrap();
+        client.write_all(b"b NOOP\r\n").await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 16];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"a NOOP\r\nb NOOP\r\n");
+        server
+            .write_all(b"* OK after the update\r\n")
+            .await
+            .unwrap();
+        server.flush().await.unwrap();
+        let mut back = [0u8; 23];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"* OK after the update\r\n");
+    }
+
     /// The end of the stream without close_notify is a truncation, not a clean end.
     #[tokio::test]
     async fn a_missing_close_notify_is_an_error() {
