@@ -6,20 +6,23 @@
 //! an error text with `Auth-Wait`.
 //!
 //! Unlike nginx, connections to the service are kept alive and reused (a pool of idle HTTP/1.1
-//! connections), at most `max_in_flight` requests run at once, and each has `timeout`. A
-//! connection is driven by a task on the worker thread that opened it, and is reused only by
-//! sessions on that thread: handing it to another worker would cost two cross-thread wake-ups
-//! per lookup.
+//! connections), at most `max_in_flight` requests run at once, and each has `timeout`.
+//!
+//! The exchange is one fixed GET and an answer whose head is all we use, so it is spoken here
+//! rather than through hyper: the session's own task writes the request with one write and
+//! reads the answer, with `httparse` for the head. hyper's client drives each connection from
+//! a task of its own and hands requests and answers across channels, which cost a wake-up and
+//! a poll of that task per lookup, and it builds a `HeaderMap` both ways; with the cache off
+//! that was most of what a lookup cost in user space (BENCHMARKS.md, "Routing from a
+//! directory"). A connection is reused only by sessions on the worker thread that opened it
+//! (its socket is registered with that thread's runtime).
 
+use std::io::Write as _;
 use std::sync::Mutex;
 use std::thread::ThreadId;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
@@ -29,14 +32,34 @@ use crate::imap::secret::Secret;
 
 /// Idle connections kept for reuse.
 const IDLE_MAX: usize = 64;
-/// Largest answer body read (the answer is in the headers; a body is drained and ignored).
+/// Largest answer head read (status line and headers).
+const HEAD_MAX: usize = 16 * 1024;
+/// Most header lines in an answer.
+const HEADERS_MAX: usize = 64;
+/// Largest answer body read to keep the connection (the answer is in the headers; a body is
+/// drained and ignored; a longer one, or one without a length, costs the connection instead).
 const BODY_MAX: usize = 64 * 1024;
 
 pub(crate) struct HttpSource {
     config: HttpLookup,
-    /// Idle connections, each with the thread whose runtime drives it.
-    idle: Mutex<Vec<(ThreadId, SendRequest<Empty<Bytes>>)>>,
+    /// Idle connections, each with the thread whose runtime it is registered with.
+    idle: Mutex<Vec<(ThreadId, TcpStream)>>,
     slots: Semaphore,
+}
+
+/// How one exchange on a connection failed.
+enum Failure {
+    /// A kept connection gave no answer at all: the service closed it while it was idle
+    /// (its keep-alive timeout). The GET is asked again on a new connection.
+    Stale,
+    Error(String),
+}
+
+/// The answer's head, as far as the lookup needs it, and whether the connection can be
+/// reused for the next question.
+struct Exchanged {
+    answer: Result<Answer, LookupError>,
+    reusable: bool,
 }
 
 impl HttpSource {
@@ -59,95 +82,191 @@ impl HttpSource {
             .acquire()
             .await
             .map_err(|_| LookupError::Failed("closed".into()))?;
-        let request = self.request(query)?;
-        let mut sender = self.connection().await?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| LookupError::Failed(format!("request: {e}")))?;
-        let (parts, body) = response.into_parts();
-        // Read the (usually empty) body so the connection can be reused.
-        let body_ok = Limited::new(body, BODY_MAX).collect().await.is_ok();
-        if body_ok && !sender.is_closed() {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < IDLE_MAX {
-                idle.push((std::thread::current().id(), sender));
-            }
-        }
-        answer(parts.status, &parts.headers, self.config.send_password)
-    }
-
-    /// An idle connection of this thread that is still open, or a new one.
-    async fn connection(&self) -> Result<SendRequest<Empty<Bytes>>, LookupError> {
+        let request = self.request(query);
         let here = std::thread::current().id();
         loop {
-            let idle = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.iter()
-                    .rposition(|(thread, _)| *thread == here)
-                    .map(|i| idle.swap_remove(i).1)
+            let (mut stream, kept) = match self.idle_connection(here) {
+                Some(stream) => (stream, true),
+                None => (self.connect().await?, false),
             };
-            match idle {
-                Some(mut sender) => {
-                    if sender.ready().await.is_ok() {
-                        return Ok(sender);
+            match exchange(&mut stream, &request, self.config.send_password).await {
+                Ok(Exchanged { answer, reusable }) => {
+                    if reusable {
+                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                        if idle.len() < IDLE_MAX {
+                            idle.push((here, stream));
+                        }
                     }
+                    return answer;
                 }
-                None => break,
+                // Only a kept connection is tried again, so this ends: the next one is new.
+                Err(Failure::Stale) if kept => continue,
+                Err(Failure::Stale) => {
+                    return Err(LookupError::Failed(
+                        "the service closed without an answer".into(),
+                    ));
+                }
+                Err(Failure::Error(e)) => return Err(LookupError::Failed(e)),
             }
         }
+    }
+
+    /// The most recently used idle connection of this thread.
+    fn idle_connection(&self, here: ThreadId) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.iter()
+            .rposition(|(thread, _)| *thread == here)
+            .map(|i| idle.swap_remove(i).1)
+    }
+
+    async fn connect(&self) -> Result<TcpStream, LookupError> {
         let tcp = TcpStream::connect(&self.config.address)
             .await
             .map_err(|e| LookupError::Failed(format!("connect to {}: {e}", self.config.address)))?;
         let _ = tcp.set_nodelay(true);
-        // Title case (`Auth-User`), as nginx writes them: services written for nginx may
-        // compare header names as written.
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .title_case_headers(true)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| LookupError::Failed(format!("handshake: {e}")))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(sender)
+        Ok(tcp)
     }
 
-    fn request(&self, query: &Query<'_>) -> Result<Request<Empty<Bytes>>, LookupError> {
-        let mut builder = Request::get(&self.config.path)
-            .header("Host", &self.config.host)
-            .header("Auth-Method", query.method)
-            .header("Auth-User", url_encode(query.user))
-            .header("Auth-Protocol", "imap")
-            .header("Auth-Login-Attempt", query.attempt.to_string())
-            .header("Client-IP", query.client.ip().to_string())
-            // nginx sends the client's resolved name; imapgate does no reverse lookups.
-            .header("Client-Host", "[UNAVAILABLE]")
-            .header("Auth-SSL", if query.tls { "on" } else { "off" });
+    /// The GET, headers in title case as nginx writes them (services written for nginx may
+    /// compare header names as written). Every value is either ours or URL-encoded, so none
+    /// can break the request; the path and host were checked when the config was loaded.
+    fn request(&self, query: &Query<'_>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "GET {} HTTP/1.1\r\nHost: {}\r\nAuth-Method: {}\r\nAuth-User: ",
+            self.config.path, self.config.host, query.method
+        );
+        url_encode_into(&mut out, query.user.as_bytes());
+        let _ = write!(
+            out,
+            "\r\nAuth-Protocol: imap\r\nAuth-Login-Attempt: {}\r\nClient-IP: {}\r\n",
+            query.attempt,
+            query.client.ip()
+        );
+        // nginx sends the client's resolved name; imapgate does no reverse lookups.
+        out.extend_from_slice(b"Client-Host: [UNAVAILABLE]\r\nAuth-SSL: ");
+        out.extend_from_slice(if query.tls { b"on" } else { b"off" });
         if let Some(password) = query.password {
-            builder = builder.header("Auth-Pass", url_encode_bytes(password.expose()));
+            out.extend_from_slice(b"\r\nAuth-Pass: ");
+            url_encode_into(&mut out, password.expose());
         }
-        builder
-            .body(Empty::new())
-            .map_err(|e| LookupError::Failed(format!("request: {e}")))
+        out.extend_from_slice(b"\r\n\r\n");
+        out
+    }
+}
+
+/// Sends `request` and reads the answer: its head, then a body of known length (drained, so
+/// the connection can take the next request).
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    send_password: bool,
+) -> Result<Exchanged, Failure> {
+    // A write to a connection the service has closed usually still succeeds (the reset comes
+    // back later); a failing one is the same stale case.
+    if stream.write_all(request).await.is_err() {
+        return Err(Failure::Stale);
+    }
+    let mut buf = Vec::with_capacity(1024);
+    let (answer, head_len, body) = loop {
+        if buf.len() >= HEAD_MAX {
+            return Err(Failure::Error(format!(
+                "the answer's head is longer than {HEAD_MAX} bytes"
+            )));
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.len());
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Err(Failure::Stale),
+            Ok(0) => return Err(Failure::Error("the answer ended within its head".into())),
+            Err(e) => return Err(Failure::Error(format!("read: {e}"))),
+            Ok(_) => {}
+        }
+        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Partial) => continue,
+            Ok(httparse::Status::Complete(head_len)) => {
+                let status = response.code.unwrap_or(0);
+                let answer = answer(status, response.headers, send_password);
+                let body = Body::of(&response);
+                break (answer, head_len, body);
+            }
+            Err(e) => return Err(Failure::Error(format!("the answer is not HTTP: {e}"))),
+        }
+    };
+    let reusable = match body {
+        Body::Length(length) if length <= BODY_MAX => {
+            // Whatever follows the head is body; more than the body would be an answer to a
+            // question not asked.
+            let mut have = buf.len() - head_len;
+            let mut sink = [0u8; 1024];
+            while have < length {
+                let want = (length - have).min(sink.len());
+                match stream.read(&mut sink[..want]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => have += n,
+                }
+            }
+            have == length
+        }
+        Body::Length(_) | Body::Unknown | Body::Close => false,
+    };
+    Ok(Exchanged { answer, reusable })
+}
+
+/// What follows an answer's head, for reusing the connection.
+enum Body {
+    /// `Content-Length` (or none at all: a 204 or 304), on a connection kept open.
+    Length(usize),
+    /// Chunked or delimited by the close: the connection is not reused (the head is all we use).
+    Unknown,
+    /// `Connection: close`, or HTTP/1.0.
+    Close,
+}
+
+impl Body {
+    fn of(response: &httparse::Response<'_, '_>) -> Body {
+        let values = |name: &'static str| {
+            response
+                .headers
+                .iter()
+                .filter(move |h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| std::str::from_utf8(h.value).unwrap_or("").trim())
+        };
+        let closes = values("Connection").any(|v| {
+            v.split(',')
+                .any(|token| token.trim().eq_ignore_ascii_case("close"))
+        });
+        if response.version != Some(1) || closes {
+            return Body::Close;
+        }
+        if values("Transfer-Encoding").next().is_some() {
+            return Body::Unknown;
+        }
+        let mut lengths = values("Content-Length");
+        match (lengths.next(), lengths.next()) {
+            (Some(length), None) => length.parse().map_or(Body::Unknown, Body::Length),
+            (Some(_), Some(_)) => Body::Unknown,
+            (None, _) if matches!(response.code, Some(204 | 304)) => Body::Length(0),
+            (None, _) => Body::Unknown,
+        }
     }
 }
 
 /// nginx URL-encodes `Auth-User` and `Auth-Pass` (so a header cannot be broken by CR/LF).
-fn url_encode(text: &str) -> String {
-    url_encode_bytes(text.as_bytes())
-}
-
-fn url_encode_bytes(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
+fn url_encode_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in bytes {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'@' | b'+') {
-            out.push(char::from(b));
+            out.push(b);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         }
     }
-    out
 }
 
 /// `%XX` escapes decoded; a `%` without two hex digits after it stays as it is.
@@ -172,19 +291,20 @@ pub(crate) fn url_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// The service's answer, from its status and headers.
+/// The service's answer, from its status and headers (the first of a name counts).
 fn answer(
-    status: StatusCode,
-    headers: &hyper::HeaderMap,
+    status: u16,
+    headers: &[httparse::Header<'_>],
     send_password: bool,
 ) -> Result<Answer, LookupError> {
-    if !status.is_success() {
+    if !(200..300).contains(&status) {
         return Err(LookupError::Failed(format!("HTTP {status}")));
     }
     let header = |name: &str| {
         headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
             .map(str::trim)
     };
     let Some(auth_status) = header("Auth-Status") else {
@@ -232,18 +352,20 @@ fn printable(text: &str) -> String {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&'static str, &str)]) -> hyper::HeaderMap {
-        let mut map = hyper::HeaderMap::new();
-        for (k, v) in pairs {
-            map.insert(*k, v.parse().unwrap());
-        }
-        map
+    fn headers<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<httparse::Header<'a>> {
+        pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect()
     }
 
     #[test]
     fn nginx_answers() {
         let ok = answer(
-            StatusCode::OK,
+            200,
             &headers(&[
                 ("Auth-Status", "OK"),
                 ("Auth-Server", "10.0.0.7"),
@@ -261,7 +383,7 @@ mod tests {
         assert!(route.password.is_none());
 
         let v6 = answer(
-            StatusCode::OK,
+            200,
             &headers(&[
                 ("Auth-Status", "OK"),
                 ("Auth-Server", "fd00::7"),
@@ -276,36 +398,272 @@ mod tests {
             ("Auth-Status", "Invalid login or password"),
             ("Auth-Wait", "3"),
         ]);
-        assert!(matches!(
-            answer(StatusCode::OK, &no, false),
-            Ok(Answer::NotFound)
-        ));
-        match answer(StatusCode::OK, &no, true) {
+        assert!(matches!(answer(200, &no, false), Ok(Answer::NotFound)));
+        match answer(200, &no, true) {
             Ok(Answer::Refused { message, wait }) => {
                 assert_eq!(message, "Invalid login or password");
                 assert_eq!(wait, Duration::from_secs(3));
             }
             other => panic!("{other:?}"),
         }
-        assert!(answer(StatusCode::INTERNAL_SERVER_ERROR, &no, false).is_err());
+        assert!(answer(500, &no, false).is_err());
         let bad_port = headers(&[
             ("Auth-Status", "OK"),
             ("Auth-Server", "h"),
             ("Auth-Port", "x"),
         ]);
-        assert!(answer(StatusCode::OK, &bad_port, false).is_err());
+        assert!(answer(200, &bad_port, false).is_err());
         let bad_host = headers(&[
             ("Auth-Status", "OK"),
             ("Auth-Server", "a b"),
             ("Auth-Port", "1"),
         ]);
-        assert!(answer(StatusCode::OK, &bad_host, false).is_err());
+        assert!(answer(200, &bad_host, false).is_err());
     }
 
     #[test]
     fn encoding_round_trips() {
         let odd = "a b%c\r\nd@e";
-        assert_eq!(url_encode(odd), "a%20b%25c%0D%0Ad@e");
-        assert_eq!(url_decode(&url_encode(odd)), odd.as_bytes());
+        let mut encoded = Vec::new();
+        url_encode_into(&mut encoded, odd.as_bytes());
+        assert_eq!(encoded, b"a%20b%25c%0D%0Ad@e");
+        assert_eq!(
+            url_decode(std::str::from_utf8(&encoded).unwrap()),
+            odd.as_bytes()
+        );
+    }
+
+    /// What the scripted service does with a request.
+    enum Reply {
+        Send(Vec<u8>),
+        SendAndClose(Vec<u8>),
+        Close,
+    }
+
+    /// A scripted service on a loopback port: for each request (numbered from 0 over all
+    /// connections) what `answer(n)` says. It records the request heads and counts connections.
+    struct Service {
+        source: HttpSource,
+        requests: std::sync::Arc<Mutex<Vec<String>>>,
+        connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    async fn service(
+        send_password: bool,
+        answer: impl Fn(usize) -> Reply + Send + Sync + 'static,
+    ) -> Service {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let answer = Arc::new(answer);
+        let (seen, count) = (requests.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let (seen, answer) = (seen.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 1024];
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        let n = {
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(String::from_utf8(head).unwrap());
+                            seen.len() - 1
+                        };
+                        let (bytes, close) = match answer(n) {
+                            Reply::Send(bytes) => (bytes, false),
+                            Reply::SendAndClose(bytes) => (bytes, true),
+                            Reply::Close => return,
+                        };
+                        if stream.write_all(&bytes).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let source = HttpSource::new(&HttpLookup {
+            address: address.to_string(),
+            host: address.to_string(),
+            path: "/auth?x=1".into(),
+            send_password,
+            timeout: Duration::from_secs(5),
+            max_in_flight: 4,
+        });
+        Service {
+            source,
+            requests,
+            connections,
+        }
+    }
+
+    impl Service {
+        async fn ask(&self, user: &str) -> Result<Answer, LookupError> {
+            let password = Secret::new(b"p\r\nw%".to_vec());
+            let query = Query {
+                user,
+                // The caller puts the password in only with send_password.
+                password: self.source.config.send_password.then_some(&password),
+                method: "plain",
+                client: "192.0.2.7:50000".parse().unwrap(),
+                attempt: 2,
+                tls: true,
+            };
+            tokio::time::timeout(Duration::from_secs(5), self.source.ask(&query))
+                .await
+                .expect("an answer or an error, not a hang")
+        }
+
+        fn connections(&self) -> usize {
+            self.connections.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    const OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.0.0.7\r\nAuth-Port: 143\r\nContent-Length: 0\r\n\r\n";
+
+    fn routed(answer: Result<Answer, LookupError>) -> String {
+        match answer {
+            Ok(Answer::Found(route)) => route.server,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_is_nginxs_and_the_connection_is_kept() {
+        let s = service(true, |_| Reply::Send(OK.to_vec())).await;
+        assert_eq!(routed(s.ask("al ice@example.net").await), "10.0.0.7:143");
+        assert_eq!(routed(s.ask("bob").await), "10.0.0.7:143");
+        assert_eq!(
+            s.connections(),
+            1,
+            "the second question reuses the connection"
+        );
+        let requests = s.requests.lock().unwrap().clone();
+        assert_eq!(
+            requests[0],
+            format!(
+                "GET /auth?x=1 HTTP/1.1\r\nHost: {host}\r\nAuth-Method: plain\r\nAuth-User: al%20ice@example.net\r\n\
+                 Auth-Protocol: imap\r\nAuth-Login-Attempt: 2\r\nClient-IP: 192.0.2.7\r\n\
+                 Client-Host: [UNAVAILABLE]\r\nAuth-SSL: on\r\nAuth-Pass: p%0D%0Aw%25\r\n\r\n",
+                host = s.source.config.host
+            )
+        );
+        // Without send_password, no Auth-Pass header.
+        let s = service(false, |_| Reply::Send(OK.to_vec())).await;
+        s.ask("bob").await.unwrap();
+        assert!(!s.requests.lock().unwrap()[0].contains("Auth-Pass"));
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_drained_and_the_connection_kept() {
+        let s = service(false, |_| {
+            Reply::Send(
+                b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nContent-Length: 5000\r\n\r\n"
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(b'x', 5000))
+                    .collect(),
+            )
+        })
+        .await;
+        for _ in 0..3 {
+            assert_eq!(routed(s.ask("u").await), "h:1");
+        }
+        assert_eq!(s.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_service_closed_is_replaced_and_the_question_asked_again() {
+        // The service answers the first question, then closes that connection when the
+        // second arrives (as a keep-alive timeout does); the second question is asked again
+        // on a new connection and answered.
+        let s = service(false, |n| {
+            if n == 1 {
+                Reply::Close
+            } else {
+                Reply::Send(OK.to_vec())
+            }
+        })
+        .await;
+        assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
+        assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 2);
+        assert_eq!(s.requests.lock().unwrap().len(), 3);
+        // A new connection closed without an answer is an error, not a loop.
+        let s = service(false, |_| Reply::Close).await;
+        assert!(matches!(s.ask("u").await, Err(LookupError::Failed(_))));
+        assert_eq!(s.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_that_end_the_connection_are_read_and_not_reused() {
+        for answer in [
+            // Chunked: the head is all we use.
+            &b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\n\r\n",
+            // No length: the body runs to the close.
+            b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\n\r\n",
+            // Two lengths.
+            b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            let s = service(false, move |_| Reply::Send(answer.to_vec())).await;
+            assert_eq!(routed(s.ask("u").await), "h:1");
+            assert_eq!(routed(s.ask("u").await), "h:1");
+            assert_eq!(s.connections(), 2, "{}", String::from_utf8_lossy(answer));
+        }
+    }
+
+    #[tokio::test]
+    async fn broken_answers_are_errors() {
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nX: {}\r\n\r\n",
+            "y".repeat(HEAD_MAX + 10)
+        );
+        let many: String = std::iter::once("HTTP/1.1 200 OK\r\n".to_string())
+            .chain((0..=HEADERS_MAX).map(|i| format!("X-{i}: 1\r\n")))
+            .chain(std::iter::once("\r\n".to_string()))
+            .collect();
+        for (answer, close) in [
+            (b"SMTP ready\r\n\r\n".to_vec(), false),
+            (huge.into_bytes(), false),
+            (many.into_bytes(), false),
+            // The head cut short by the close.
+            (b"HTTP/1.1 200 OK\r\nAuth-Sta".to_vec(), true),
+            (
+                b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                false,
+            ),
+        ] {
+            let shown = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+            let s = service(false, move |_| {
+                if close {
+                    Reply::SendAndClose(answer.clone())
+                } else {
+                    Reply::Send(answer.clone())
+                }
+            })
+            .await;
+            let outcome = s.ask("u").await;
+            assert!(
+                matches!(outcome, Err(LookupError::Failed(_))),
+                "{shown}: {outcome:?}"
+            );
+        }
     }
 }
