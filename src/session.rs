@@ -163,7 +163,7 @@ async fn until_login(
     let accepted = tokio::time::Instant::now();
     let timeouts = session.snapshot.config.timeouts.clone();
     let deadline = accepted + timeouts.prelogin;
-    let _ = tcp.set_nodelay(true);
+    // TCP_NODELAY comes from the listening socket (server.rs): accepted sockets inherit it.
 
     if session.listener().proxy_protocol == ProxyProtocol::Required {
         let header_deadline = deadline.min(accepted + timeouts.proxy_header);
