@@ -523,7 +523,14 @@ fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
             };
-            if authority.is_empty() || authority.contains('@') {
+            // Both go into the request as written: visible ASCII only, so no space or CR/LF
+            // can break its line or add a header.
+            let visible = |text: &str| text.bytes().all(|b| b.is_ascii_graphic());
+            if authority.is_empty()
+                || authority.contains('@')
+                || !visible(authority)
+                || !visible(path)
+            {
                 return Err(bad());
             }
             let address = if authority
@@ -1081,6 +1088,23 @@ mod tests {
         assert!(e.message.contains("routing.lookup.http is set too"), "{e}");
         let e = lookup_error("    cache: { ttl: 1s }\n");
         assert!(e.message.contains("http, ldap or sql"), "{e}");
+    }
+
+    #[test]
+    fn an_http_lookup_url_cannot_break_the_request() {
+        for url in [
+            "http://127.0.0.1:9000/auth\\r\\nX-Injected: 1",
+            "http://127.0.0.1:9000/a b",
+            "http://127.0.0.1:9000 /auth",
+            "https://127.0.0.1/auth",
+            "http://u@127.0.0.1/auth",
+        ] {
+            let e = lookup_error(&format!("    http: {{ url: \"{url}\" }}\n"));
+            assert!(
+                e.message.contains("is not http://host:port/path"),
+                "{url}: {e}"
+            );
+        }
     }
 
     #[test]

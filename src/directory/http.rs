@@ -49,8 +49,8 @@ pub(crate) struct HttpSource {
 
 /// How one exchange on a connection failed.
 enum Failure {
-    /// A kept connection gave no answer at all: the service closed it while it was idle
-    /// (its keep-alive timeout). The GET is asked again on a new connection.
+    /// No answer at all: on a kept connection, the service closed it (its keep-alive timeout)
+    /// as the GET went out; the GET is asked again, once, on a new connection.
     Stale,
     Error(String),
 }
@@ -84,10 +84,12 @@ impl HttpSource {
             .map_err(|_| LookupError::Failed("closed".into()))?;
         let request = self.request(query);
         let here = std::thread::current().id();
+        let mut kept = self.idle_connection(here);
         loop {
-            let (mut stream, kept) = match self.idle_connection(here) {
-                Some(stream) => (stream, true),
-                None => (self.connect().await?, false),
+            let reused = kept.is_some();
+            let mut stream = match kept.take() {
+                Some(stream) => stream,
+                None => self.connect().await?,
             };
             match exchange(&mut stream, &request, self.config.send_password).await {
                 Ok(Exchanged { answer, reusable }) => {
@@ -99,8 +101,9 @@ impl HttpSource {
                     }
                     return answer;
                 }
-                // Only a kept connection is tried again, so this ends: the next one is new.
-                Err(Failure::Stale) if kept => continue,
+                // Asked again once, on a new connection (`kept` is None now): a stale one
+                // closed while idle is found when it is taken, this is the race with it.
+                Err(Failure::Stale) if reused => {}
                 Err(Failure::Stale) => {
                     return Err(LookupError::Failed(
                         "the service closed without an answer".into(),
@@ -111,12 +114,20 @@ impl HttpSource {
         }
     }
 
-    /// The most recently used idle connection of this thread.
+    /// The most recently used idle connection of this thread that is quiet: one the service
+    /// closed, or that holds bytes nobody asked for, is dropped (reading its leftovers as the
+    /// next answer would route the next user by someone else's answer).
     fn idle_connection(&self, here: ThreadId) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.iter()
-            .rposition(|(thread, _)| *thread == here)
-            .map(|i| idle.swap_remove(i).1)
+        while let Some(i) = idle.iter().rposition(|(thread, _)| *thread == here) {
+            let (_, stream) = idle.swap_remove(i);
+            let mut probe = [0u8; 1];
+            if matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            {
+                return Some(stream);
+            }
+        }
+        None
     }
 
     async fn connect(&self) -> Result<TcpStream, LookupError> {
@@ -170,7 +181,10 @@ async fn exchange(
         return Err(Failure::Stale);
     }
     let mut buf = Vec::with_capacity(1024);
-    let (answer, head_len, body) = loop {
+    // Where the search for the head's end resumes: the head is parsed once it is whole, not
+    // again after every read (a service sending a byte at a time would make that quadratic).
+    let mut searched = 0;
+    let (answer, head_len, body) = 'read: loop {
         if buf.len() >= HEAD_MAX {
             return Err(Failure::Error(format!(
                 "the answer's head is longer than {HEAD_MAX} bytes"
@@ -185,17 +199,33 @@ async fn exchange(
             Err(e) => return Err(Failure::Error(format!("read: {e}"))),
             Ok(_) => {}
         }
-        let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(head_len)) => {
-                let status = response.code.unwrap_or(0);
-                let answer = answer(status, response.headers, send_password);
-                let body = Body::of(&response);
-                break (answer, head_len, body);
+        loop {
+            if memchr::memmem::find(&buf[searched..], b"\r\n\r\n").is_none() {
+                searched = buf.len().saturating_sub(3);
+                continue 'read;
             }
-            Err(e) => return Err(Failure::Error(format!("the answer is not HTTP: {e}"))),
+            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+            let mut response = httparse::Response::new(&mut headers);
+            let head_len = match response.parse(&buf) {
+                Ok(httparse::Status::Complete(head_len)) => head_len,
+                Ok(httparse::Status::Partial) => {
+                    searched = buf.len().saturating_sub(3);
+                    continue 'read;
+                }
+                Err(e) => return Err(Failure::Error(format!("the answer is not HTTP: {e}"))),
+            };
+            match response.code {
+                // An interim answer (100 Continue, 103 Early Hints): the real one follows, as
+                // hyper reads it too. (101 would switch protocols: not an answer we take.)
+                Some(100 | 102..=199) => {
+                    buf.drain(..head_len);
+                    searched = 0;
+                }
+                code => {
+                    let answer = answer(code.unwrap_or(0), response.headers, send_password);
+                    break 'read (answer, head_len, Body::of(&response));
+                }
+            }
         }
     };
     let reusable = match body {
@@ -244,6 +274,10 @@ impl Body {
         if response.version != Some(1) || closes {
             return Body::Close;
         }
+        // These never have a body, whatever the headers say (RFC 9112, 6.3).
+        if matches!(response.code, Some(204 | 304)) {
+            return Body::Length(0);
+        }
         if values("Transfer-Encoding").next().is_some() {
             return Body::Unknown;
         }
@@ -251,7 +285,6 @@ impl Body {
         match (lengths.next(), lengths.next()) {
             (Some(length), None) => length.parse().map_or(Body::Unknown, Body::Length),
             (Some(_), Some(_)) => Body::Unknown,
-            (None, _) if matches!(response.code, Some(204 | 304)) => Body::Length(0),
             (None, _) => Body::Unknown,
         }
     }
@@ -437,6 +470,9 @@ mod tests {
     enum Reply {
         Send(Vec<u8>),
         SendAndClose(Vec<u8>),
+        /// The answer, then, once `stray_go` is notified, bytes nobody asked for (and
+        /// `stray_sent` is notified once they are out).
+        SendThenStray(Vec<u8>, Vec<u8>),
         Close,
     }
 
@@ -446,6 +482,8 @@ mod tests {
         source: HttpSource,
         requests: std::sync::Arc<Mutex<Vec<String>>>,
         connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        stray_go: std::sync::Arc<tokio::sync::Notify>,
+        stray_sent: std::sync::Arc<tokio::sync::Notify>,
     }
 
     async fn service(
@@ -454,17 +492,21 @@ mod tests {
     ) -> Service {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::sync::Notify;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let answer = Arc::new(answer);
+        let (stray_go, stray_sent) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let (seen, count) = (requests.clone(), connections.clone());
+        let (go, sent) = (stray_go.clone(), stray_sent.clone());
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
                 let (seen, answer) = (seen.clone(), answer.clone());
+                let (go, sent) = (go.clone(), sent.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -484,13 +526,25 @@ mod tests {
                             seen.push(String::from_utf8(head).unwrap());
                             seen.len() - 1
                         };
-                        let (bytes, close) = match answer(n) {
+                        let reply = answer(n);
+                        let stray = matches!(reply, Reply::SendThenStray(..));
+                        let (bytes, close) = match reply {
                             Reply::Send(bytes) => (bytes, false),
                             Reply::SendAndClose(bytes) => (bytes, true),
+                            Reply::SendThenStray(bytes, extra) => {
+                                if stream.write_all(&bytes).await.is_err() {
+                                    return;
+                                }
+                                go.notified().await;
+                                (extra, false)
+                            }
                             Reply::Close => return,
                         };
                         if stream.write_all(&bytes).await.is_err() || close {
                             return;
+                        }
+                        if stray {
+                            sent.notify_one();
                         }
                     }
                 });
@@ -508,6 +562,8 @@ mod tests {
             source,
             requests,
             connections,
+            stray_go,
+            stray_sent,
         }
     }
 
@@ -613,10 +669,10 @@ mod tests {
     #[tokio::test]
     async fn answers_that_end_the_connection_are_read_and_not_reused() {
         for answer in [
-            // Chunked: the head is all we use.
-            &b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+            // Chunked (whatever Content-Length says): the head is all we use.
+            &b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, Close\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nContent-Length: 0\r\n\r\n",
-            b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nContent-Length: 0\r\n\r\n",
             // No length: the body runs to the close.
             b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\n\r\n",
             // Two lengths.
@@ -631,14 +687,17 @@ mod tests {
 
     #[tokio::test]
     async fn broken_answers_are_errors() {
+        // Both would route (they carry a whole answer) but for the limits.
         let huge = format!(
-            "HTTP/1.1 200 OK\r\nX: {}\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\nX: {}\r\nContent-Length: 0\r\n\r\n",
             "y".repeat(HEAD_MAX + 10)
         );
-        let many: String = std::iter::once("HTTP/1.1 200 OK\r\n".to_string())
-            .chain((0..=HEADERS_MAX).map(|i| format!("X-{i}: 1\r\n")))
-            .chain(std::iter::once("\r\n".to_string()))
-            .collect();
+        let many: String = std::iter::once(
+            "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: h\r\nAuth-Port: 1\r\n".to_string(),
+        )
+        .chain((0..=HEADERS_MAX).map(|i| format!("X-{i}: 1\r\n")))
+        .chain(std::iter::once("\r\n".to_string()))
+        .collect();
         for (answer, close) in [
             (b"SMTP ready\r\n\r\n".to_vec(), false),
             (huge.into_bytes(), false),
@@ -665,5 +724,78 @@ mod tests {
                 "{shown}: {outcome:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped() {
+        let s = service(false, |_| {
+            Reply::Send(
+                [
+                    &b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n"[..],
+                    OK,
+                ]
+                .concat(),
+            )
+        })
+        .await;
+        assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
+        assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn bytes_nobody_asked_for_cost_the_connection_and_never_route() {
+        const EVIL: &[u8] =
+            b"HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 10.6.6.6\r\nAuth-Port: 143\r\nContent-Length: 0\r\n\r\n";
+        // In the same write as the answer.
+        let s = service(false, |n| {
+            if n == 0 {
+                Reply::Send([OK, EVIL].concat())
+            } else {
+                Reply::Send(OK.to_vec())
+            }
+        })
+        .await;
+        assert_eq!(routed(s.ask("a").await), "10.0.0.7:143");
+        assert_eq!(routed(s.ask("b").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 2);
+        // After the answer, once the lookup is over: found when the connection is taken.
+        let s = service(false, |n| {
+            if n == 0 {
+                Reply::SendThenStray(OK.to_vec(), EVIL.to_vec())
+            } else {
+                Reply::Send(OK.to_vec())
+            }
+        })
+        .await;
+        assert_eq!(routed(s.ask("a").await), "10.0.0.7:143");
+        s.stray_go.notify_one();
+        s.stray_sent.notified().await;
+        assert_eq!(routed(s.ask("b").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_question_is_asked_again_once_on_a_new_connection() {
+        // Two kept connections; the service drops the third question's connection without an
+        // answer. The question goes to a new connection, not to the other kept one.
+        let s = service(false, |n| {
+            if n == 2 {
+                Reply::Close
+            } else {
+                Reply::Send(OK.to_vec())
+            }
+        })
+        .await;
+        let (a, b) = tokio::join!(s.ask("a"), s.ask("b"));
+        assert_eq!(
+            (routed(a), routed(b)),
+            ("10.0.0.7:143".into(), "10.0.0.7:143".into())
+        );
+        assert_eq!(s.connections(), 2);
+        assert_eq!(routed(s.ask("c").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 3);
+        assert_eq!(routed(s.ask("d").await), "10.0.0.7:143");
+        assert_eq!(s.connections(), 3, "the new connection is kept");
     }
 }
