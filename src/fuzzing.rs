@@ -521,3 +521,47 @@ pub fn tls_peer(data: &[u8]) {
         })
     });
 }
+
+/// An auth_http service's answer as the lookup reads it: heads from the start of `data`, the
+/// interim ones (1xx) dropped as `exchange` drops them, then the final one, with and without
+/// `send_password`. Panics if an interim head makes no progress, a head claims more octets
+/// than it was given, a route's `host:port` could break a log line or a dial (a space or a
+/// control character), or a refusal's text could break the IMAP line it is sent in.
+pub fn auth_http_answer(data: &[u8]) {
+    use crate::directory::Answer;
+    use crate::directory::http::{Head, parse_head};
+    for send_password in [false, true] {
+        let mut rest = data;
+        loop {
+            match parse_head(rest, send_password) {
+                Ok(Head::Interim(length)) => {
+                    assert!(
+                        length > 0 && length <= rest.len(),
+                        "interim head of {length}"
+                    );
+                    rest = &rest[length..];
+                }
+                Ok(Head::Final {
+                    answer, head_len, ..
+                }) => {
+                    assert!(head_len <= rest.len());
+                    match answer {
+                        Ok(Answer::Found(route)) => assert!(
+                            !route.server.is_empty()
+                                && route.server.bytes().all(|b| b.is_ascii_graphic()),
+                            "route to {:?}",
+                            route.server
+                        ),
+                        Ok(Answer::Refused { message, .. }) => assert!(
+                            !message.chars().any(char::is_control),
+                            "refusal {message:?}"
+                        ),
+                        Ok(Answer::NotFound) | Err(_) => {}
+                    }
+                    break;
+                }
+                Ok(Head::Partial) | Err(_) => break,
+            }
+        }
+    }
+}

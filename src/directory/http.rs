@@ -48,7 +48,7 @@ pub(crate) struct HttpSource {
 }
 
 /// How one exchange on a connection failed.
-enum Failure {
+pub(crate) enum Failure {
     /// No answer at all: on a kept connection, the service closed it (its keep-alive timeout)
     /// as the GET went out; the GET is asked again, once, on a new connection.
     Stale,
@@ -204,27 +204,20 @@ async fn exchange(
                 searched = buf.len().saturating_sub(3);
                 continue 'read;
             }
-            let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
-            let mut response = httparse::Response::new(&mut headers);
-            let head_len = match response.parse(&buf) {
-                Ok(httparse::Status::Complete(head_len)) => head_len,
-                Ok(httparse::Status::Partial) => {
+            match parse_head(&buf, send_password)? {
+                Head::Partial => {
                     searched = buf.len().saturating_sub(3);
                     continue 'read;
                 }
-                Err(e) => return Err(Failure::Error(format!("the answer is not HTTP: {e}"))),
-            };
-            match response.code {
-                // An interim answer (100 Continue, 103 Early Hints): the real one follows, as
-                // hyper reads it too. (101 would switch protocols: not an answer we take.)
-                Some(100 | 102..=199) => {
+                Head::Interim(head_len) => {
                     buf.drain(..head_len);
                     searched = 0;
                 }
-                code => {
-                    let answer = answer(code.unwrap_or(0), response.headers, send_password);
-                    break 'read (answer, head_len, Body::of(&response));
-                }
+                Head::Final {
+                    answer,
+                    head_len,
+                    body,
+                } => break 'read (answer, head_len, body),
             }
         }
     };
@@ -248,8 +241,44 @@ async fn exchange(
     Ok(Exchanged { answer, reusable })
 }
 
+/// What the octets read so far hold.
+pub(crate) enum Head {
+    /// Not a whole head yet.
+    Partial,
+    /// An interim answer (100 Continue, 103 Early Hints) of this many octets: the real one
+    /// follows, as hyper reads it too. (101 would switch protocols: not an answer we take.)
+    Interim(usize),
+    /// The answer, its head's length, and what follows the head.
+    Final {
+        answer: Result<Answer, LookupError>,
+        head_len: usize,
+        body: Body,
+    },
+}
+
+/// The answer's head at the start of `buf`: a pure function of the octets, so the fuzzer
+/// can drive it (`fuzzing::auth_http_answer`).
+pub(crate) fn parse_head(buf: &[u8], send_password: bool) -> Result<Head, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(head_len)) => head_len,
+        Ok(httparse::Status::Partial) => return Ok(Head::Partial),
+        Err(e) => return Err(Failure::Error(format!("the answer is not HTTP: {e}"))),
+    };
+    Ok(match response.code {
+        Some(100 | 102..=199) => Head::Interim(head_len),
+        code => Head::Final {
+            answer: answer(code.unwrap_or(0), response.headers, send_password),
+            head_len,
+            body: Body::of(&response),
+        },
+    })
+}
+
 /// What follows an answer's head, for reusing the connection.
-enum Body {
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Body {
     /// `Content-Length` (or none at all: a 204 or 304), on a connection kept open.
     Length(usize),
     /// Chunked or delimited by the close: the connection is not reused (the head is all we use).
