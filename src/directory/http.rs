@@ -184,6 +184,7 @@ async fn exchange(
     // Where the search for the head's end resumes: the head is parsed once it is whole, not
     // again after every read (a service sending a byte at a time would make that quadratic).
     let mut searched = 0;
+    let mut answered = false;
     let (answer, head_len, body) = 'read: loop {
         if buf.len() >= HEAD_MAX {
             return Err(Failure::Error(format!(
@@ -194,10 +195,11 @@ async fn exchange(
             buf.reserve(buf.len());
         }
         match stream.read_buf(&mut buf).await {
-            Ok(0) | Err(_) if buf.is_empty() => return Err(Failure::Stale),
+            // Nothing at all (not even an interim answer since dropped): the stale case.
+            Ok(0) | Err(_) if !answered => return Err(Failure::Stale),
             Ok(0) => return Err(Failure::Error("the answer ended within its head".into())),
             Err(e) => return Err(Failure::Error(format!("read: {e}"))),
-            Ok(_) => {}
+            Ok(_) => answered = true,
         }
         loop {
             if memchr::memmem::find(&buf[searched..], b"\r\n\r\n").is_none() {
@@ -770,6 +772,15 @@ mod tests {
         assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
         assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
         assert_eq!(s.connections(), 1);
+        // An interim answer, then the close: the service saw the GET, so it is not sent again.
+        let s = service(false, |n| match n {
+            1 => Reply::SendAndClose(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec()),
+            _ => Reply::Send(OK.to_vec()),
+        })
+        .await;
+        assert_eq!(routed(s.ask("u").await), "10.0.0.7:143");
+        assert!(matches!(s.ask("u").await, Err(LookupError::Failed(_))));
+        assert_eq!(s.requests.lock().unwrap().len(), 2);
     }
 
     #[tokio::test]
