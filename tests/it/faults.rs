@@ -677,6 +677,37 @@ async fn a_silent_backend_mid_fetch_is_noticed() {
     gate.stop().await;
 }
 
+/// A logged-in session sitting idle when its backend vanishes (a partition with nothing in
+/// flight: only keepalive probes can notice) ends within `timeouts.keepalive`. The probes go
+/// unanswered and TCP_USER_TIMEOUT ends the connection on the fourth probe's turn: no probe
+/// count is set (stream.rs), so this is the test that the user timeout alone ends it. The
+/// session and its descriptors are freed.
+#[tokio::test]
+async fn an_idle_session_on_a_vanished_backend_ends_within_the_keepalive() {
+    let Some(b) = backends() else { return };
+    let gate = Gate::start(&b, false, QUIET).await;
+    let baseline = gate.baseline().await;
+    let rss = gate.rss_kib();
+    let mut c = gate.connect().await;
+    c.login("alice", "alice-secret").await;
+    b.ns.blackhole();
+    let silent = Instant::now();
+    let mut got = Vec::new();
+    let ended = read_until_quiet(&mut c.stream, &mut got, KEEPALIVE + SLACK * 2).await;
+    let took = silent.elapsed();
+    assert!(
+        ended,
+        "{took:?} after the backend vanished the idle session is still open: {:?}",
+        gate.sessions("alice").await
+    );
+    // The first probe goes out after half the keepalive of silence: an earlier end would be
+    // something else failing.
+    assert!(took >= KEEPALIVE / 2, "ended after {took:?}");
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    gate.settled("alice", 0, baseline, rss).await;
+    gate.stop().await;
+}
+
 /// 200 ms more on every packet into `far`'s namespace (a round trip 200 ms longer): logins
 /// and commands on `far` succeed, slower, within the configured timeouts; its health checks
 /// still find it up; bob's session is as fast as before.
