@@ -239,9 +239,7 @@ run_scenarios() {  # $1: backend kind
     if [ "$kind" = fake ]; then
       for t in haproxy nginx imapgate; do
         for resume in "" --resume; do
-          # Two threads, as the load tool ran before --threads: a handshake's client side is crypto
-          # heavy, and one thread was not tried here.
-          "$LOAD" --threads 2 tls --target "127.0.0.1:$(tls_port $t implicit)" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
+          "$LOAD" tls --target "127.0.0.1:$(tls_port $t implicit)" --pid "$(target_pids $t)" --label "$t" --ca "$WORK/certs/ca.pem" \
             --server-name localhost --workers 50 --seconds "$SECONDS_PER" $resume | sed "s/^{/{\"backend\":\"$kind\",\"round\":$round,/" >> "$RESULTS"
         done
       done

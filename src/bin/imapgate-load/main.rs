@@ -30,12 +30,12 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(about = "Load generator and fake backend for IMAP proxies")]
 struct Cli {
-    /// Threads of the load tool's runtime, for its clients and its servers alike. One by
-    /// default: the load tool shares the machine with the proxy it measures, and every thread
-    /// more adds wakeups and preemptions that each target pays for alike, which dilutes the
-    /// differences between them. Raise it when the load tool itself is the bottleneck.
-    #[arg(long, global = true, default_value_t = 1)]
-    threads: usize,
+    /// Threads of the load tool's runtime, for its clients and its servers alike (default: one
+    /// per core, work-stealing). `1` runs everything on one thread, without work stealing: the
+    /// load tool then costs less per login, but shares the cores with the proxy differently
+    /// (BENCHMARKS.md, "The load tool on one thread").
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -221,11 +221,14 @@ fn main() -> std::io::Result<()> {
     imapgate::raise_fd_limit();
     let cli = Cli::parse();
     let runtime = match cli.threads {
-        0 | 1 => tokio::runtime::Builder::new_current_thread()
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?,
     };
