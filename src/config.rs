@@ -329,6 +329,7 @@ fn validate(raw: file::ConfigFile, source_name: &str) -> Result<Config, ConfigEr
             send_proxy: b.send_proxy,
             forward_id: b.forward_id,
             quickack: b.quickack,
+            splice: b.splice,
         });
     }
     if backends.iter().all(|b| b.weight == 0) {
@@ -602,6 +603,7 @@ fn lookup(v: &Validator, l: &file::LookupFile) -> Result<Lookup, ConfigError> {
             send_proxy: d.send_proxy,
             forward_id: d.forward_id,
             quickack: d.quickack,
+            splice: d.splice,
         },
     })
 }
@@ -1019,6 +1021,42 @@ mod tests {
         let c = embedded_default().expect("embedded default must validate");
         assert_eq!(c.listeners[0].bind, "127.0.0.1:1143".parse().unwrap());
         assert_eq!(c.backends[0].address, "127.0.0.1:143");
+    }
+
+    /// Splicing is a backend's choice, off unless set, for configured backends and for those
+    /// the directory names alike.
+    #[test]
+    fn splice_is_off_unless_a_backend_asks() {
+        let c = parse(
+            "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\n  - { name: b, address: \"127.0.0.1:2\", splice: true }\n\
+             routing: { lookup: { http: { url: \"http://127.0.0.1:9/auth\" }, backend_defaults: { splice: true } } }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert!(!c.backends[0].splice);
+        assert!(c.backends[1].splice);
+        let lookup = c.routing.lookup.as_ref().expect("a lookup");
+        assert!(lookup.backend_defaults.splice);
+        let named = lookup
+            .backend_defaults
+            .backend("x".into(), "127.0.0.1:3")
+            .unwrap();
+        assert!(named.splice);
+        let plain = parse(
+            "backends:\n  - { name: a, address: \"127.0.0.1:1\" }\n\
+             routing: { lookup: { http: { url: \"http://127.0.0.1:9/auth\" } } }\n",
+            "t.yaml",
+        )
+        .unwrap();
+        assert!(
+            !plain
+                .routing
+                .lookup
+                .as_ref()
+                .unwrap()
+                .backend_defaults
+                .splice
+        );
     }
 
     #[test]

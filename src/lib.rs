@@ -37,7 +37,7 @@ pub use reload::{ReloadError, reload};
 pub use route::backends_for;
 pub use server::{Bound, BoundListener, Server, bind, raise_fd_limit};
 pub use services::Services;
-pub use session::relay::relay;
+pub use session::relay::{BackendTuning, relay};
 pub use stream::Stream;
 pub use tap::{Tap, Way};
 pub use tls::ServerTls;

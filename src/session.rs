@@ -372,7 +372,7 @@ impl LoggedInSession {
             tap,
             authenticated.client_buffered,
             backend.buffered,
-            authenticated.quickack,
+            authenticated.tuning,
         );
         LoggedInSession {
             relay,

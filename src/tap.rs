@@ -15,7 +15,8 @@ pub trait Tap: Send + 'static {
     fn observe(&mut self, way: Way, bytes: &[u8]);
 
     /// How many of the octets coming next `way` the tap has no need to see (the rest of a
-    /// literal). The plain relay moves that many with splice(2) when it is worth it, and
+    /// literal). The plain relay moves that many with splice(2) when it is worth it and the
+    /// backend says `splice: true`, and
     /// reports them with `passed_unseen`.
     fn unseen_ahead(&self, _way: Way) -> u64 {
         0

@@ -278,6 +278,9 @@ pub struct BackendFile {
     /// Acknowledge the backend's data at once (TCP_QUICKACK) instead of Linux's delayed ACK.
     #[serde(default = "yes")]
     pub quickack: bool,
+    /// Move long literal bodies socket → pipe → socket with splice(2) instead of copying them.
+    #[serde(default)]
+    pub splice: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -453,6 +456,8 @@ pub struct BackendDefaultsFile {
     pub forward_id: bool,
     #[serde(default = "yes")]
     pub quickack: bool,
+    #[serde(default)]
+    pub splice: bool,
 }
 
 impl Default for BackendDefaultsFile {
@@ -465,6 +470,7 @@ impl Default for BackendDefaultsFile {
             send_proxy: SendProxy::None,
             forward_id: false,
             quickack: true,
+            splice: false,
         }
     }
 }

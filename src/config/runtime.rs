@@ -188,6 +188,8 @@ pub struct Backend {
     pub forward_id: bool,
     /// TCP_QUICKACK on the backend socket whenever the relay drained it (see relay/tcp.rs).
     pub quickack: bool,
+    /// Long literal bodies spliced socket → pipe → socket on the plain relay (relay/splice.rs).
+    pub splice: bool,
 }
 
 impl std::fmt::Debug for Backend {
@@ -200,6 +202,7 @@ impl std::fmt::Debug for Backend {
             .field("send_proxy", &self.send_proxy)
             .field("forward_id", &self.forward_id)
             .field("quickack", &self.quickack)
+            .field("splice", &self.splice)
             .finish()
     }
 }
@@ -397,6 +400,7 @@ pub struct BackendDefaults {
     pub send_proxy: SendProxy,
     pub forward_id: bool,
     pub quickack: bool,
+    pub splice: bool,
 }
 
 impl BackendDefaults {
@@ -431,6 +435,7 @@ impl BackendDefaults {
             send_proxy: self.send_proxy,
             forward_id: self.forward_id,
             quickack: self.quickack,
+            splice: self.splice,
         })
     }
 }

@@ -46,7 +46,8 @@ pub struct Authenticated {
     pub snapshot: Arc<Snapshot>,
     /// The backend's live state (metrics, name).
     pub state: Arc<BackendState>,
-    pub quickack: bool,
+    /// The backend's relay settings.
+    pub tuning: super::relay::BackendTuning,
     /// The user as routed (authzid or login name), for logs and `/sessions`.
     pub user: String,
     /// Bytes the client sent behind its login command; they go to the backend first.
@@ -339,7 +340,7 @@ async fn dial_targets(
                 return Ok(LoginAttempt::LoggedIn(Box::new(Authenticated {
                     backend: logged_in,
                     snapshot: snapshot.clone(),
-                    quickack: backend.quickack,
+                    tuning: super::relay::BackendTuning::of(&backend),
                     state,
                     user: user.to_string(),
                     client_buffered: Vec::new(),

@@ -6,9 +6,9 @@
 //! path takes no lock. Plain or TLS, the two ends are driven alike (`relay/end.rs`): a TLS end
 //! is the connection's `TlsStream` (`stream/tls.rs`, rustls's unbuffered API), whose ciphertext
 //! is read a pooled buffer at a time and decrypted record by record into the relay's buffer.
-//! Between two plain sockets the body of a literal of 64 KiB or more (a FETCH'd message, an
-//! APPEND) does not pass through user space at all: it is spliced socket → pipe → socket
-//! (`relay/splice.rs`). Every chunk passes through the relay's `Tap` (`tap.rs`) on its way,
+//! For a backend with `splice: true`, between two plain sockets the body of a literal of 64 KiB
+//! or more (a FETCH'd message, an APPEND) does not pass through user space at all: it is
+//! spliced socket → pipe → socket (`relay/splice.rs`). Every chunk passes through the relay's `Tap` (`tap.rs`) on its way,
 //! which is where the command observer and the byte counters sit; it sees the relay's own
 //! buffer, it never copies or delays. The state machine is `relay/pump.rs`.
 //!
@@ -82,7 +82,7 @@ pub fn relay<O: Tap>(
     tap: O,
     client_first: Vec<u8>,
     backend_first: Vec<u8>,
-    backend_quickack: bool,
+    tuning: BackendTuning,
 ) -> Relay<O> {
     Relay::new(
         End::from(client),
@@ -90,8 +90,28 @@ pub fn relay<O: Tap>(
         half_close,
         tap,
         (client_first, backend_first),
-        backend_quickack,
+        tuning,
     )
+}
+
+/// What the relay does with a backend's connection beyond moving octets: that backend's
+/// `quickack` and `splice` settings.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendTuning {
+    /// TCP_QUICKACK on the backend socket when a read drained it while answers are owed.
+    pub quickack: bool,
+    /// Long literal bodies moved socket → pipe → socket with splice(2) between plain ends, both
+    /// ways, instead of copied (`relay/splice.rs`).
+    pub splice: bool,
+}
+
+impl BackendTuning {
+    pub(crate) fn of(backend: &crate::config::Backend) -> Self {
+        BackendTuning {
+            quickack: backend.quickack,
+            splice: backend.splice,
+        }
+    }
 }
 
 thread_local! {
@@ -230,7 +250,10 @@ mod tests {
             observer,
             Vec::new(),
             Vec::new(),
-            true,
+            BackendTuning {
+                quickack: true,
+                splice: true,
+            },
         ));
         let (up_len, down_len) = (upload.len(), answer.len());
         let expected = answer.clone();

@@ -69,7 +69,8 @@ struct Gate {
 }
 
 impl Gate {
-    /// `health` is the config's `health:` value.
+    /// `health` is the config's `health:` value. `far`, where the faults happen, splices long
+    /// literals (`splice: true`), so the faults mid-FETCH meet the splice path; `near` copies.
     async fn start(b: &Backends, failover: bool, health: &str) -> Gate {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
@@ -77,7 +78,7 @@ impl Gate {
             let yaml = format!(
                 "listeners:\n  - {{ name: imap, bind: \"127.0.0.1:{port}\" }}\n\
                  admin: {{ bind: \"127.0.0.1:{admin_port}\" }}\n\
-                 backends:\n  - {{ name: far, address: \"{}\" }}\n  - {{ name: near, address: \"{}\" }}\n\
+                 backends:\n  - {{ name: far, address: \"{}\", splice: true }}\n  - {{ name: near, address: \"{}\" }}\n\
                  routing: {{ failover: {failover}, static: {{ alice: far, bob: near }} }}\n\
                  timeouts: {{ backend_connect: {}ms, backend_greeting: {}ms, backend_login: {}ms, keepalive: {}ms, shutdown_grace: 500ms }}\n\
                  health: {health}\n",

@@ -235,7 +235,8 @@ async fn pipelined_commands(kind: Kind) {
 }
 
 /// A 300 KB message with IMAP-looking lines goes in by APPEND and comes back by FETCH byte for
-/// byte (its body is spliced, not read, on the way).
+/// byte (its body copied past the observer, which skips it by count; the faults tests cover the
+/// splice path).
 async fn append_and_fetch_byte_exact(kind: Kind) {
     let Some((_server, proxy)) = through_imapgate(kind).await else {
         return;

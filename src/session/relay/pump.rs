@@ -6,7 +6,8 @@
 //! either waiting to read (no buffer), or holds the octets it read until the other end took
 //! them all (a pooled buffer, or the first bytes handed over from the login; a TLS source may
 //! also hold ciphertext not yet decrypted, see `end.rs`), or is splicing a
-//! long literal's body between two plain sockets (a pooled pipe, see `splice`). The readiness
+//! long literal's body between two plain sockets where the backend says `splice: true` (a
+//! pooled pipe, see `splice`). The readiness
 //! registrations are the sockets' own (tokio's `poll_*_ready`), with this task's waker.
 
 use std::future::Future;
@@ -49,15 +50,16 @@ struct Direction {
     pending: Pending,
     /// The source said end-of-stream and the half-close was passed on.
     done: bool,
-    /// splice(2) failed as unsupported on these sockets: always copy.
-    no_splice: bool,
+    /// Long literal bodies are spliced (`backends[].splice`); cleared when splice(2) fails as
+    /// unsupported on these sockets, which are copied from then on.
+    splice: bool,
     /// Acknowledge the source's data at once whenever it is drained (`ack_now`).
     quickack: bool,
 }
 
 impl Direction {
     /// `first` has been observed already.
-    fn new(first: Vec<u8>, quickack: bool) -> Self {
+    fn new(first: Vec<u8>, quickack: bool, splice: bool) -> Self {
         let pending = if first.is_empty() {
             Pending::None
         } else {
@@ -66,7 +68,7 @@ impl Direction {
         Direction {
             pending,
             done: false,
-            no_splice: false,
+            splice,
             quickack,
         }
     }
@@ -134,7 +136,7 @@ impl Direction {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                             Err(e) if splice_unsupported(&e) => {
                                 // Nothing moved yet in this chunk: copy from here on.
-                                self.no_splice = true;
+                                self.splice = false;
                                 self.pending = Pending::None;
                             }
                             Err(e) => return Poll::Ready(Err(e)),
@@ -179,7 +181,7 @@ impl Direction {
                 }
             }
             // A long literal body coming, which the tap need not see: splice it.
-            let unseen = if self.no_splice || !from.is_plain() || !to.is_plain() {
+            let unseen = if !self.splice || !from.is_plain() || !to.is_plain() {
                 0
             } else {
                 tap.unseen_ahead(way)
@@ -263,7 +265,7 @@ impl<O: Tap> Relay<O> {
         half_close: Duration,
         mut tap: O,
         (client_first, backend_first): (Vec<u8>, Vec<u8>),
-        backend_quickack: bool,
+        tuning: super::BackendTuning,
     ) -> Self {
         if !client_first.is_empty() {
             tap.observe(Way::ClientToBackend, &client_first);
@@ -276,8 +278,8 @@ impl<O: Tap> Relay<O> {
             backend,
             tap,
             last_word: LastWord::Open,
-            up: Direction::new(client_first, false),
-            down: Direction::new(backend_first, backend_quickack),
+            up: Direction::new(client_first, false, tuning.splice),
+            down: Direction::new(backend_first, tuning.quickack, tuning.splice),
             half_close,
             deadline: None,
         }

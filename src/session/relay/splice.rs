@@ -4,7 +4,11 @@
 //! (`Tap::unseen_ahead`) the relay does not need to read them at all. On Linux, splicing a
 //! TCP socket into a pipe takes references to the received pages and splicing the pipe into
 //! the other socket hands them on: the two copies a read/write relay makes per byte are gone.
-//! This is what makes a large FETCH cheaper through imapgate than through a proxy that copies.
+//!
+//! Whether that is cheaper depends on the kernel: on this project's first test machines it
+//! halved the CPU per GB of a large FETCH; on a later kernel over loopback it nearly doubled it
+//! and copying relayed 1.75× as fast (BENCHMARKS.md, "Splice or copy"). So it is a backend's
+//! choice (`backends[].splice`), off unless set.
 //!
 //! A pipe is two file descriptors, so pipes are pooled per worker thread and held only while a
 //! literal is in flight; an idle session holds none. If no pipe can be made (out of file
