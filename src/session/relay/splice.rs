@@ -6,7 +6,7 @@
 //! the other socket hands them on: the two copies a read/write relay makes per byte are gone.
 //!
 //! Whether that is cheaper depends on the kernel: on this project's first test machines it
-//! halved the CPU per GB of a large FETCH; on a later kernel over loopback it nearly doubled it
+//! nearly halved the CPU per GB of a large FETCH; on a later kernel over loopback it nearly doubled it
 //! and copying relayed 1.75× as fast (BENCHMARKS.md, "Splice or copy"). So it is a backend's
 //! choice (`backends[].splice`), off unless set.
 //!
