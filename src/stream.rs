@@ -41,7 +41,7 @@ impl std::fmt::Debug for Stream {
 ///
 /// No TCP_KEEPCNT: with a user timeout set, Linux's keepalive timer ends the connection by the
 /// user timeout and never reads the probe count (tcp_keepalive_timer), so it would be one
-/// setsockopt more per backend connection for nothing.
+/// setsockopt more per backend connection (and per listener) for nothing.
 pub(crate) fn detect_dead_peer(socket: &impl std::os::fd::AsFd, after: Duration) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(after / 2)

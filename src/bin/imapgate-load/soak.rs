@@ -7,7 +7,8 @@
 //! - **idle**: log in, SELECT INBOX, IDLE for a while (seeing the mail workers' EXISTS), DONE,
 //!   LOGOUT;
 //! - **mail**: log in, SELECT INBOX, a few rounds of APPEND (synchronizing literal; every fifth
-//!   message over 64 KiB, so the relay's splice path runs too), NOOP, FETCH of the newest
+//!   message over 64 KiB, so the relay's splice path runs too where the backend has `splice: true`, as
+//!   in benches/soak.sh), NOOP, FETCH of the newest
 //!   message, then STORE \Deleted + EXPUNGE so the mailbox stays small, LOGOUT;
 //! - **abrupt**: connections dropped mid-way, in turn: in the middle of a LOGIN line; during an
 //!   APPEND literal (with a RST); with a FETCH answer in flight; in IDLE without DONE;
